@@ -1,0 +1,121 @@
+"""KV caches: a growing cache for global layers and a ring buffer for sliding-window layers.
+
+Both keep keys/values as ``[B, kv_heads, S, head_dim]`` and hand attention exactly the keys it may see
+plus the mask that goes with them, so the decoder never reasons about positions itself.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+Mask = mx.array | str | None
+
+
+def causal_mask(q_start: int, n_queries: int, k_start: int, n_keys: int, window: int | None) -> mx.array:
+    """Boolean ``[L, S]`` mask for queries at absolute positions q_start.. over keys at k_start..;
+    a key is visible when it is not in the future and (with a window) fewer than ``window`` back."""
+    q = mx.arange(q_start, q_start + n_queries)[:, None]
+    k = mx.arange(k_start, k_start + n_keys)[None]
+    mask = k <= q
+    if window is not None:
+        mask = mask & (q - k < window)
+    return mask
+
+
+class KVCache:
+    """Grows in blocks of ``step`` positions so a decode step writes in place instead of reallocating."""
+
+    step = 256
+
+    def __init__(self) -> None:
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.offset = 0
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        n = keys.shape[2]
+        end = self.offset + n
+        if self.keys is None or end > self.keys.shape[2]:
+            grow = ((n + self.step - 1) // self.step) * self.step
+            B, H, _, Dk = keys.shape
+            new_k = mx.zeros((B, H, grow, Dk), keys.dtype)
+            new_v = mx.zeros((B, H, grow, values.shape[3]), values.dtype)
+            if self.keys is None:
+                self.keys, self.values = new_k, new_v
+            else:
+                self.keys = mx.concatenate([self.keys[..., : self.offset, :], new_k], axis=2)
+                self.values = mx.concatenate([self.values[..., : self.offset, :], new_v], axis=2)
+        self.keys[..., self.offset : end, :] = keys
+        self.values[..., self.offset : end, :] = values
+        self.offset = end
+        return self.keys[..., :end, :], self.values[..., :end, :]
+
+    def mask(self, n_queries: int) -> Mask:
+        """Mask for the next ``n_queries`` tokens (call before ``update_and_fetch``)."""
+        if n_queries == 1:
+            return None
+        return "causal"
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else (self.keys.nbytes + self.values.nbytes) * self.offset // self.keys.shape[2]
+
+    @property
+    def state(self) -> list[mx.array]:
+        return [] if self.keys is None else [self.keys, self.values]
+
+
+class RotatingKVCache:
+    """Keeps only the last ``window`` positions; a decode step overwrites the oldest slot in place.
+
+    Attention over a full ring needs no order (RoPE already encodes positions), so single-token steps
+    never copy. A multi-token chunk puts the ring back in time order, attends over the last
+    ``window - 1`` old positions plus the chunk, and keeps the last ``window`` of them.
+    """
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.offset = 0
+        self._slot = 0  # next ring slot to overwrite once full
+
+    def _in_time_order(self, x: mx.array) -> mx.array:
+        if self.offset <= self.window or self._slot == 0:
+            return x
+        return mx.concatenate([x[..., self._slot :, :], x[..., : self._slot, :]], axis=2)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        n = keys.shape[2]
+        if n == 1 and self.keys is not None and self.keys.shape[2] == self.window:
+            self.keys[..., self._slot : self._slot + 1, :] = keys
+            self.values[..., self._slot : self._slot + 1, :] = values
+            self._slot = (self._slot + 1) % self.window
+            self.offset += 1
+            return self.keys, self.values
+        if self.keys is None:
+            all_k, all_v = keys, values
+        else:
+            keep = self.window - 1
+            old_k = self._in_time_order(self.keys)[..., -keep:, :] if keep else self.keys[..., :0, :]
+            old_v = self._in_time_order(self.values)[..., -keep:, :] if keep else self.values[..., :0, :]
+            all_k = mx.concatenate([old_k, keys], axis=2)
+            all_v = mx.concatenate([old_v, values], axis=2)
+        self.keys, self.values = all_k[..., -self.window :, :], all_v[..., -self.window :, :]
+        self._slot = 0
+        self.offset += n
+        return all_k, all_v
+
+    def mask(self, n_queries: int) -> Mask:
+        if n_queries == 1:
+            return None
+        held = 0 if self.keys is None else min(self.window - 1, self.keys.shape[2])
+        return causal_mask(self.offset, n_queries, self.offset - held, held + n_queries, self.window)
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    @property
+    def state(self) -> list[mx.array]:
+        return [] if self.keys is None else [self.keys, self.values]

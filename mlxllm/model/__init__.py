@@ -1,0 +1,1 @@
+"""The configurable decoder and its config."""

@@ -1,0 +1,157 @@
+"""One config for every supported decoder family.
+
+Each family is a set of switches on the same decoder (see ``decoder.py``); ``from_hf`` reads a
+Hugging Face ``config.json`` and ``mlxllm.load.gguf`` builds the same object from GGUF metadata.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from ..errors import UserError
+
+# model_type -> family switches that differ from the Llama defaults.
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {"attention_bias": True},
+    "qwen3": {"qk_norm": True},
+    "gemma3_text": {
+        "qk_norm": True,
+        "norm_plus_one": True,
+        "sandwich_norm": True,
+        "activation": "gelu_tanh",
+        "scale_embeddings": True,
+        "tie_word_embeddings": True,
+    },
+}
+# Names under which the same families appear elsewhere (HF multimodal wrappers, GGUF).
+ALIASES = {"gemma3": "gemma3_text", "smollm2": "llama", "smollm": "llama"}
+
+
+class UnsupportedArchitecture(UserError):
+    def __init__(self, name: str):
+        supported = ", ".join(sorted(FAMILIES))
+        super().__init__(f"unsupported architecture '{name}' (supported: {supported})")
+
+
+def family_of(name: str) -> str:
+    """Map a model_type / GGUF architecture name to a supported family, or raise a clear error."""
+    family = ALIASES.get(name, name)
+    if family not in FAMILIES:
+        raise UnsupportedArchitecture(name)
+    return family
+
+
+@dataclass
+class ModelConfig:
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    vocab_size: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    # Family switches.
+    attention_bias: bool = False
+    qk_norm: bool = False
+    norm_plus_one: bool = False
+    sandwich_norm: bool = False
+    activation: str = "silu"
+    scale_embeddings: bool = False
+    query_pre_attn_scalar: float | None = None
+    # Sliding-window attention: per-layer kinds ("sliding_attention" / "full_attention").
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None
+    rope_local_base_freq: float | None = None
+    # mlx-community quantization block ({"group_size", "bits", per-layer overrides}).
+    quantization: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.model_type = family_of(self.model_type)
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.layer_types is None:
+            self.layer_types = ["full_attention"] * self.num_hidden_layers
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise UserError(
+                f"config lists {len(self.layer_types)} layer types for {self.num_hidden_layers} layers"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise UserError(
+                f"{self.num_attention_heads} attention heads are not a multiple of "
+                f"{self.num_key_value_heads} key/value heads"
+            )
+        if self.activation not in ("silu", "gelu_tanh"):
+            raise UserError(f"unsupported activation '{self.activation}'")
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.layer_types[layer] == "sliding_attention"
+
+    @classmethod
+    def from_hf(cls, config: dict[str, Any]) -> "ModelConfig":
+        """Build from a Hugging Face / mlx-community ``config.json`` dictionary."""
+        config = dict(config)
+        if "text_config" in config:  # multimodal wrappers (e.g. Gemma3ForConditionalGeneration)
+            text = dict(config["text_config"])
+            text.setdefault("model_type", config.get("model_type"))
+            for key in ("quantization", "tie_word_embeddings"):
+                if key in config:
+                    text.setdefault(key, config[key])
+            config = text
+        model_type = config.get("model_type")
+        if model_type is None:
+            raise UserError("config.json has no model_type")
+        family = family_of(model_type)
+        values: dict[str, Any] = dict(FAMILIES[family])
+        names = {f.name for f in fields(cls)}
+        values.update({k: v for k, v in config.items() if k in names and v is not None})
+        values["model_type"] = family
+        values["extra"] = {k: v for k, v in config.items() if k not in names}
+        if "rope_parameters" in config and "rope_theta" not in config:  # transformers >= 5 layout
+            params = config["rope_parameters"]
+            if "full_attention" in params:
+                values["rope_local_base_freq"] = params["sliding_attention"]["rope_theta"]
+                params = params["full_attention"]
+            values["rope_theta"] = params.get("rope_theta", values.get("rope_theta", 10000.0))
+            if params.get("rope_type", "default") != "default":
+                values["rope_scaling"] = params
+        if family == "gemma3_text":
+            _gemma3_layers(values, config)
+        elif config.get("sliding_window") and family == "mistral":
+            values["layer_types"] = ["sliding_attention"] * values["num_hidden_layers"]
+        elif family == "qwen2" and not config.get("use_sliding_window"):
+            values["sliding_window"] = None
+        elif family in ("llama", "qwen3"):
+            values.pop("sliding_window", None)
+        try:
+            return cls(**values)
+        except TypeError as e:
+            raise UserError(f"config.json is missing a field: {e}") from None
+
+
+def _gemma3_layers(values: dict[str, Any], config: dict[str, Any]) -> None:
+    """Gemma 3: every Nth layer is global, the rest use a sliding window with their own RoPE base."""
+    values.setdefault("query_pre_attn_scalar", config.get("query_pre_attn_scalar", 256))
+    values.setdefault("rope_local_base_freq", 10000.0)
+    values.setdefault("sliding_window", 512)
+    if "layer_types" not in config:
+        pattern = config.get("sliding_window_pattern", 6)
+        values["layer_types"] = [
+            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+            for i in range(values["num_hidden_layers"])
+        ]

@@ -1,0 +1,159 @@
+"""The one decoder stack. Every supported family is this code with different ``ModelConfig`` switches.
+
+Parameter names follow Hugging Face (``model.layers.N.self_attn.q_proj.weight`` ...) so HF and
+mlx-community checkpoints load as they are and GGUF tensors are renamed once, at load time.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..cache import KVCache, RotatingKVCache, causal_mask
+from .config import ModelConfig
+from .rope import make_rope
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm; Gemma stores ``w`` and scales by ``1 + w`` (``plus_one``)."""
+
+    def __init__(self, dims: int, eps: float, plus_one: bool = False):
+        super().__init__()
+        self.weight = mx.zeros((dims,)) if plus_one else mx.ones((dims,))
+        self.eps = eps
+        self.plus_one = plus_one
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, 1.0 + self.weight if self.plus_one else self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.scale = cfg.attention_scale
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, cfg.norm_plus_one)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, cfg.norm_plus_one)
+        sliding = cfg.is_sliding(layer)
+        if sliding and cfg.rope_local_base_freq is not None:  # Gemma 3 local layers: own base, no scaling
+            self.rope = make_rope(self.head_dim, cfg.rope_local_base_freq, None)
+        else:
+            self.rope = make_rope(self.head_dim, cfg.rope_theta, cfg.rope_scaling)
+
+    def __call__(self, x: mx.array, mask, cache) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
+        offset = 0 if cache is None else cache.offset
+        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.act = nn.silu if cfg.activation == "silu" else nn.gelu_approx
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_plus_one)  # noqa: E731
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = norm()
+        self.post_attention_layernorm = norm()
+        self.sandwich = cfg.sandwich_norm
+        if self.sandwich:  # Gemma: norms both before and after attention and MLP
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+
+    def __call__(self, x: mx.array, mask, cache) -> mx.array:
+        r = self.self_attn(self.input_layernorm(x), mask, cache)
+        if self.sandwich:
+            h = x + self.post_attention_layernorm(r)
+            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        h = x + r
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DecoderBody(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = [Block(cfg, i) for i in range(cfg.num_hidden_layers)]
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_plus_one)
+
+
+class Model(nn.Module):
+    """``model(tokens [B, L], cache=None) -> logits [B, L, vocab]``, as in mlx-lm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderBody(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # Gemma scales embeddings by sqrt(hidden) rounded to the weights' dtype, as the reference does.
+        self._embed_scale = cfg.hidden_size**0.5 if cfg.scale_embeddings else None
+
+    @property
+    def layers(self) -> list[Block]:
+        return self.model.layers
+
+    def make_cache(self) -> list[KVCache | RotatingKVCache]:
+        cfg = self.config
+        return [
+            RotatingKVCache(cfg.sliding_window) if cfg.is_sliding(i) else KVCache()
+            for i in range(cfg.num_hidden_layers)
+        ]
+
+    def embed(self, inputs: mx.array) -> mx.array:
+        h = self.model.embed_tokens(inputs)
+        if self._embed_scale is not None:
+            h = h * mx.array(self._embed_scale, dtype=h.dtype)
+        return h
+
+    def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
+        h = self.embed(inputs)
+        L = h.shape[1]
+        caches = cache if cache is not None else [None] * len(self.layers)
+        masks: dict[bool, object] = {}
+        for i, (layer, c) in enumerate(zip(self.layers, caches)):
+            sliding = self.config.is_sliding(i)
+            if sliding not in masks:
+                masks[sliding] = _mask(c, L, self.config.sliding_window if sliding else None)
+            h = layer(h, masks[sliding], c)
+        h = self.model.norm(h)
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+
+def _mask(cache, n_queries: int, window: int | None):
+    if cache is not None:
+        return cache.mask(n_queries)
+    if n_queries == 1:
+        return None
+    if window is not None and n_queries > window:
+        return causal_mask(0, n_queries, 0, n_queries, window)
+    return "causal"
