@@ -133,7 +133,8 @@ class Model(nn.Module):
             h = h * mx.array(self._embed_scale, dtype=h.dtype)
         return h
 
-    def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
+    def hidden(self, inputs: mx.array, cache: list | None = None) -> mx.array:
+        """Final normed hidden states ``[B, L, hidden]``; generation applies the head to the last one only."""
         h = self.embed(inputs)
         L = h.shape[1]
         caches = cache if cache is not None else [None] * len(self.layers)
@@ -143,10 +144,15 @@ class Model(nn.Module):
             if sliding not in masks:
                 masks[sliding] = _mask(c, L, self.config.sliding_window if sliding else None)
             h = layer(h, masks[sliding], c)
-        h = self.model.norm(h)
+        return self.model.norm(h)
+
+    def head(self, h: mx.array) -> mx.array:
         if self.config.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
+
+    def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
+        return self.head(self.hidden(inputs, cache))
 
 
 def _mask(cache, n_queries: int, window: int | None):

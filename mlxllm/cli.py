@@ -1,0 +1,213 @@
+"""The ``mlxllm`` command line: generate, chat, info.
+
+Every user mistake ends as one ``error: ...`` line on stderr and a nonzero exit; tracebacks only with
+``--verbose``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from typing import Any
+
+import click
+
+from . import backend
+from .errors import UserError
+
+COMPUTE_CHOICES = click.Choice(["auto", "float32", "native"])
+
+
+def _model_options(f):
+    f = click.option(
+        "--compute", type=COMPUTE_CHOICES, default="auto", show_default=True,
+        help="Weight representation: float32 (fastest on the CPU backend), native (the file's own, "
+        "e.g. quantized), or auto (float32 on CPU when it fits, native on Metal/CUDA).",
+    )(f)
+    f = click.option("--model", "-m", "model_spec", default=None,
+                     help="GGUF file, HF/mlx-community directory, or Hub repo id (default: bundled SmolLM2).")(f)
+    return click.option("--verbose", "-v", is_flag=True, help="Timings on stderr; tracebacks on errors.")(f)
+
+
+def _sampling_options(f):
+    for opt in reversed([
+        click.option("--max-tokens", "-n", type=click.IntRange(min=0), default=256, show_default=True),
+        click.option("--temp", type=float, default=0.0, show_default=True, help="0 = greedy."),
+        click.option("--top-p", type=float, default=1.0, show_default=True),
+        click.option("--top-k", type=int, default=0, show_default=True, help="0 = off."),
+        click.option("--min-p", type=float, default=0.0, show_default=True),
+        click.option("--repetition-penalty", type=float, default=None),
+        click.option("--seed", type=int, default=None),
+        click.option("--stop", multiple=True, help="Stop string (repeatable)."),
+        click.option("--prefill-step-size", type=click.IntRange(min=1), default=512, show_default=True),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _sampling_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
+    from .sample import check_sampling
+
+    check_sampling(kw["temp"], kw["top_p"], kw["top_k"], kw["min_p"], kw["repetition_penalty"])
+    keys = ("temp", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop", "prefill_step_size")
+    return {k: kw[k] for k in keys}
+
+
+def _load(model_spec: str | None, compute: str, verbose: bool):
+    from .load import load
+
+    model, tokenizer = load(model_spec, compute=compute)
+    if verbose:
+        facts = backend.describe()
+        path = getattr(model, "compute_path", compute)
+        click.echo(f"[mlxllm] backend={facts['backend']} blas={facts['blas']} weights={path}", err=True)
+    return model, tokenizer
+
+
+def _build_prompt(tokenizer, prompt: str, system: str | None, chat: bool | None) -> str:
+    use_chat = tokenizer.has_chat_template if chat is None else chat
+    if use_chat and not tokenizer.has_chat_template:
+        raise UserError("--chat: this model has no chat template")
+    if not use_chat:
+        if system:
+            raise UserError("--system needs a chat template (use --chat with a chat model)")
+        return prompt
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mlxllm")
+def cli() -> None:
+    """Run open LLMs with MLX: GGUF and Hugging Face models, exact tokenizers, fast generation."""
+
+
+@cli.command()
+@_model_options
+@_sampling_options
+@click.option("--prompt", "-p", default="hello", show_default=True, help="Prompt text, or - to read stdin.")
+@click.option("--system", default=None, help="System message (chat models).")
+@click.option("--chat/--no-chat", default=None, help="Apply the model's chat template (default: when it has one).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the text and the timings.")
+def generate(model_spec, compute, verbose, prompt, system, chat, as_json, **kw) -> None:
+    """Generate a completion for a prompt."""
+    from .generate import format_stats, stream_generate
+
+    sampling = _sampling_kwargs(kw)
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    model, tokenizer = _load(model_spec, compute, verbose)
+    text = _build_prompt(tokenizer, prompt, system, chat)
+    out, last = [], None
+    for last in stream_generate(model, tokenizer, text, kw["max_tokens"], **sampling):
+        out.append(last.text)
+        if not as_json:
+            click.echo(last.text, nl=False)
+    if as_json:
+        fields = ("prompt_tokens", "prompt_tps", "generation_tokens", "generation_tps", "peak_memory",
+                  "finish_reason", "ttft")
+        record = {"text": "".join(out), **({k: getattr(last, k) for k in fields} if last else {})}
+        click.echo(json.dumps(record))
+        return
+    click.echo()
+    if verbose and last is not None:
+        click.echo(format_stats(last), err=True)
+
+
+@cli.command()
+@_model_options
+@_sampling_options
+@click.option("--system", default=None, help="System message.")
+def chat(model_spec, compute, verbose, system, **kw) -> None:
+    """Multi-turn chat. /reset clears the history, /exit (or Ctrl-D) leaves; Ctrl-C stops a reply."""
+    from .generate import format_stats, stream_generate
+
+    sampling = _sampling_kwargs(kw)
+    model, tokenizer = _load(model_spec, compute, verbose)
+    if not tokenizer.has_chat_template:
+        raise UserError("this model has no chat template; use `mlxllm generate` instead")
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    click.echo("Chat: /reset clears the history, /exit leaves. Ctrl-C stops a reply.", err=True)
+    while True:
+        try:
+            line = input(">> ")
+        except EOFError:
+            click.echo()
+            return
+        except KeyboardInterrupt:
+            click.echo()
+            continue
+        if line.strip() == "/exit":
+            return
+        if line.strip() == "/reset":
+            history = list(start)
+            click.echo("(history cleared)", err=True)
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        prompt = tokenizer.apply_chat_template(history, add_generation_prompt=True)
+        reply, last = "", None
+        try:
+            for last in stream_generate(model, tokenizer, prompt, kw["max_tokens"], **sampling):
+                reply += last.text
+                click.echo(last.text, nl=False)
+        except KeyboardInterrupt:
+            click.echo(" [stopped]", nl=False)
+        click.echo()
+        history.append({"role": "assistant", "content": reply})
+        if verbose and last is not None:
+            click.echo(format_stats(last), err=True)
+
+
+@cli.command()
+@click.argument("model_spec", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--verbose", "-v", is_flag=True)
+def info(model_spec, as_json, verbose) -> None:
+    """Architecture, parameter count, quantization, context length and memory needed."""
+    from .load import describe_model, resolve
+
+    facts = describe_model(resolve(model_spec))
+    if as_json:
+        click.echo(json.dumps(facts, indent=2, default=str))
+        return
+    width = max(len(k) for k in facts)
+    for key, value in facts.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}: {v}" for k, v in value.items())
+        click.echo(f"{key:<{width}}  {value}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI, turning every failure into one line unless --verbose."""
+    args = sys.argv[1:] if argv is None else argv
+    verbose = "--verbose" in args or "-v" in args
+    try:
+        code = cli.main(args=args, prog_name="mlxllm", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        click.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except UserError as e:
+        if verbose:
+            traceback.print_exc()
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:  # a bug or an unexpected environment problem: still one line by default
+        if verbose:
+            traceback.print_exc()
+        click.echo(f"error: {type(e).__name__}: {e} (run with --verbose for the traceback)", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""Token generation: chunked prefill, a pipelined decode loop, streaming responses (mlx-lm's API).
+
+MLX is lazy: ``_step`` only *builds* a graph. The decode loop builds step t+1 from step t's still
+unevaluated token and hands it to ``mx.async_eval`` before reading step t's id, so the Python side
+of one step overlaps the device work of the previous one and the only host sync is the token id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import mlx.core as mx
+
+from . import backend
+from .errors import UserError
+from .sample import LogitsProcessor, Sampler, apply_processors, make_logits_processors, make_sampler
+
+DEFAULT_PREFILL_STEP = 512
+
+
+@dataclass
+class GenerationResponse:
+    """One streamed step; field names match mlx-lm's so callers can switch."""
+
+    text: str
+    token: int
+    logprobs: mx.array
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB
+    finish_reason: str | None = None  # "stop" (EOS or stop string), "length", or None while streaming
+    ttft: float = 0.0  # seconds from the call to the first token, tokenization included
+
+
+@contextlib.contextmanager
+def wired_limit(model: Any) -> Iterator[None]:
+    """On Metal, wire the model's memory so macOS does not page it out between tokens."""
+    if backend.device_name() != "metal":
+        yield
+        return
+    from mlx.utils import tree_flatten
+
+    size = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    limit = int(mx.metal.device_info()["max_recommended_working_set_size"])
+    old = mx.set_wired_limit(min(limit, max(size, 0)))
+    try:
+        yield
+    finally:
+        mx.synchronize()
+        mx.set_wired_limit(old)
+
+
+def generate_step(
+    prompt: mx.array,
+    model: Any,
+    *,
+    max_tokens: int = 256,
+    sampler: Sampler | None = None,
+    logits_processors: Sequence[LogitsProcessor] = (),
+    prompt_cache: list | None = None,
+    prefill_step_size: int = DEFAULT_PREFILL_STEP,
+) -> Iterator[tuple[int, mx.array]]:
+    """Yield ``(token_id, logprobs [vocab])`` for up to ``max_tokens`` steps after ``prompt`` (1-D ids)."""
+    sampler = sampler or make_sampler()
+    cache = prompt_cache if prompt_cache is not None else model.make_cache()
+    history = prompt if logits_processors else None
+
+    def _step(tokens: mx.array) -> tuple[mx.array, mx.array]:
+        nonlocal history
+        logits = model.head(model.hidden(tokens[None], cache)[:, -1, :])
+        if logits_processors:
+            logits = apply_processors(logits_processors, history[None], logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        token = sampler(logprobs)[0]
+        if logits_processors:
+            history = mx.concatenate([history, token[None]])
+        return token, logprobs[0]
+
+    if prompt.size == 0:
+        raise UserError("the prompt is empty")
+    while prompt.size > prefill_step_size:
+        model.hidden(prompt[None, :prefill_step_size], cache)
+        mx.eval([c.state for c in cache])
+        prompt = prompt[prefill_step_size:]
+        mx.clear_cache()
+
+    token, logprobs = _step(prompt)
+    mx.async_eval(token, logprobs)
+    for n in range(max_tokens):
+        if n + 1 < max_tokens:
+            next_token, next_logprobs = _step(token[None])
+            mx.async_eval(next_token, next_logprobs)
+        yield token.item(), logprobs
+        if n + 1 < max_tokens:
+            token, logprobs = next_token, next_logprobs
+
+
+def _encode_prompt(tokenizer: Any, prompt: str | Sequence[int] | mx.array) -> mx.array:
+    if isinstance(prompt, str):
+        bos = tokenizer.bos_token_id
+        bos_text = tokenizer.decode([bos]) if bos is not None else None
+        add_special = not (bos_text and prompt.startswith(bos_text))  # a chat template may have written it
+        prompt = tokenizer.encode(prompt, add_special_tokens=add_special)
+    return mx.array(prompt, dtype=mx.int32) if not isinstance(prompt, mx.array) else prompt.astype(mx.int32)
+
+
+def _stop_hold(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of ``text`` that could still grow into a stop string."""
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return hold
+
+
+def stream_generate(
+    model: Any,
+    tokenizer: Any,
+    prompt: str | Sequence[int] | mx.array,
+    max_tokens: int = 256,
+    *,
+    sampler: Sampler | None = None,
+    logits_processors: Sequence[LogitsProcessor] | None = None,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    prompt_cache: list | None = None,
+    prefill_step_size: int = DEFAULT_PREFILL_STEP,
+) -> Iterator[GenerationResponse]:
+    """Stream ``GenerationResponse`` objects; ``text`` holds only newly completed UTF-8 text.
+
+    ``sampler``/``logits_processors`` take precedence over the convenience arguments (temp, top_p,
+    top_k, min_p, repetition_penalty). Generation ends at any EOS id, a stop string (not included in
+    the text), ``max_tokens``, or the model's context length.
+    """
+    start = time.perf_counter()
+    if max_tokens < 0:
+        raise UserError(f"max_tokens must be >= 0, got {max_tokens}")
+    sampler = sampler or make_sampler(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
+    if logits_processors is None:
+        logits_processors = make_logits_processors(repetition_penalty)
+    if seed is not None:
+        mx.random.seed(seed)
+    ids = _encode_prompt(tokenizer, prompt)
+    n_prompt = ids.size
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if context is not None:
+        if n_prompt >= context:
+            raise UserError(f"the prompt is {n_prompt} tokens; the model's context is {context} tokens")
+        max_tokens = min(max_tokens, context - n_prompt)
+    if max_tokens == 0:
+        return
+    eos = set(tokenizer.eos_token_ids)
+    detok = tokenizer.detokenizer()
+    mx.reset_peak_memory()
+    pending = ""  # text held back because it may be the start of a stop string
+    with wired_limit(model):
+        prefill_start = time.perf_counter()
+        steps = generate_step(
+            ids, model, max_tokens=max_tokens, sampler=sampler, logits_processors=logits_processors,
+            prompt_cache=prompt_cache, prefill_step_size=prefill_step_size,
+        )
+        for n, (token, logprobs) in enumerate(steps):
+            now = time.perf_counter()
+            if n == 0:
+                ttft = now - start
+                prompt_tps = n_prompt / (now - prefill_start)
+                decode_start = now
+            gen_tps = n / (now - decode_start) if n else 0.0
+            finish = None
+            if token in eos:
+                finish, piece = "stop", detok.finalize()
+            else:
+                piece = detok.add_token(token)
+                if n + 1 == max_tokens:
+                    finish, piece = "length", piece + detok.finalize()
+            pending += piece
+            if stop:
+                hit = min((pending.find(s) for s in stop if s in pending), default=-1)
+                if hit >= 0:
+                    pending, finish = pending[:hit], "stop"
+            hold = _stop_hold(pending, stop) if stop and finish is None else 0
+            text, pending = pending[: len(pending) - hold], pending[len(pending) - hold :]
+            yield GenerationResponse(
+                text=text, token=token, logprobs=logprobs, prompt_tokens=n_prompt, prompt_tps=prompt_tps,
+                generation_tokens=n + 1, generation_tps=gen_tps, peak_memory=mx.get_peak_memory() / 1e9,
+                finish_reason=finish, ttft=ttft,
+            )
+            if finish is not None:
+                break
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompt: str | Sequence[int] | mx.array,
+    max_tokens: int = 256,
+    verbose: bool = False,
+    **kwargs: Any,
+) -> str:
+    """Generate a whole completion and return its text; ``verbose`` streams it and prints the speeds."""
+    text, last = "", None
+    for last in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs):
+        text += last.text
+        if verbose:
+            print(last.text, end="", flush=True)
+    if verbose and last is not None:
+        print()
+        print(format_stats(last))
+    return text
+
+
+def format_stats(r: GenerationResponse) -> str:
+    return (
+        f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tokens-per-sec (TTFT {r.ttft * 1000:.0f} ms)\n"
+        f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tokens-per-sec\n"
+        f"Peak memory: {r.peak_memory:.3f} GB"
+    )

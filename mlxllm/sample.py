@@ -1,0 +1,106 @@
+"""Samplers and logits processors, with the names and shapes mlx-lm uses.
+
+A sampler maps log-probabilities ``[B, V]`` to token ids ``[B]``; a logits processor maps
+``(tokens_so_far, logits)`` to new logits. Everything stays on the device: no host sync per token.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import mlx.core as mx
+
+from .errors import UserError
+
+Sampler = Callable[[mx.array], mx.array]
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+
+
+def check_sampling(
+    temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float | None = None
+) -> None:
+    """Reject values no sampler can honour with one clear message."""
+    if not (temp >= 0 and math.isfinite(temp)):
+        raise UserError(f"--temp must be a finite number >= 0, got {temp}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise UserError(f"--top-k must be >= 0 (0 disables it), got {top_k}")
+    if not 0 <= min_p < 1:
+        raise UserError(f"--min-p must be in [0, 1), got {min_p}")
+    if repetition_penalty is not None and not (repetition_penalty > 0 and math.isfinite(repetition_penalty)):
+        raise UserError(f"--repetition-penalty must be a finite number > 0, got {repetition_penalty}")
+
+
+def _keep_top_k(logprobs: mx.array, k: int) -> mx.array:
+    if k >= logprobs.shape[-1]:
+        return logprobs
+    kth = mx.sort(logprobs, axis=-1)[..., -k][..., None]  # value of the k-th largest
+    return mx.where(logprobs >= kth, logprobs, -mx.inf)
+
+
+def _keep_top_p(logprobs: mx.array, p: float) -> mx.array:
+    """Keep the smallest set of most likely tokens whose probability mass reaches ``p``."""
+    order = mx.argsort(-logprobs, axis=-1)
+    sorted_lp = mx.take_along_axis(logprobs, order, axis=-1)
+    mass_before = mx.cumsum(mx.exp(sorted_lp), axis=-1) - mx.exp(sorted_lp)
+    keep_sorted = mass_before < p
+    keep = mx.put_along_axis(mx.zeros_like(keep_sorted), order, keep_sorted, axis=-1)
+    return mx.where(keep, logprobs, -mx.inf)
+
+
+def _keep_min_p(logprobs: mx.array, min_p: float) -> mx.array:
+    """Keep tokens at least ``min_p`` times as likely as the most likely one."""
+    threshold = logprobs.max(axis=-1, keepdims=True) + math.log(min_p)
+    return mx.where(logprobs >= threshold, logprobs, -mx.inf)
+
+
+def make_sampler(temp: float = 0.0, top_p: float = 1.0, min_p: float = 0.0, top_k: int = 0) -> Sampler:
+    """Greedy at ``temp == 0``; otherwise the temperature-scaled distribution filtered by top-k, then
+    top-p, then min-p (as Hugging Face orders them), and a categorical draw from what is left."""
+    check_sampling(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
+    if temp == 0:
+        return lambda logprobs: mx.argmax(logprobs, axis=-1)
+
+    def sample(logprobs: mx.array) -> mx.array:
+        logprobs = logprobs * (1.0 / temp)
+        logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+        if top_k > 0:
+            logprobs = _keep_top_k(logprobs, top_k)
+        if top_p < 1.0:
+            logprobs = _keep_top_p(logprobs, top_p)
+        if min_p > 0.0:
+            logprobs = _keep_min_p(logprobs, min_p)
+        return mx.random.categorical(logprobs, axis=-1)
+
+    return sample
+
+
+def make_repetition_penalty(penalty: float, context_size: int = 20) -> LogitsProcessor:
+    """CTRL-style penalty on the last ``context_size`` tokens: positive logits divided, negative multiplied."""
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        if tokens.size == 0:
+            return logits
+        recent = tokens[..., -context_size:]
+        picked = mx.take_along_axis(logits, recent, axis=-1)
+        picked = mx.where(picked < 0, picked * penalty, picked / penalty)
+        return mx.put_along_axis(logits, recent, picked, axis=-1)
+
+    return process
+
+
+def make_logits_processors(
+    repetition_penalty: float | None = None, repetition_context_size: int = 20
+) -> list[LogitsProcessor]:
+    check_sampling(repetition_penalty=repetition_penalty)
+    if repetition_penalty is None or repetition_penalty == 1.0:
+        return []
+    return [make_repetition_penalty(repetition_penalty, repetition_context_size)]
+
+
+def apply_processors(processors: Sequence[LogitsProcessor], tokens: mx.array, logits: mx.array) -> mx.array:
+    for process in processors:
+        logits = process(tokens, logits)
+    return logits
