@@ -1,0 +1,294 @@
+"""The `Tokenizer`: one interface over byte-level BPE and SentencePiece vocabularies."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+from . import bpe, spm
+from .chat import ChatTemplate
+from .detokenize import StreamingDetokenizer
+from .gguf_vocab import read_gguf_tokenizer_metadata
+from .hf_dir import HFTokenizerFiles
+from .specials import SpecialSplitter
+
+
+# Piece types matched whole in the text before encoding (llama.cpp's special-token cache).
+_SPM_SPLIT_TYPES = (spm.CONTROL, spm.USER_DEFINED, spm.UNKNOWN)
+
+
+class _TextEncoder(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+
+class Tokenizer:
+    """Text <-> token ids for one model, with its special tokens and chat template.
+
+    Build it with `from_gguf`, `from_gguf_metadata` or `from_hf_dir`. The surface follows
+    mlx-lm's TokenizerWrapper (itself modelled on Hugging Face tokenizers).
+    """
+
+    def __init__(
+        self,
+        *,
+        encoder: _TextEncoder,
+        piece_bytes: list[bytes],
+        specials: dict[str, int],
+        skip_ids: Iterable[int],
+        longest_first_specials: bool,
+        bos_token_id: int | None,
+        add_bos: bool,
+        eos_token_ids: Sequence[int],
+        pad_token_id: int | None,
+        chat_template: str | None,
+        strip_first_space: bool = False,
+        unk_token_id: int | None = None,
+    ) -> None:
+        self._encoder = encoder
+        self._pieces = piece_bytes
+        self._splitter = SpecialSplitter(specials, longest_first=longest_first_specials)
+        self._skip = frozenset(skip_ids)
+        self._strip_first_space = strip_first_space
+        self._bos = bos_token_id
+        self._add_bos = add_bos and bos_token_id is not None
+        self._pad = pad_token_id
+        self._texts = {tid: text for text, tid in specials.items()}
+        self._template = ChatTemplate(chat_template) if chat_template else None
+        self._template_vars = {
+            name: self._token_text(tid)
+            for name, tid in [
+                ("bos_token", bos_token_id),
+                ("eos_token", eos_token_ids[0] if eos_token_ids else None),
+                ("pad_token", pad_token_id),
+                ("unk_token", unk_token_id),
+            ]
+            if tid is not None
+        }
+        eos = list(dict.fromkeys(eos_token_ids))
+        if self._template is not None:
+            end = self._template.end_of_turn(specials, **self._template_vars)
+            if end is not None and specials[end] not in eos:
+                eos.append(specials[end])
+        self._eos = eos
+
+    # --- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike[str]) -> Tokenizer:
+        """Tokenizer stored in a GGUF file."""
+        return cls.from_gguf_metadata(read_gguf_tokenizer_metadata(path))
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict[str, Any]) -> Tokenizer:
+        """Tokenizer from GGUF metadata (key -> decoded value), behaving like llama.cpp's."""
+        kind = meta.get("tokenizer.ggml.model")
+        tokens: list[str] = meta["tokenizer.ggml.tokens"]
+        types: list[int] = meta.get("tokenizer.ggml.token_type") or [spm.NORMAL] * len(tokens)
+        # Control, user-defined and unknown tokens are cut out of the text first; only control
+        # and unknown ones are "special" (left out when decoding with skip_special_tokens).
+        specials = {tok: i for i, (tok, t) in enumerate(zip(tokens, types)) if t in _SPM_SPLIT_TYPES}
+        skip = [i for i, t in enumerate(types) if t in (spm.CONTROL, spm.UNKNOWN)]
+        unk = meta.get("tokenizer.ggml.unknown_token_id")
+        if kind == "gpt2":
+            pre = bpe.gguf_pre_tokenizer(meta.get("tokenizer.ggml.pre"))
+            merges = [_split_merge(m) for m in meta["tokenizer.ggml.merges"]]
+            encoder: _TextEncoder = bpe.BytePairEncoder(
+                {tok: i for i, tok in enumerate(tokens)}, merges, pre.stages, ignore_merges=pre.ignore_merges
+            )
+            pieces = [
+                tok.encode("utf-8") if t in _SPM_SPLIT_TYPES else (bpe.byte_level_to_bytes(tok) or tok.encode("utf-8"))
+                for tok, t in zip(tokens, types)
+            ]
+            default_add_bos, strip_first_space = pre.add_bos, False
+        elif kind == "llama":
+            sp = spm.from_gguf_vocab(
+                tokens,
+                meta.get("tokenizer.ggml.scores"),
+                types,
+                add_space_prefix=meta.get("tokenizer.ggml.add_space_prefix", True),
+                unknown_token_id=unk,
+            )
+            encoder, pieces = sp, sp.piece_bytes()
+            default_add_bos, strip_first_space = True, sp.add_dummy_prefix
+        else:
+            raise ValueError(f"unsupported GGUF tokenizer model {kind!r} (supported: 'gpt2', 'llama')")
+        eos = [
+            meta[key]
+            for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+            if meta.get(key) is not None
+        ]
+        return cls(
+            encoder=encoder,
+            piece_bytes=pieces,
+            specials=specials,
+            skip_ids=skip,
+            longest_first_specials=True,
+            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+            add_bos=meta.get("tokenizer.ggml.add_bos_token", default_add_bos),
+            eos_token_ids=eos,
+            pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+            chat_template=meta.get("tokenizer.chat_template"),
+            strip_first_space=strip_first_space,
+            unk_token_id=unk,
+        )
+
+    @classmethod
+    def from_hf_dir(cls, path: str | os.PathLike[str]) -> Tokenizer:
+        """Tokenizer from a Hugging Face model directory: `tokenizer.json` (byte-level BPE) or
+        `tokenizer.model` (SentencePiece), with `tokenizer_config.json`, `special_tokens_map.json`,
+        `generation_config.json` and `config.json` for special tokens and the chat template."""
+        files = HFTokenizerFiles(path)
+        skip = set(files.special_ids)
+        if files.byte_level_bpe is not None:
+            model = files.byte_level_bpe
+            encoder: _TextEncoder = bpe.BytePairEncoder(
+                model.vocab,
+                model.merges,
+                bpe.hf_pre_tokenizer(model.pre_tokenizer),
+                ignore_merges=model.ignore_merges,
+                normalize=bpe.hf_normalizer(model.normalizer),
+                drop_untokenized_bytes=True,
+            )
+            texts = {**{i: t for t, i in model.vocab.items()}, **{i: t for t, i in files.added.items()}}
+            # Decoded as the ByteLevel decoder does: via the byte alphabet if possible, else literally.
+            by_id = {i: bpe.byte_level_to_bytes(t) or t.encode("utf-8") for i, t in texts.items()}
+            pieces = [by_id.get(i, b"") for i in range(max(by_id) + 1)]
+            vocab_ids, specials, strip_first_space = model.vocab, dict(files.added), False
+        elif files.sentencepiece is not None:
+            sp = spm.from_model_file(files.sentencepiece)
+            encoder, strip_first_space = sp, sp.add_dummy_prefix
+            pieces = sp.piece_bytes()
+            vocab_ids = {p.piece: i for i, p in enumerate(sp.proto.pieces)}
+            specials = {p.piece: i for i, p in enumerate(sp.proto.pieces) if p.type in _SPM_SPLIT_TYPES}
+            skip.update(i for i, p in enumerate(sp.proto.pieces) if p.type in (spm.CONTROL, spm.UNKNOWN))
+            for text, tid in files.added.items():  # added tokens may extend past the model's pieces
+                specials[text] = tid
+                if tid >= len(pieces):
+                    pieces.extend([b""] * (tid + 1 - len(pieces)))
+                    pieces[tid] = text.encode("utf-8")
+        else:
+            raise ValueError(f"{os.fspath(path)!r} has neither a byte-level BPE tokenizer.json nor a tokenizer.model")
+        ids_by_text = {**vocab_ids, **specials}
+
+        def lookup(text: str | None) -> int | None:
+            return ids_by_text.get(text) if text is not None else None
+
+        return cls(
+            encoder=encoder,
+            piece_bytes=pieces,
+            specials=specials,
+            skip_ids=skip,
+            longest_first_specials=False,
+            bos_token_id=files.bos_token_id(lookup),
+            add_bos=files.add_bos(default=files.sentencepiece is not None),
+            eos_token_ids=files.eos_token_ids(lookup),
+            pad_token_id=lookup(files.special_token("pad_token")),
+            chat_template=files.chat_template,
+            strip_first_space=strip_first_space,
+            unk_token_id=lookup(files.special_token("unk_token")),
+        )
+
+    # --- encoding and decoding --------------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`. Special tokens written in the text become their single ids; BOS is
+        prepended when the model's metadata asks for it and `add_special_tokens` is true."""
+        ids = [self._bos] if add_special_tokens and self._add_bos else []
+        encode = self._encoder.encode
+        for part in self._splitter.split(text):
+            if isinstance(part, int):
+                ids.append(part)
+            else:
+                ids.extend(encode(part))
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """Text of `ids`; with `skip_special_tokens`, control tokens (BOS, EOS, turn markers) are left out."""
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self._skip]
+        try:
+            chunks = [self._pieces[i] for i in ids]
+        except (IndexError, TypeError):
+            raise ValueError(f"token ids must be ints in [0, {self.vocab_size})") from None
+        if any(i < 0 for i in ids):
+            raise ValueError(f"token ids must be ints in [0, {self.vocab_size})")
+        if self._strip_first_space and chunks and chunks[0].startswith(b" "):
+            chunks[0] = chunks[0][1:]
+        return b"".join(chunks).decode("utf-8", errors="replace")
+
+    @property
+    def detokenizer(self) -> StreamingDetokenizer:
+        """A new streaming detokenizer (text is exactly `decode` of the ids fed so far)."""
+        return StreamingDetokenizer(self._pieces, (), self._strip_first_space)
+
+    # --- chat ---------------------------------------------------------------------------------------
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._template is not None
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._template.source if self._template is not None else None
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tokenize: bool = False,
+        **kwargs: Any,
+    ) -> str | list[int]:
+        """Render `messages` with the model's chat template; extra keyword arguments (e.g. `tools`)
+        become template variables. Tokenized, a BOS the template wrote itself is not added again."""
+        if self._template is None:
+            raise ValueError(
+                "this tokenizer has no chat template (base models usually have none); "
+                "encode the prompt text directly"
+            )
+        text = self._template.render(messages, add_generation_prompt, **{**self._template_vars, **kwargs})
+        if not tokenize:
+            return text
+        bos_text = self._template_vars.get("bos_token")
+        return self.encode(text, add_special_tokens=not (bos_text and text.startswith(bos_text)))
+
+    # --- special tokens -----------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._pieces)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._bos
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._eos[0] if self._eos else None
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        """Every id that ends generation: the metadata's EOS/EOT/EOM ids, the generation config's
+        EOS list, and the token the chat template closes turns with."""
+        return set(self._eos)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._pad
+
+    @property
+    def bos_token(self) -> str | None:
+        return self._template_vars.get("bos_token")
+
+    @property
+    def eos_token(self) -> str | None:
+        return self._template_vars.get("eos_token")
+
+    def _token_text(self, tid: int) -> str:
+        return self._texts.get(tid) or self._pieces[tid].decode("utf-8", errors="replace")
+
+
+def _split_merge(merge: str) -> tuple[str, str]:
+    # As llama.cpp does: the separator is the first space after the first character.
+    at = merge.find(" ", 1)
+    return (merge[:at], merge[at + 1 :]) if at >= 0 else (merge, "")
