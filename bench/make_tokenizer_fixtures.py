@@ -20,8 +20,18 @@ import llama_cpp
 OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "tokenizer_golden.json"
 
 SPECIALS = [
-    "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<bos>", "<eos>", "<pad>",
-    "<start_of_turn>", "<end_of_turn>", "<b>", "</b>", "<table>", "<start_of_image>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<bos>",
+    "<eos>",
+    "<pad>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<b>",
+    "</b>",
+    "<table>",
+    "<start_of_image>",
 ]
 
 HANDWRITTEN = [
@@ -29,9 +39,25 @@ HANDWRITTEN = [
     "The capital of France is",
     "Hello world",
     # whitespace runs
-    " ", "  ", "   x", "a  b", "a   \n\n  b", "\t\t\tindented", "\n", "\n\n\n\n\n",
-    " " * 40, "\t" * 35, "\n" * 40, "x \n y", "end   ", "\r\n windows\r\n", "  \t \n\t  ",
-    "word\u00a0nbsp\u2003em\u3000ideographic", "zero\u200bwidth", "nel\u0085line", "\x1c\x1d\x1e\x1f seps",
+    " ",
+    "  ",
+    "   x",
+    "a  b",
+    "a   \n\n  b",
+    "\t\t\tindented",
+    "\n",
+    "\n\n\n\n\n",
+    " " * 40,
+    "\t" * 35,
+    "\n" * 40,
+    "x \n y",
+    "end   ",
+    "\r\n windows\r\n",
+    "  \t \n\t  ",
+    "word\u00a0nbsp\u2003em\u3000ideographic",
+    "zero\u200bwidth",
+    "nel\u0085line",
+    "\x1c\x1d\x1e\x1f seps",
     # code
     "def fib(n: int) -> int:\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n",
     "for (let i = 0; i < 10; i++) { console.log(`i=${i}`); }",
@@ -39,26 +65,69 @@ HANDWRITTEN = [
     "<table><tr><td>1</td></tr></table> <b>bold</b> <i>it</i>",
     "x = a[i] ** 2 // 3 != 4 && b || !c; // comment",
     # numbers
-    "12345678901234567890", "3.14159", "1,000,000", "2024-01-01T12:34:56Z", "0x1F", "v1.2.3",
-    " 42", "a1b2c3", "\u0660\u0661\u0662\u0663", "\uff11\uff12\uff13", "x\u00b2\u00b3", "\u216b",
+    "12345678901234567890",
+    "3.14159",
+    "1,000,000",
+    "2024-01-01T12:34:56Z",
+    "0x1F",
+    "v1.2.3",
+    " 42",
+    "a1b2c3",
+    "\u0660\u0661\u0662\u0663",
+    "\uff11\uff12\uff13",
+    "x\u00b2\u00b3",
+    "\u216b",
     # CJK
-    "中文分词测试。", "日本語のテキスト、カタカナとひらがな", "한국어 텍스트입니다",
+    "中文分词测试。",
+    "日本語のテキスト、カタカナとひらがな",
+    "한국어 텍스트입니다",
     # emoji
-    "🎉", "👩‍👩‍👧‍👦", "👍🏽 👍🏿", "🏳️‍🌈", "🇫🇷🇯🇵", "1️⃣", "😀" * 20,
+    "🎉",
+    "👩‍👩‍👧‍👦",
+    "👍🏽 👍🏿",
+    "🏳️‍🌈",
+    "🇫🇷🇯🇵",
+    "1️⃣",
+    "😀" * 20,
     # combining marks
-    "e\u0301", "a\u0308\u0304", "Z\u0334\u0321\u0349a\u0336l\u0337g\u0338o\u0335", "n\u0303o",
+    "e\u0301",
+    "a\u0308\u0304",
+    "Z\u0334\u0321\u0349a\u0336l\u0337g\u0338o\u0335",
+    "n\u0303o",
     # right-to-left
-    "مرحبا بالعالم", "שלום עולם", "abc שלום 123 مرحبا",
+    "مرحبا بالعالم",
+    "שלום עולם",
+    "abc שלום 123 مرحبا",
     # special tokens written in the text
-    "<|im_start|>user\nHi<|im_end|>", "<start_of_turn>model\nok<end_of_turn>", "<bos>x", "<|endoftext|>",
-    "<eos>", "<pad>", "<|im_start", "<start_of_turn", "<|im_start|><|im_end|>", " <|im_start|> ",
-    "<start_of_image>", "[multimodal]",
+    "<|im_start|>user\nHi<|im_end|>",
+    "<start_of_turn>model\nok<end_of_turn>",
+    "<bos>x",
+    "<|endoftext|>",
+    "<eos>",
+    "<pad>",
+    "<|im_start",
+    "<start_of_turn",
+    "<|im_start|><|im_end|>",
+    " <|im_start|> ",
+    "<start_of_image>",
+    "[multimodal]",
     # contractions
-    "I'm you're they'll it's 'tis DON'T We'VE", "'s", "\u017f'\u017f",
+    "I'm you're they'll it's 'tis DON'T We'VE",
+    "'s",
+    "\u017f'\u017f",
     # odd bytes and characters
-    "\x00", "\x04\x06\x13", "\U00040000 \U000b0000", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "\U0010ffff", "\ufffd", "<0x41> literal",
+    "\x00",
+    "\x04\x06\x13",
+    "\U00040000 \U000b0000",
+    "𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+    "\U0010ffff",
+    "\ufffd",
+    "<0x41> literal",
     # long runs
-    "x" * 300, "ab" * 100, "-" * 64, "=" * 33,
+    "x" * 300,
+    "ab" * 100,
+    "-" * 64,
+    "=" * 33,
 ]
 
 PROSE = (
@@ -71,10 +140,36 @@ PROSE = (
 
 def corpus() -> list[str]:
     rng = random.Random(20240601)
-    pool = list("abcxyzABC  \t\n\r0123456789'.,;:!?-_()[]{}<>/|\\\"") + [
-        "é", "ß", "ñ", "中", "文", "日", "😀", "👍", "🏽", "\u200d", "\u0301", "ا", "ש", "\u00a0",
-        "\u3000", "\u0663", "\u00b2", "ſ", "𝔘", "\U00040000", "\x04", "  ", "\n\n", "    ",
-    ] + SPECIALS
+    pool = (
+        list("abcxyzABC  \t\n\r0123456789'.,;:!?-_()[]{}<>/|\\\"")
+        + [
+            "é",
+            "ß",
+            "ñ",
+            "中",
+            "文",
+            "日",
+            "😀",
+            "👍",
+            "🏽",
+            "\u200d",
+            "\u0301",
+            "ا",
+            "ש",
+            "\u00a0",
+            "\u3000",
+            "\u0663",
+            "\u00b2",
+            "ſ",
+            "𝔘",
+            "\U00040000",
+            "\x04",
+            "  ",
+            "\n\n",
+            "    ",
+        ]
+        + SPECIALS
+    )
     fuzz = ["".join(rng.choice(pool) for _ in range(rng.randint(0, 48))) for _ in range(400)]
     document = "".join(rng.sample(HANDWRITTEN, len(HANDWRITTEN))) + PROSE * 8
     return HANDWRITTEN + fuzz + [document]

@@ -12,9 +12,12 @@ from __future__ import annotations
 import heapq
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import regex
+
+if TYPE_CHECKING:
+    import tiktoken
 
 # --- the byte <-> printable-character alphabet of byte-level BPE -------------------------------
 
@@ -65,6 +68,7 @@ LLAMA3_PATTERN = (
 )
 QWEN2_PATTERN = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
+
 class GGUFPreTokenizer(NamedTuple):
     stages: list[str]  # regexes applied one after the other, each splitting the previous pieces
     ignore_merges: bool  # a pre-token that is itself a token is not merged from bytes
@@ -73,7 +77,10 @@ class GGUFPreTokenizer(NamedTuple):
 
 _GGUF_PRE: dict[str, GGUFPreTokenizer] = {}
 for _names, _pre in [
-    (["default"], GGUFPreTokenizer([r"[\p{P}\$\+<=>\^~\|]+", GPT2_PATTERN, r"\p{N}+", r"[0-9][0-9][0-9]"], False, False)),
+    (
+        ["default"],
+        GGUFPreTokenizer([r"[\p{P}\$\+<=>\^~\|]+", GPT2_PATTERN, r"\p{N}+", r"[0-9][0-9][0-9]"], False, False),
+    ),
     (
         ["gpt-2", "phi-2", "jina-es", "jina-de", "mpt", "olmo", "mellum", "exaone4"],
         GGUFPreTokenizer([GPT2_PATTERN], False, False),
@@ -305,8 +312,8 @@ class BytePairEncoder:
     def uses_tiktoken(self) -> bool:
         return self._tiktoken is not None
 
-    def _make_tiktoken(self, patterns: Sequence[str]):  # -> tiktoken.Encoding | None
-        import tiktoken
+    def _make_tiktoken(self, patterns: Sequence[str]) -> tiktoken.Encoding | None:
+        import tiktoken  # only needed when the vocabulary passes the check
 
         ranks = {byte_level_to_bytes(c): self._vocab[c] for c in BYTE_CHARS if c in self._vocab}
         for left, right in self._ranks:

@@ -11,15 +11,14 @@ applied the same way as in `Tokenizer.decode`.
 from __future__ import annotations
 
 import codecs
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 
 
 class StreamingDetokenizer:
     """Turns token ids into text incrementally; `add_token` returns only newly completed text."""
 
-    def __init__(self, piece_bytes: Sequence[bytes], skip_ids: Collection[int], strip_first_space: bool) -> None:
+    def __init__(self, piece_bytes: Sequence[bytes], strip_first_space: bool) -> None:
         self._pieces = piece_bytes
-        self._skip = skip_ids
         self._strip_first_space = strip_first_space
         self.reset()
 
@@ -32,9 +31,6 @@ class StreamingDetokenizer:
 
     def add_token(self, token: int) -> str:
         """Feed one id; return the text it completes (possibly empty)."""
-        if token in self._skip:
-            self.last_segment = ""
-            return ""
         data = self._pieces[token]
         if self._first:
             self._first = False

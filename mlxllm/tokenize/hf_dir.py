@@ -35,7 +35,9 @@ def _is_byte_level(tok: dict[str, Any]) -> bool:
         parts = spec.get("pretokenizers") or spec.get("decoders") or []
         return spec.get("type") == "ByteLevel" or any(mentions(p) for p in parts)
 
-    return tok.get("model", {}).get("type") == "BPE" and (mentions(tok.get("decoder")) or mentions(tok.get("pre_tokenizer")))
+    return tok.get("model", {}).get("type") == "BPE" and (
+        mentions(tok.get("decoder")) or mentions(tok.get("pre_tokenizer"))
+    )
 
 
 def _token_content(value: Any) -> str | None:

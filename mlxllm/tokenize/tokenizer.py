@@ -13,9 +13,8 @@ from .gguf_vocab import read_gguf_tokenizer_metadata
 from .hf_dir import HFTokenizerFiles
 from .specials import SpecialSplitter
 
-
-# Piece types matched whole in the text before encoding (llama.cpp's special-token cache).
-_SPM_SPLIT_TYPES = (spm.CONTROL, spm.USER_DEFINED, spm.UNKNOWN)
+# Token types (GGUF and SentencePiece number them alike) matched whole in the text before encoding.
+_MATCHED_WHOLE = (spm.CONTROL, spm.USER_DEFINED, spm.UNKNOWN)
 
 
 class _TextEncoder(Protocol):
@@ -87,7 +86,7 @@ class Tokenizer:
         types: list[int] = meta.get("tokenizer.ggml.token_type") or [spm.NORMAL] * len(tokens)
         # Control, user-defined and unknown tokens are cut out of the text first; only control
         # and unknown ones are "special" (left out when decoding with skip_special_tokens).
-        specials = {tok: i for i, (tok, t) in enumerate(zip(tokens, types)) if t in _SPM_SPLIT_TYPES}
+        specials = {tok: i for i, (tok, t) in enumerate(zip(tokens, types)) if t in _MATCHED_WHOLE}
         skip = [i for i, t in enumerate(types) if t in (spm.CONTROL, spm.UNKNOWN)]
         unk = meta.get("tokenizer.ggml.unknown_token_id")
         if kind == "gpt2":
@@ -97,7 +96,7 @@ class Tokenizer:
                 {tok: i for i, tok in enumerate(tokens)}, merges, pre.stages, ignore_merges=pre.ignore_merges
             )
             pieces = [
-                tok.encode("utf-8") if t in _SPM_SPLIT_TYPES else (bpe.byte_level_to_bytes(tok) or tok.encode("utf-8"))
+                tok.encode("utf-8") if t in _MATCHED_WHOLE else (bpe.byte_level_to_bytes(tok) or tok.encode("utf-8"))
                 for tok, t in zip(tokens, types)
             ]
             default_add_bos, strip_first_space = pre.add_bos, False
@@ -160,7 +159,7 @@ class Tokenizer:
             encoder, strip_first_space = sp, sp.add_dummy_prefix
             pieces = sp.piece_bytes()
             vocab_ids = {p.piece: i for i, p in enumerate(sp.proto.pieces)}
-            specials = {p.piece: i for i, p in enumerate(sp.proto.pieces) if p.type in _SPM_SPLIT_TYPES}
+            specials = {p.piece: i for i, p in enumerate(sp.proto.pieces) if p.type in _MATCHED_WHOLE}
             skip.update(i for i, p in enumerate(sp.proto.pieces) if p.type in (spm.CONTROL, spm.UNKNOWN))
             for text, tid in files.added.items():  # added tokens may extend past the model's pieces
                 specials[text] = tid
@@ -219,8 +218,8 @@ class Tokenizer:
 
     @property
     def detokenizer(self) -> StreamingDetokenizer:
-        """A new streaming detokenizer (text is exactly `decode` of the ids fed so far)."""
-        return StreamingDetokenizer(self._pieces, (), self._strip_first_space)
+        """A new streaming detokenizer; its text is exactly `decode` of the ids fed so far."""
+        return StreamingDetokenizer(self._pieces, self._strip_first_space)
 
     # --- chat ---------------------------------------------------------------------------------------
 
@@ -243,8 +242,7 @@ class Tokenizer:
         become template variables. Tokenized, a BOS the template wrote itself is not added again."""
         if self._template is None:
             raise ValueError(
-                "this tokenizer has no chat template (base models usually have none); "
-                "encode the prompt text directly"
+                "this tokenizer has no chat template (base models usually have none); encode the prompt text directly"
             )
         text = self._template.render(messages, add_generation_prompt, **{**self._template_vars, **kwargs})
         if not tokenize:
@@ -268,8 +266,8 @@ class Tokenizer:
 
     @property
     def eos_token_ids(self) -> set[int]:
-        """Every id that ends generation: the metadata's EOS/EOT/EOM ids, the generation config's
-        EOS list, and the token the chat template closes turns with."""
+        """Every id that ends generation (a fresh set): the metadata's EOS/EOT/EOM ids, the
+        generation config's EOS list, and the token the chat template closes turns with."""
         return set(self._eos)
 
     @property
