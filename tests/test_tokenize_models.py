@@ -416,6 +416,19 @@ def test_template_helpers(gemma_meta):
         tok.apply_chat_template([{"role": "user", "content": "a"}] * 2)
 
 
+def test_generation_blocks_and_broken_templates(gemma_meta):
+    marked = "{% for m in messages %}{% generation %}[{{ m['content'] }}]{% endgeneration %}{% endfor %}"
+    tok = Tokenizer.from_gguf_metadata({**gemma_meta, "tokenizer.chat_template": marked})
+    assert (
+        tok.apply_chat_template([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]) == "[a][b]"
+    )
+
+    broken = Tokenizer.from_gguf_metadata({**gemma_meta, "tokenizer.chat_template": "{% for m in messages %}"})
+    assert broken.encode("Hi") == [2, *broken.encode("Hi", add_special_tokens=False)]
+    with pytest.raises(ValueError, match="does not compile"):
+        broken.apply_chat_template([{"role": "user", "content": "Hi"}])
+
+
 def test_no_chat_template(gemma):
     assert not gemma.has_chat_template
     with pytest.raises(ValueError, match="no chat template"):

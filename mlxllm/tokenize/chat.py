@@ -1,8 +1,9 @@
 """Chat templates: the Jinja2 dialect Hugging Face templates are written in.
 
 Templates come from model files, so they run in a sandbox. The environment matches what
-`transformers` provides them: trim_blocks/lstrip_blocks, loop controls, `raise_exception`,
-`strftime_now`, and a `tojson` that keeps non-ASCII text as is (Jinja's own escapes HTML).
+`transformers` provides them: trim_blocks/lstrip_blocks, loop controls, `{% generation %}`
+blocks, `raise_exception`, `strftime_now`, and a `tojson` that keeps non-ASCII text as is
+(Jinja's own escapes HTML).
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
+from jinja2 import nodes
 from jinja2.exceptions import TemplateError
-from jinja2.ext import loopcontrols
+from jinja2.ext import Extension, loopcontrols
+from jinja2.parser import Parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 
@@ -29,8 +32,21 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, s
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+class _GenerationBlock(Extension):
+    """`{% generation %}...{% endgeneration %}` marks assistant text for training masks in
+    transformers; rendering just keeps the body. Without it such templates do not compile."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Parser) -> list[nodes.Node]:
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
 def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _GenerationBlock]
+    )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now

@@ -6,6 +6,8 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
+from jinja2.exceptions import TemplateError
+
 from . import bpe, spm
 from .chat import ChatTemplate
 from .detokenize import StreamingDetokenizer
@@ -53,7 +55,13 @@ class Tokenizer:
         self._add_bos = add_bos and bos_token_id is not None
         self._pad = pad_token_id
         self._texts = {tid: text for text, tid in specials.items()}
-        self._template = ChatTemplate(chat_template) if chat_template else None
+        self._template: ChatTemplate | None = None
+        self._template_error: TemplateError | None = None
+        if chat_template:
+            try:
+                self._template = ChatTemplate(chat_template)
+            except TemplateError as err:  # a broken template must not make the tokenizer unusable
+                self._template_error = err
         self._template_vars = {
             name: self._token_text(tid)
             for name, tid in [
@@ -240,6 +248,8 @@ class Tokenizer:
     ) -> str | list[int]:
         """Render `messages` with the model's chat template; extra keyword arguments (e.g. `tools`)
         become template variables. Tokenized, a BOS the template wrote itself is not added again."""
+        if self._template_error is not None:
+            raise ValueError(f"the model's chat template does not compile: {self._template_error}")
         if self._template is None:
             raise ValueError(
                 "this tokenizer has no chat template (base models usually have none); encode the prompt text directly"
