@@ -289,6 +289,44 @@ def test_special_matching_rules():
     assert SpecialSplitter({}, longest_first=True).split("ab") == ["ab"]
 
 
+def _cut_longest_first(text: str, tokens: dict[str, int]) -> list[str | int]:
+    """llama.cpp's rule written plainly: longest token first, cut out everywhere (ties by id)."""
+    pieces: list[str | int] = [text] if text else []
+    for token in sorted(tokens, key=lambda t: (-len(t), tokens[t])):
+        out: list[str | int] = []
+        for piece in pieces:
+            if isinstance(piece, int):
+                out.append(piece)
+                continue
+            for j, part in enumerate(piece.split(token)):
+                out += ([tokens[token]] if j else []) + ([part] if part else [])
+        pieces = out
+    return pieces
+
+
+def _cut_leftmost_longest(text: str, tokens: dict[str, int]) -> list[str | int]:
+    out: list[str | int] = []
+    i = start = 0
+    while i < len(text):
+        match = max((t for t in tokens if text.startswith(t, i)), key=len, default=None)
+        if match is None:
+            i += 1
+            continue
+        out += ([text[start:i]] if i > start else []) + [tokens[match]]
+        i = start = i + len(match)
+    return out + ([text[start:]] if start < len(text) else [])
+
+
+def test_special_splitter_against_plain_implementations():
+    rng = random.Random(9)
+    for _ in range(1500):
+        words = {"".join(rng.choice("ab<>.") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 6))}
+        tokens = {w: i for i, w in enumerate(sorted(words))}
+        text = "".join(rng.choice("ab<>.") for _ in range(rng.randint(0, 30)))
+        assert SpecialSplitter(tokens, longest_first=True).split(text) == _cut_longest_first(text, tokens)
+        assert SpecialSplitter(tokens, longest_first=False).split(text) == _cut_leftmost_longest(text, tokens)
+
+
 def test_leftmost_longest_matches_tokenizers():
     vocab = _byte_vocab()
     ref = tk.Tokenizer(tk.models.BPE(vocab, []))

@@ -5,7 +5,8 @@ the text (say "ab" and "bc" in "abc"):
 
 - Hugging Face `tokenizers` takes the leftmost, then longest, match (Aho-Corasick).
 - llama.cpp takes the tokens one at a time, longest first, and cuts every occurrence of each out
-  of the still-unmatched text (`tokenizer_st_partition`).
+  of the still-unmatched text (`tokenizer_st_partition`); its order among tokens of equal length
+  is unspecified, here it is by id.
 
 Both are done with one compiled trie regex, so that vocabularies with thousands of special tokens
 (Gemma has 6414) cost a single C-speed scan of the text rather than one scan per token.
