@@ -314,7 +314,7 @@ def test_detokenizer_streams_exactly(model):
     name, tok, ref, _ = model
     checked_partial_chars = False
     for text, ids, expected in zip(CORPUS, ref["ids"], ref["detokenized"]):
-        detok = tok.detokenizer
+        detok = tok.detokenizer()
         pieces = [detok.add_token(i) for i in ids]
         pieces.append(detok.finalize())
         full = "".join(pieces)
@@ -329,7 +329,7 @@ def test_detokenizer_streams_exactly(model):
 
 
 def test_detokenizer_reset(smollm):
-    detok = smollm.detokenizer
+    detok = smollm.detokenizer()
     ids = smollm.encode("héllo wörld", add_special_tokens=False)
     first = "".join(detok.add_token(i) for i in ids) + detok.finalize()
     detok.reset()

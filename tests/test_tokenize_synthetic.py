@@ -251,7 +251,7 @@ def test_spm_model_matches_sentencepiece(spm_dir):
         assert tok.encode(text, add_special_tokens=False) == ids, text
         assert tok.encode(text) == [sp.bos_id(), *ids], text  # add_bos_token defaults to true
         assert tok.decode(ids) == sp.decode(ids), text  # dummy-prefix space removed
-        detok = tok.detokenizer
+        detok = tok.detokenizer()
         assert "".join(detok.add_token(i) for i in ids) + detok.finalize() == sp.decode(ids), text
 
 

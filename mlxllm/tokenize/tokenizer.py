@@ -224,7 +224,6 @@ class Tokenizer:
             chunks[0] = chunks[0][1:]
         return b"".join(chunks).decode("utf-8", errors="replace")
 
-    @property
     def detokenizer(self) -> StreamingDetokenizer:
         """A new streaming detokenizer; its text is exactly `decode` of the ids fed so far."""
         return StreamingDetokenizer(self._pieces, self._strip_first_space)
