@@ -1,0 +1,163 @@
+"""Model loading: GGUF files, Hugging Face / mlx-community directories, Hub repos, the default model.
+
+``load`` / ``load_model`` follow mlx-lm's names. ``compute`` picks the weights' representation
+(see ``weights.py``): 'auto' is float32 on MLX's CPU backend and the file's own representation on
+Metal/CUDA. Why float32 on CPU, measured on our 2-core CI machine (MLX 0.32.4 + OpenBLAS preloaded
+by ``mlxllm.backend``): float32 matmul runs at 50-125 GFLOP/s and float32 GEMV streams 2.5-4 GB/s,
+while float16/bfloat16 matmul manages 2-4 GFLOP/s and ``quantized_matmul`` 0.2-0.5 GB/s. SmolLM2-135M
+Q4_1 decodes several times faster dequantized to float32 than kept quantized (figures in
+``tests/test_load_models.py``'s module docstring).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from .. import backend
+from ..errors import UserError
+from ..model.decoder import Model
+from .gguf import GGUFSource
+from .hf import HFSource
+from .hub import default_model_path, resolve
+from .weights import COMPUTE_CHOICES, KQUANT_CHOICES, build, choose_target, model_bytes, needed_bytes
+
+__all__ = [
+    "COMPUTE_CHOICES",
+    "KQUANT_CHOICES",
+    "LoadReport",
+    "default_model_path",
+    "describe_model",
+    "load",
+    "load_model",
+    "resolve",
+]
+
+_WHY = {
+    "float32": "dequantized/cast to float32 (fastest on the CPU backend)",
+    "native": "kept in the file's representation",
+    "quantized": "kept quantized with float32 scales (a float32 copy would not fit in memory)",
+}
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What loading did, for ``--verbose`` and benchmarks: ``str(report)`` is one line."""
+
+    path: Path
+    format: str
+    target: str  # 'float32' | 'native' | 'quantized'
+    detail: str
+    weight_bytes: int
+    seconds: float
+
+    def __str__(self) -> str:
+        return (
+            f"{self.path.name}: {self.detail}; {self.weight_bytes / 2**20:.0f} MiB of weights, "
+            f"loaded in {self.seconds:.2f} s"
+        )
+
+
+def _open(spec: str | Path | None) -> GGUFSource | HFSource:
+    path = resolve(spec)
+    if path.is_dir():
+        return HFSource(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        return GGUFSource(path)
+    raise UserError(f"{path.name} is neither a GGUF file nor a Hugging Face model directory")
+
+
+def _type_summary(specs) -> str:
+    counts = Counter(s.file_type for s in specs)
+    return ", ".join(f"{n} {t}" for t, n in counts.most_common())
+
+
+def load_model(
+    path: str | Path | None = None, *, compute: str = "auto", kquant: str = "q8", lazy: bool = True
+) -> Model:
+    """Load only the model (None: the default SmolLM2 GGUF). See ``load`` for the options."""
+    start = time.perf_counter()
+    source = _open(path)
+    specs = source.specs
+    target = choose_target(compute, specs, kquant)
+    model = build(source.config, dict(source.tensors(target, kquant)))
+    notes = [f"{source.format} ({_type_summary(specs)}) {_WHY[target]} on {backend.device_name()}"]
+    if target != "float32" and kquant != "float" and any(s.form == "other" for s in specs):
+        notes.append(f"block types MLX lacks re-quantized to MLX {kquant[1:]}-bit")
+    notes.append(source.customize(model) or "")
+    if not lazy:
+        mx.eval(model.parameters())
+    model.load_report = report = LoadReport(
+        source.path,
+        source.format,
+        target,
+        "; ".join(n for n in notes if n),
+        model_bytes(specs, target, kquant),
+        time.perf_counter() - start,
+    )
+    model.compute_path = str(report)  # the line the CLI prints under --verbose
+    return model
+
+
+def load(
+    path_or_repo: str | Path | None = None, *, compute: str = "auto", kquant: str = "q8", lazy: bool = True
+):
+    """Load a model and its tokenizer: ``(model, tokenizer)``, like ``mlx_lm.load``.
+
+    path_or_repo: a .gguf file, a Hugging Face model directory, a Hub id (``org/name`` or
+        ``org/name/file.gguf``), or None for the default model.
+    compute: 'auto' | 'float32' | 'native' (see the module docstring); the path taken is in
+        ``model.load_report``.
+    kquant: for GGUF block types MLX cannot hold (K-quants, Q5_x, IQ*) when weights stay quantized:
+        'q8' (MLX 8-bit, default), 'q4' (MLX 4-bit) or 'float' (16-bit).
+    lazy: safetensors weights are read on first use unless False; GGUF is always decoded eagerly.
+    """
+    from ..tokenize import Tokenizer
+
+    model = load_model(path_or_repo, compute=compute, kquant=kquant, lazy=lazy)
+    report = model.load_report
+    if report.format == "gguf":
+        from ..tokenize.gguf_vocab import read_gguf_tokenizer_metadata
+
+        tokenizer = Tokenizer.from_gguf_metadata(read_gguf_tokenizer_metadata(report.path))
+    else:
+        tokenizer = Tokenizer.from_hf_dir(report.path)
+    return model, tokenizer
+
+
+def describe_model(path: str | Path | None = None, *, kquant: str = "q8") -> dict[str, Any]:
+    """Facts about a model from its header/index alone (no tensor data read), for ``mlxllm info``."""
+    source = _open(path)
+    specs, cfg = source.specs, source.config
+    types: dict[str, dict[str, int]] = {}
+    for s in specs:
+        entry = types.setdefault(s.file_type, {"tensors": 0, "parameters": 0})
+        entry["tensors"] += 1
+        entry["parameters"] += s.elements
+    try:
+        auto = choose_target("auto", specs, kquant)
+    except UserError:
+        auto = None
+    return {
+        "path": str(source.path),
+        "format": source.format,
+        "architecture": source.arch,
+        "family": cfg.model_type,
+        "parameters": sum(s.elements for s in specs),
+        "layers": cfg.num_hidden_layers,
+        "hidden_size": cfg.hidden_size,
+        "vocab_size": cfg.vocab_size,
+        "context_length": cfg.max_position_embeddings,
+        "tensor_types": types,
+        "file_bytes": sum(s.file_bytes for s in specs),
+        "memory_needed_bytes": {t: needed_bytes(model_bytes(specs, t, kquant)) for t in ("float32", "native", "quantized")},
+        "memory_available_bytes": backend.device_memory(),
+        "compute_auto": auto,
+    }

@@ -1,0 +1,400 @@
+"""GGUF (llama.cpp) files: metadata -> ``ModelConfig``, tensors -> Hugging Face names and MLX layouts.
+
+Why a reader of our own rather than ``mx.load`` or ``gguf.GGUFReader``:
+  * ``mx.load(path.gguf)`` converts Q4_0/Q4_1/Q8_0 into MLX's quantized layout, but refuses the whole
+    file as soon as one tensor has another type ("gguf_tensor_to_f16 failed": every Q4_K_M file, e.g.
+    Gemma 3 270M) and reads every tensor eagerly.
+  * ``GGUFReader`` turns every vocabulary string into a numpy array: 9.5 s for Gemma's 262k tokens.
+This reader parses the header in well under a second (tokenizer arrays are skipped; they are the
+tokenizer's business), memory-maps the data, and decodes one tensor at a time:
+
+  * Q4_0, Q4_1, Q8_0: repacked into MLX affine triples (group 32) bit for bit as ``mx.load`` does
+    (``tests/test_load_gguf.py`` checks the equality): no loss. Q4_0 ``d*(q-8)`` -> scale d, bias -8d;
+    Q4_1 ``d*q+m`` -> scale d, bias m; Q8_0 ``d*q`` with int8 q -> uint8 q+128, bias -128d.
+  * every other block type ``gguf.quants`` can decode (Q5_0/Q5_1, K-quants Q2_K..Q6_K, IQ*, ...):
+    dequantized to float32 with ``gguf.quants.dequantize``. Kept as float32 on the float32 path;
+    when weights stay quantized the ``kquant`` policy applies: 'q8' (default) re-quantizes to MLX
+    8-bit, group 32 (adds ~0.4% relative weight error, small next to Q4_K's own, at 1.125 bytes per
+    weight), 'q4' to 4-bit group 32 (smaller, adds error comparable to the file's own), 'float' keeps
+    them unquantized in the 16-bit native type. MLX has no kernel for K-quant blocks, so some
+    conversion is unavoidable; measured figures are in the loader's report.
+  * F32/F16/BF16 as they are.
+
+Tensors are decoded one at a time and evaluated before the next, so loading never holds more than
+the final model plus one tensor's temporaries (GGUF cannot be lazy the way safetensors is: MLX has no
+lazy reader for GGUF block data).
+
+Facts about llama.cpp's converter this relies on:
+  * For the llama architecture (Llama, Mistral, SmolLM) it permutes the rows of Q and K within each
+    head so its interleaved ("GPT-J") RoPE equals HF's half-split RoPE; we undo it (rows of weight,
+    scales and biases alike, since quantization groups run along columns). qwen2/qwen3/gemma3 are
+    stored unpermuted.
+  * Gemma stores RMSNorm weights with +1 already added; our RMSNorm adds 1 itself, so we subtract it.
+  * Gemma 3: the GGUF has the window size but not the layer pattern (llama.cpp hard-codes every 6th
+    layer global) nor the local RoPE base (hard-coded 10000); the attention scale is
+    1/sqrt(key_length), except the 62-layer 27B which uses 1/sqrt(hidden/heads), as llama.cpp does.
+  * Llama 3.x long-context RoPE is stored as a ``rope_freqs`` tensor of per-frequency divisors rather
+    than as metadata; we build the RoPE from it.
+  * No ``output.weight`` means the head is tied to the embeddings.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlx.core as mx
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+
+from ..errors import UserError
+from ..model.config import ModelConfig, family_of
+from ..model.decoder import Model
+from ..model.rope import RoPE
+from .weights import REQUANT_GROUP, Quantized, Tensor, TensorSpec, finish
+
+_MAGIC = b"GGUF"
+_SKIPPED_PREFIX = "tokenizer.ggml."  # vocabulary arrays: read by mlxllm.tokenize, not needed here
+# GGUF metadata value types -> struct format (8 = string, 9 = array).
+_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+T = GGMLQuantizationType
+_FLOAT_BITS = {T.F32: 32, T.F16: 16, T.BF16: 16}
+_AFFINE_BITS = {T.Q4_0: 4, T.Q4_1: 4, T.Q8_0: 8}  # stored exactly as MLX affine triples, group 32
+_PERMUTED_ARCHS = {"llama"}
+
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+# Gemma's sandwich norms: llama.cpp's ffn_norm is the norm *before* the MLP there.
+_GEMMA_LAYER_NAMES = {
+    **_LAYER_NAMES,
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    name: str
+    shape: tuple[int, ...]  # numpy order (rows first), i.e. ggml's dims reversed
+    qtype: GGMLQuantizationType
+    offset: int  # absolute byte offset of the data in the file
+    nbytes: int
+
+
+@dataclass
+class GGUFFile:
+    path: Path
+    metadata: dict[str, Any]
+    tensors: list[GGUFTensor]
+
+
+class _Truncated(Exception):
+    pass
+
+
+class _HeaderReader:
+    def __init__(self, buf: mmap.mmap):
+        self.buf, self.pos = buf, 0
+
+    def take(self, n: int) -> int:
+        start = self.pos
+        self.pos += n
+        if self.pos > len(self.buf):
+            raise _Truncated
+        return start
+
+    def scalar(self, code: int) -> Any:
+        fmt = "<" + _SCALAR[code]
+        return struct.unpack_from(fmt, self.buf, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        n = self.scalar(10)
+        start = self.take(n)
+        return self.buf[start : start + n].decode("utf-8", errors="replace")
+
+    def value(self, code: int, keep: bool) -> Any:
+        if code == _STRING:
+            return self.string()
+        if code == _ARRAY:
+            item, count = self.scalar(4), self.scalar(10)
+            if item in _SCALAR:
+                width = struct.calcsize(_SCALAR[item])
+                start = self.take(width * count)
+                if not keep:
+                    return None
+                return list(struct.unpack_from(f"<{count}{_SCALAR[item]}", self.buf, start))
+            values = [self.value(item, keep) for _ in range(count)]
+            return values if keep else None
+        if code not in _SCALAR:
+            raise ValueError(f"unknown metadata value type {code}")
+        return self.scalar(code)
+
+
+def read_gguf(path: str | Path) -> GGUFFile:
+    """Parse a GGUF header (metadata and tensor index), checking that every tensor lies inside the file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            if buf[:4] != _MAGIC:
+                raise UserError(f"{path.name} is not a GGUF file (bad magic bytes)")
+            return _parse(path, buf)
+    except _Truncated:
+        raise UserError(f"{path.name} is truncated or corrupt: its GGUF header ends early") from None
+    except (ValueError, OverflowError) as e:  # also mmap of an empty file
+        raise UserError(f"{path.name} is not a readable GGUF file: {e}") from None
+
+
+def _parse(path: Path, buf: mmap.mmap) -> GGUFFile:
+    r = _HeaderReader(buf)
+    r.take(4)
+    version = r.scalar(4)
+    if version not in (2, 3):
+        raise UserError(f"{path.name}: unsupported GGUF version {version} (2 and 3 are supported)")
+    n_tensors, n_kv = r.scalar(10), r.scalar(10)
+    meta: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = r.string()
+        value = r.value(r.scalar(4), keep=not key.startswith(_SKIPPED_PREFIX))
+        if value is not None:
+            meta[key] = value
+    infos = []
+    for _ in range(n_tensors):
+        name = r.string()
+        dims = [r.scalar(10) for _ in range(r.scalar(4))]
+        type_id, offset = r.scalar(4), r.scalar(10)
+        try:
+            qtype = GGMLQuantizationType(type_id)
+        except ValueError:
+            raise UserError(f"{path.name}: tensor '{name}' has unknown ggml type {type_id}") from None
+        infos.append((name, tuple(reversed(dims)), qtype, offset))
+    alignment = meta.get("general.alignment", 32)
+    data_start = -(-r.pos // alignment) * alignment
+    tensors = []
+    for name, shape, qtype, offset in infos:
+        block, size = GGML_QUANT_SIZES[qtype]
+        if shape and shape[-1] % block:
+            raise UserError(f"{path.name}: tensor '{name}' row length {shape[-1]} is not a multiple of {block}")
+        nbytes = int(np.prod(shape, dtype=np.int64)) // block * size
+        start = data_start + offset
+        if start + nbytes > len(buf):
+            raise UserError(
+                f"{path.name} is truncated: tensor '{name}' ends at byte {start + nbytes:,} "
+                f"but the file has {len(buf):,} bytes"
+            )
+        tensors.append(GGUFTensor(name, shape, qtype, start, nbytes))
+    return GGUFFile(path, meta, tensors)
+
+
+def config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
+    """Build the model config from GGUF metadata (raises ``UnsupportedArchitecture`` for unknown archs)."""
+    if meta.get("split.count", 1) > 1:
+        raise UserError("split GGUF files are not supported: merge them first (llama-gguf-split --merge)")
+    arch = meta.get("general.architecture")
+    if arch is None:
+        raise UserError("GGUF metadata has no general.architecture")
+    family = family_of(arch)
+
+    def get(key: str, default: Any = KeyError) -> Any:
+        value = meta.get(f"{arch}.{key}", default)
+        if value is KeyError:
+            raise UserError(f"GGUF metadata lacks '{arch}.{key}'")
+        if isinstance(value, list):  # per-layer arrays: supported only when uniform
+            if len(set(value)) != 1:
+                raise UserError(f"GGUF '{arch}.{key}' varies per layer, which this decoder does not support")
+            value = value[0]
+        return value
+
+    hidden, heads = get("embedding_length"), get("attention.head_count")
+    head_dim = get("attention.key_length", hidden // heads)
+    if get("attention.value_length", head_dim) != head_dim:
+        raise UserError("GGUF models with different key and value head sizes are not supported")
+    if get("rope.dimension_count", head_dim) != head_dim:
+        raise UserError("GGUF models with partial rotary embeddings are not supported")
+    if get("final_logit_softcapping", 0.0) or get("attn_logit_softcapping", 0.0):
+        raise UserError("GGUF models with logit soft-capping are not supported")
+    layers = get("block_count")
+    config: dict[str, Any] = {
+        "model_type": arch,
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "intermediate_size": get("feed_forward_length"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": get("attention.head_count_kv", heads),
+        "head_dim": head_dim,
+        "rms_norm_eps": get("attention.layer_norm_rms_epsilon"),
+        "rope_theta": get("rope.freq_base", 10000.0),
+        "max_position_embeddings": get("context_length", 4096),
+        "vocab_size": get("vocab_size"),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "attention_bias": "blk.0.attn_q.bias" in tensor_names,
+    }
+    scaling = get("rope.scaling.type", "none")
+    if scaling != "none":
+        config["rope_scaling"] = {
+            "rope_type": scaling,
+            "factor": get("rope.scaling.factor"),
+            "original_max_position_embeddings": get("rope.scaling.original_context_length", None),
+        }
+    if family == "gemma3_text":
+        config.update(
+            sliding_window=get("attention.sliding_window", None),
+            rope_local_base_freq=get("rope.freq_base_swa", 10000.0),
+            query_pre_attn_scalar=hidden // heads if layers == 62 else head_dim,
+        )
+        pattern = meta.get(f"{arch}.attention.sliding_window_pattern", 6)
+        if config["sliding_window"] is None:
+            config["layer_types"] = ["full_attention"] * layers
+        elif isinstance(pattern, list):  # per-layer flags, true = sliding
+            config["layer_types"] = ["sliding_attention" if p else "full_attention" for p in pattern]
+        else:
+            config["sliding_window_pattern"] = pattern
+    return ModelConfig.from_hf(config)
+
+
+def hf_name(name: str, family: str) -> str:
+    """GGUF tensor name -> our (Hugging Face) parameter name; unknown names pass through unchanged."""
+    parts = name.split(".")
+    if parts[0] in _TOP_NAMES:
+        return ".".join([_TOP_NAMES[parts[0]], *parts[1:]])
+    table = _GEMMA_LAYER_NAMES if family == "gemma3_text" else _LAYER_NAMES
+    if parts[0] == "blk" and len(parts) >= 4 and parts[2] in table:
+        return ".".join(["model.layers", parts[1], table[parts[2]], *parts[3:]])
+    return name
+
+
+def _unpermute_qk(rows: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's per-head row interleave of Q/K (rows ordered [head, i, half] -> [head, half, i])."""
+    shape = rows.shape
+    return rows.reshape(n_heads, shape[0] // n_heads // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def _repack(raw: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_0/Q4_1/Q8_0 blocks of one tensor [rows, row_bytes] -> MLX (packed uint32, scales, biases)."""
+    rows = raw.shape[0]
+    if qtype == T.Q8_0:
+        blocks = raw.reshape(rows, -1, 34)
+        d = np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0]
+        packed = np.ascontiguousarray(blocks[..., 2:] ^ 0x80)  # int8 q -> uint8 q + 128
+        return packed.reshape(rows, -1).view(np.uint32), d, d * np.float16(-128)
+    head = 4 if qtype == T.Q4_1 else 2
+    blocks = raw.reshape(rows, -1, head + 16)
+    dm = np.ascontiguousarray(blocks[..., :head]).view(np.float16)
+    qs = blocks[..., head:]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # GGUF: byte i holds elements i and i+16
+    packed = np.ascontiguousarray(q[..., 0::2] | (q[..., 1::2] << 4))  # MLX: 8 nibbles per uint32, low first
+    biases = dm[..., 1] if qtype == T.Q4_1 else dm[..., 0] * np.float16(-8)
+    return packed.reshape(rows, -1).view(np.uint32), dm[..., 0], biases
+
+
+class GGUFSource:
+    """A GGUF file ready to be sized (``specs``, header only) and read (``tensors``)."""
+
+    format = "gguf"
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = read_gguf(path)
+        by_name = {t.name: t for t in self.file.tensors}
+        meta = dict(self.file.metadata)
+        arch = meta.get("general.architecture")
+        if f"{arch}.vocab_size" not in meta and "token_embd.weight" in by_name:  # older converters omit it
+            meta[f"{arch}.vocab_size"] = by_name["token_embd.weight"].shape[0]
+        self.config = config_from_gguf(meta, set(by_name))
+        self.arch = arch
+        self._freq_factors = by_name.pop("rope_freqs.weight", None)
+        self._tensors = list(by_name.values())
+        # 16-bit type of the 'native' path: Gemma 3's residual stream overflows float16.
+        self.native_dtype = mx.bfloat16 if self.config.model_type == "gemma3_text" else mx.float16
+
+    @property
+    def specs(self) -> list[TensorSpec]:
+        family = self.config.model_type
+        out = []
+        for t in self._tensors:
+            elements = int(np.prod(t.shape, dtype=np.int64))
+            if t.qtype in _FLOAT_BITS:
+                form, bits, group = "float", _FLOAT_BITS[t.qtype], 0
+            elif t.qtype in _AFFINE_BITS:
+                form, bits, group = "affine", _AFFINE_BITS[t.qtype], 32
+            else:
+                form, bits, group = "other", 0, 0
+            out.append(TensorSpec(hf_name(t.name, family), elements, t.qtype.name, t.nbytes, form, bits, group))
+        return out
+
+    def tensors(self, target: str, kquant: str) -> Iterator[tuple[str, Tensor]]:
+        """Decode, fix up and convert tensor by tensor, evaluating each before the next."""
+        for t in self._tensors:
+            name = hf_name(t.name, self.config.model_type)
+            value = self._decode(t, self.raw(t))
+            if isinstance(value, mx.array) and t.qtype not in _FLOAT_BITS and target != "float32" and kquant != "float":
+                value = Quantized.of(value.astype(self.native_dtype), REQUANT_GROUP, 8 if kquant == "q8" else 4)
+            value = finish(value, target, self.native_dtype)
+            mx.eval(value if isinstance(value, mx.array) else [value.weight, value.scales, value.biases])
+            yield name, value
+
+    def raw(self, t: GGUFTensor) -> np.ndarray:
+        """The tensor's stored bytes, one row per output row (memory-mapped, not read yet)."""
+        rows = int(np.prod(t.shape[:-1], dtype=np.int64)) if len(t.shape) > 1 else 1
+        data = np.memmap(self.path, dtype=np.uint8, mode="r", offset=t.offset, shape=(t.nbytes,))
+        return data.reshape(rows, t.nbytes // rows)
+
+    def _decode(self, t: GGUFTensor, raw: np.ndarray) -> Tensor:
+        try:
+            if t.qtype in _AFFINE_BITS:
+                parts = [self._fix(t, a) for a in _repack(raw, t.qtype)]
+                return Quantized(*(mx.array(a) for a in parts), group_size=32, bits=_AFFINE_BITS[t.qtype])
+            if t.qtype == T.F16:
+                values = raw.view(np.float16)
+            elif t.qtype == T.F32:
+                values = raw.view(np.float32)
+            else:  # BF16 and every block type gguf can decode, to float32
+                values = gguf_dequantize(raw, t.qtype)
+        except NotImplementedError:
+            raise UserError(f"tensor '{t.name}' has type {t.qtype.name}, which cannot be decoded") from None
+        return mx.array(self._fix(t, values.reshape(t.shape)))
+
+    def _fix(self, t: GGUFTensor, rows: np.ndarray) -> np.ndarray:
+        """Undo the converter's transformations (Q/K row permutation, Gemma's norm +1)."""
+        if self.arch in _PERMUTED_ARCHS:
+            kind = t.name.split(".")[2] if t.name.startswith("blk.") else ""
+            if kind == "attn_q":
+                return _unpermute_qk(rows, self.config.num_attention_heads)
+            if kind == "attn_k":
+                return _unpermute_qk(rows, self.config.num_key_value_heads)
+        if self.config.norm_plus_one and t.name.endswith("norm.weight"):
+            return rows.astype(np.float32) - 1.0
+        return rows
+
+    def customize(self, model: Model) -> str | None:
+        """Install Llama 3.x RoPE frequency factors, if the file has them; returns a note for the report."""
+        if self._freq_factors is None:
+            return None
+        factors = gguf_dequantize(self.raw(self._freq_factors), self._freq_factors.qtype).reshape(-1)
+        cfg = model.config
+        dims = cfg.head_dim
+        if factors.size != dims // 2:
+            raise UserError(f"rope_freqs has {factors.size} values, expected {dims // 2}")
+        periods = cfg.rope_theta ** (np.arange(0, dims, 2) / dims) * factors  # angle = position / period
+        rope = RoPE(dims, cfg.rope_theta, freqs=mx.array(periods, dtype=mx.float32))
+        for layer in model.layers:
+            layer.self_attn.rope = rope
+        return "RoPE frequency factors from rope_freqs"

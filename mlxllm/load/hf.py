@@ -1,0 +1,182 @@
+"""Hugging Face safetensors directories: plain (fp32/fp16/bf16) or mlx-community quantized.
+
+Safetensors headers are read and checked up front (a truncated shard is one clear error here, not
+a failure at the first forward pass, because ``mx.load`` reads lazily); the data is then loaded
+lazily with ``mx.load``, so nothing is read until it is used.
+
+mlx-community quantized directories carry ``quantization: {group_size, bits, <module>: {...} | false}``
+in config.json; exactly the modules whose ``<module>.scales`` tensor exists are quantized, with
+their per-module override when there is one (mlx-lm's rule).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlx.core as mx
+
+from ..errors import UserError
+from ..model.config import ModelConfig
+from ..model.decoder import Model
+from .weights import Quantized, Tensor, TensorSpec, finish
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
+                "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
+# Checkpoint parts the text decoder does not use (multimodal towers, buffers some exporters save).
+_UNUSED_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+_UNUSED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Multimodal wrappers (e.g. Gemma3ForConditionalGeneration) nest the text model.
+_RENAMES = (("language_model.model.", "model."), ("model.language_model.", "model."), ("language_model.", ""))
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
+    """Tensor index of one safetensors file; refuses files whose data would end past the file."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if 8 + n > size:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(n))
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path.name} is not a readable safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    for name, info in header.items():
+        end = 8 + n + info["data_offsets"][1]
+        if end > size:
+            raise UserError(f"{path.name} is truncated: tensor '{name}' ends at byte {end:,} but the file has {size:,}")
+    return header
+
+
+def _normalize(name: str) -> str:
+    for old, new in _RENAMES:
+        if name.startswith(old):
+            return new + name[len(old) :]
+    return name
+
+
+def _shards(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise UserError(f"{index} is not a valid safetensors index ({e})") from None
+        for name in names:
+            if not (path / name).exists():
+                raise UserError(f"shard '{name}' listed in {index.name} is missing from {path}")
+        return [path / name for name in names]
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        raise UserError(f"no *.safetensors weights in {path}")
+    return shards
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    file = path / "config.json"
+    if not file.exists():
+        raise UserError(f"{path} has no config.json (not a Hugging Face model directory)")
+    try:
+        return json.loads(file.read_text())
+    except ValueError as e:
+        raise UserError(f"{file} is not valid JSON ({e})") from None
+
+
+class HFSource:
+    """A Hugging Face model directory ready to be sized (``specs``, headers only) and read (``tensors``)."""
+
+    format = "safetensors"
+    native_dtype = None  # 'native' keeps the checkpoint's own dtypes
+
+    def __init__(self, path: Path):
+        self.path = path
+        raw = _read_config(path)
+        self.config = ModelConfig.from_hf(raw)
+        self.arch = raw.get("model_type")
+        self.index: dict[str, tuple[Path, str, dict[str, Any]]] = {}  # our name -> (file, file name, info)
+        for file in _shards(path):
+            for name, info in read_safetensors_header(file).items():
+                ours = _normalize(name)
+                if ours.startswith(_UNUSED_PREFIXES) or ours.endswith(_UNUSED_SUFFIXES):
+                    continue
+                if self.config.tie_word_embeddings and ours.startswith("lm_head."):
+                    continue
+                self.index[ours] = (file, name, info)
+        self.quant = self._quantized_modules(raw)
+
+    def _quantized_modules(self, raw: dict[str, Any]) -> dict[str, tuple[int, int]]:
+        """Module path -> (group_size, bits) for every module stored with ``.scales``."""
+        prefixes = [name[: -len(".scales")] for name in self.index if name.endswith(".scales")]
+        if not prefixes:
+            return {}
+        q = self.config.quantization or raw.get("quantization_config")
+        if not q:
+            raise UserError(f"tensor '{prefixes[0]}.scales' is quantized but config.json has no 'quantization' block")
+        if q.get("mode", "affine") != "affine":
+            raise UserError(f"quantization mode '{q['mode']}' is not supported (affine only)")
+        overrides = {_normalize(k): v for k, v in q.items() if isinstance(v, (dict, bool))}
+        out = {}
+        for p in prefixes:
+            params = overrides.get(p, q)
+            if params is False:
+                raise UserError(f"tensor '{p}.scales' exists but config.json marks '{p}' as not quantized")
+            if not isinstance(params, dict):  # an override of `true` means the defaults
+                params = q
+            out[p] = (int(params["group_size"]), int(params["bits"]))
+        return out
+
+    @property
+    def specs(self) -> list[TensorSpec]:
+        out = []
+        for name, (_, _, info) in self.index.items():
+            prefix, _, leaf = name.rpartition(".")
+            nbytes = info["data_offsets"][1] - info["data_offsets"][0]
+            count = 1
+            for d in info["shape"]:
+                count *= d
+            if prefix in self.quant:
+                if leaf != "weight":
+                    continue  # scales and biases are accounted with their weight
+                group, bits = self.quant[prefix]
+                count = count * 32 // bits
+                aux = sum(self._bytes(f"{prefix}.{k}") for k in ("scales", "biases"))
+                out.append(TensorSpec(name, count, f"affine{bits}/g{group}", nbytes + aux, "affine", bits, group))
+            else:
+                out.append(TensorSpec(name, count, info["dtype"], nbytes, "float", 8 * _DTYPE_BYTES[info["dtype"]]))
+        return out
+
+    def _bytes(self, name: str) -> int:
+        start, end = self.index[name][2]["data_offsets"] if name in self.index else (0, 0)
+        return end - start
+
+    def tensors(self, target: str, kquant: str) -> Iterator[tuple[str, Tensor]]:
+        """Lazily loaded tensors (nothing is read before the first evaluation)."""
+        loaded: dict[Path, dict[str, mx.array]] = {}
+
+        def array(name: str) -> mx.array:
+            file, stored, _ = self.index[name]
+            if file not in loaded:
+                try:
+                    loaded[file] = mx.load(str(file))
+                except (RuntimeError, ValueError) as e:
+                    raise UserError(f"cannot read {file.name}: {e}") from None
+            return loaded[file][stored]
+
+        for name in self.index:
+            prefix, _, leaf = name.rpartition(".")
+            if prefix in self.quant:
+                if leaf in ("scales", "biases"):
+                    continue
+                if f"{prefix}.biases" not in self.index:
+                    raise UserError(f"quantized tensor '{prefix}.weight' has scales but no biases")
+                group, bits = self.quant[prefix]
+                value: Tensor = Quantized(array(name), array(f"{prefix}.scales"), array(f"{prefix}.biases"), group, bits)
+            else:
+                value = array(name)
+            yield name, finish(value, target, self.native_dtype)
+
+    def customize(self, model: Model) -> str | None:
+        return None

@@ -1,0 +1,202 @@
+"""What every checkpoint format turns into, the compute policy, the memory check, and model assembly.
+
+A format reader (``gguf.py``, ``hf.py``) describes its tensors from the file's index alone
+(``TensorSpec``: enough to size the model without reading data) and yields them under Hugging Face
+names, as float arrays or ``Quantized`` MLX affine triples. This module decides the representation
+they end in (``choose_target``), converts them (``finish``), and assembles the decoder (``build``).
+
+Targets:
+  ``float32``   every weight dequantized/cast to float32. The CPU default: on MLX's CPU backend float32
+                GEMM/GEMV (through the preloaded OpenBLAS) is 10-30x faster than float16/bfloat16
+                matmuls and ~10x faster than ``quantized_matmul`` (see ``mlxllm/load/__init__.py``).
+  ``native``    the file's representation: MLX-quantized weights stay quantized, 16-bit stays 16-bit.
+                The Metal/CUDA default, where quantized kernels are fast and memory is the limit.
+  ``quantized`` quantized weights stay quantized but scales, biases and all other tensors are float32:
+                the CPU fallback when a float32 copy does not fit in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .. import backend
+from ..errors import UserError
+from ..model.config import ModelConfig
+from ..model.decoder import Model
+
+COMPUTE_CHOICES = ("auto", "float32", "native")
+KQUANT_CHOICES = ("q8", "q4", "float")
+# GGUF tensors MLX cannot hold (K-quants, Q5_x, IQ*) are re-quantized with this group size: the
+# finest MLX offers, and the sub-block size of most of those formats.
+REQUANT_GROUP = 32
+# Headroom on top of the weights: KV cache, activations, MLX and Python overhead.
+MARGIN_FRACTION, MARGIN_BYTES = 0.10, 512 * 2**20
+
+
+@dataclass
+class Quantized:
+    """An MLX affine-quantized tensor: ``w = scales * q + biases`` per group of ``group_size`` columns."""
+
+    weight: mx.array
+    scales: mx.array
+    biases: mx.array
+    group_size: int
+    bits: int
+
+    def dequantize(self) -> mx.array:
+        """Float32 values; scales are widened first so no rounding beyond one float32 multiply-add.
+
+        4- and 8-bit (every GGUF native type, most mlx-community files) unpack with plain array ops:
+        2.4x faster than ``mx.dequantize`` on the CPU backend (1.4 s vs 3.4 s for Gemma 3's 168M-entry
+        embedding), with identical results.
+        """
+        scales, biases = self.scales.astype(mx.float32), self.biases.astype(mx.float32)
+        if self.bits not in (4, 8) or self.weight.ndim != 2:
+            return mx.dequantize(self.weight, scales, biases, self.group_size, self.bits)
+        rows = self.weight.shape[0]
+        q = self.weight.view(mx.uint8)  # little-endian: element j of a uint32 sits in its low bits first
+        if self.bits == 4:
+            q = mx.stack([q & 0x0F, q >> 4], axis=-1)
+        q = q.reshape(rows, -1, self.group_size).astype(mx.float32)
+        return (q * scales[..., None] + biases[..., None]).reshape(rows, -1)
+
+    def cast(self, dtype: mx.Dtype) -> "Quantized":
+        return Quantized(self.weight, self.scales.astype(dtype), self.biases.astype(dtype), self.group_size, self.bits)
+
+    @classmethod
+    def of(cls, w: mx.array, group_size: int, bits: int) -> "Quantized":
+        return cls(*mx.quantize(w, group_size, bits), group_size, bits)
+
+
+Tensor = mx.array | Quantized
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor as the file's index describes it (no data read).
+
+    ``form`` is 'float' (``bits`` per element), 'affine' (MLX-quantizable as stored: ``bits`` and
+    ``group_size``), or 'other' (a block format MLX cannot hold, e.g. Q4_K: dequantized on load and,
+    when weights stay quantized, re-quantized following the ``kquant`` option).
+    """
+
+    name: str
+    elements: int
+    file_type: str
+    file_bytes: int
+    form: str
+    bits: int
+    group_size: int = 0
+
+    def resident_bytes(self, target: str, kquant: str) -> int:
+        """Bytes this tensor occupies once loaded for ``target``."""
+        if target == "float32":
+            return self.elements * 4
+        scale_bytes = 4 if target == "quantized" else 2
+        form, bits, group = self.form, self.bits, self.group_size
+        if form == "other":
+            if kquant == "float":
+                return self.elements * scale_bytes
+            form, bits, group = "affine", 8 if kquant == "q8" else 4, REQUANT_GROUP
+        if form == "affine":
+            return self.elements * bits // 8 + 2 * (self.elements // group) * scale_bytes
+        return self.elements * (4 if target == "quantized" else bits // 8)
+
+
+def model_bytes(specs: Iterable[TensorSpec], target: str, kquant: str) -> int:
+    return sum(s.resident_bytes(target, kquant) for s in specs)
+
+
+def needed_bytes(weights: int) -> int:
+    return weights + int(weights * MARGIN_FRACTION) + MARGIN_BYTES
+
+
+def choose_target(compute: str, specs: list[TensorSpec], kquant: str) -> str:
+    """Pick the representation for ``compute`` and refuse, before reading any data, what cannot fit.
+
+    'auto' means float32 on the CPU backend when a float32 copy fits (else 'quantized'), and the
+    file's own representation on Metal/CUDA.
+    """
+    if compute not in COMPUTE_CHOICES:
+        raise UserError(f"unknown compute mode '{compute}' (choose from {', '.join(COMPUTE_CHOICES)})")
+    if kquant not in KQUANT_CHOICES:
+        raise UserError(f"unknown kquant policy '{kquant}' (choose from {', '.join(KQUANT_CHOICES)})")
+    available = backend.device_memory()
+    fits = lambda target: needed_bytes(model_bytes(specs, target, kquant)) <= available  # noqa: E731
+    if compute == "auto":
+        if backend.device_name() != "cpu":
+            candidates = ["native"]
+        elif any(s.form != "float" for s in specs):
+            candidates = ["float32", "quantized"]
+        else:
+            candidates = ["float32", "native"]
+    else:
+        candidates = [compute]
+    for target in candidates:
+        if fits(target):
+            return target
+    need = needed_bytes(model_bytes(specs, candidates[-1], kquant))
+    raise UserError(
+        f"the model needs about {need / 2**30:.1f} GiB ({candidates[-1]} weights plus margin) but only "
+        f"{available / 2**30:.1f} GiB of {backend.device_name()} memory is available"
+    )
+
+
+def finish(value: Tensor, target: str, dtype: mx.Dtype | None) -> Tensor:
+    """Convert one loaded tensor to ``target``; ``dtype`` is the float type of 'native' (None: keep)."""
+    if target == "float32":
+        return value.dequantize() if isinstance(value, Quantized) else value.astype(mx.float32)
+    if target == "quantized":
+        dtype = mx.float32
+    if dtype is None:
+        return value
+    if isinstance(value, Quantized):
+        return value.cast(dtype)
+    return value.astype(dtype) if mx.issubdtype(value.dtype, mx.floating) else value
+
+
+def build(cfg: ModelConfig, tensors: dict[str, Tensor]) -> Model:
+    """Assemble the decoder; quantize exactly the modules that came quantized; refuse any mismatch.
+
+    The check names the first offending tensor, so a config that does not match its weights is
+    one clear line instead of a shape error deep inside the first forward pass.
+    """
+    model = Model(cfg)
+    quantized = {name.rsplit(".", 1)[0]: t for name, t in tensors.items() if isinstance(t, Quantized)}
+    if quantized:
+        nn.quantize(
+            model,
+            class_predicate=lambda path, _: (
+                {"group_size": quantized[path].group_size, "bits": quantized[path].bits} if path in quantized else False
+            ),
+        )
+    flat: dict[str, mx.array] = {}
+    for name, t in tensors.items():
+        if isinstance(t, Quantized):
+            prefix = name.rsplit(".", 1)[0]
+            flat.update({name: t.weight, f"{prefix}.scales": t.scales, f"{prefix}.biases": t.biases})
+        else:
+            flat[name] = t
+    _check_match(dict(tree_flatten(model.parameters())), flat, cfg)
+    model.update(tree_unflatten(list(flat.items())))
+    return model
+
+
+def _check_match(expected: dict[str, mx.array], found: dict[str, mx.array], cfg: ModelConfig) -> None:
+    what = f"a {cfg.model_type} model with {cfg.num_hidden_layers} layers"
+    for name, param in expected.items():
+        if name not in found:
+            raise UserError(f"weights do not match the config: tensor '{name}' is missing ({what})")
+        if tuple(found[name].shape) != tuple(param.shape):
+            raise UserError(
+                f"weights do not match the config: tensor '{name}' has shape {tuple(found[name].shape)}, "
+                f"the config implies {tuple(param.shape)}"
+            )
+    for name in found:
+        if name not in expected:
+            raise UserError(f"weights do not match the config: unexpected tensor '{name}' (not used by {what})")
