@@ -1,0 +1,221 @@
+"""GGUF conversion facts on tiny synthetic files written the way llama.cpp's converter writes them.
+
+The writer below encodes the converter's conventions independently of the loader: its tensor names,
+Q/K row permutation for the llama architecture, Gemma's norm weights stored +1, Llama 3 RoPE as a
+``rope_freqs`` tensor, Gemma 3 metadata without the layer pattern. Weights cycle through the
+block types ``gguf`` can quantize, so each family exercises several decoders. The loaded model must
+reproduce the HF-layout model holding the file's exact (dequantized) values.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFWriter, RopeScalingType
+from gguf.quants import dequantize, quantize
+from mlx.utils import tree_flatten, tree_unflatten
+
+from mlxllm.errors import UserError
+from mlxllm.load import describe_model, load_model
+from mlxllm.model.config import ModelConfig, UnsupportedArchitecture
+from mlxllm.model.decoder import Model
+
+BASE = dict(
+    hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=96, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=512, tie_word_embeddings=False,
+)  # fmt: skip
+FAMILIES = {
+    "llama": (dict(BASE, model_type="llama"), "llama"),
+    "llama3.1": (
+        dict(BASE, model_type="llama", tie_word_embeddings=True, head_dim=32,
+             rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                               original_max_position_embeddings=16)),
+        "llama",
+    ),  # fmt: skip
+    "qwen2": (dict(BASE, model_type="qwen2", tie_word_embeddings=True), "qwen2"),
+    "qwen3": (dict(BASE, model_type="qwen3", head_dim=32, num_key_value_heads=1), "qwen3"),
+    "gemma3": (
+        dict(BASE, model_type="gemma3_text", num_hidden_layers=6, head_dim=32, query_pre_attn_scalar=32,
+             sliding_window=4, sliding_window_pattern=6, rope_local_base_freq=10000.0, rope_theta=1e6,
+             rope_scaling=dict(rope_type="linear", factor=8.0), rms_norm_eps=1e-6, tie_word_embeddings=True),
+        "gemma3",
+    ),  # fmt: skip
+}
+TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.F16, T.BF16, T.Q5_1]
+TOKENS = [[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43]]
+
+# llama.cpp's tensor names (gguf-py's tensor map), written out here independently of the loader.
+LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+         "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+         "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
+         "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}  # fmt: skip
+GEMMA_LAYER = dict(LAYER, post_attention_layernorm="post_attention_norm", pre_feedforward_layernorm="ffn_norm",
+                   post_feedforward_layernorm="post_ffw_norm")  # fmt: skip
+TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+       "lm_head.weight": "output.weight"}  # fmt: skip
+
+
+def gguf_name(name: str, arch: str) -> str:
+    if name in TOP:
+        return TOP[name]
+    layer, module, leaf = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name).groups()
+    return f"blk.{layer}.{(GEMMA_LAYER if arch == 'gemma3' else LAYER)[module]}.{leaf}"
+
+
+def converter_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's LlamaModel.permute (rows of each head interleaved for its GPT-J style RoPE)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama3_factors(cfg: dict) -> np.ndarray:
+    """The per-frequency divisors llama.cpp's converter stores as rope_freqs for rope_type llama3."""
+    s, dims = cfg["rope_scaling"], cfg["head_dim"]
+    low_wavelen = s["original_max_position_embeddings"] / s["low_freq_factor"]
+    high_wavelen = s["original_max_position_embeddings"] / s["high_freq_factor"]
+    out = []
+    for i in range(0, dims, 2):
+        wavelen = 2 * math.pi * cfg["rope_theta"] ** (i / dims)
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(s["factor"])
+        else:
+            smooth = (s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"]) / (
+                s["high_freq_factor"] - s["low_freq_factor"]
+            )
+            out.append(1 / ((1 - smooth) / s["factor"] + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def write_gguf(path, cfg: dict, arch: str, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Write ``weights`` (HF names and layout) as llama.cpp would; return the exact values the file holds,
+    back in HF layout (quantization works row by row, so it commutes with the row permutation)."""
+    w = GGUFWriter(str(path), arch)
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    head_dim = cfg.get("head_dim", cfg["hidden_size"] // heads)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(cfg["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_vocab_size(cfg["vocab_size"])
+    if arch == "gemma3":
+        w.add_sliding_window(cfg["sliding_window"])
+    scaling = cfg.get("rope_scaling") or {}
+    if scaling.get("rope_type") == "linear":
+        w.add_rope_scaling_type(RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(scaling["factor"])
+    if scaling.get("rope_type") == "llama3":
+        w.add_tensor("rope_freqs.weight", llama3_factors(cfg))
+    exact = {}
+    for i, (name, value) in enumerate(weights.items()):
+        stored = value + 1 if arch == "gemma3" and "norm" in name else value  # Gemma: norms stored +1
+        qtype = TYPES[i % len(TYPES)] if value.ndim == 2 else T.F32
+        data = quantize(stored, qtype)
+        exact[name] = dequantize(data, qtype).reshape(value.shape) - (stored - value)
+        if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
+            data = converter_permute(data, heads if ".q_proj." in name else kv_heads)
+        w.add_tensor(gguf_name(name, arch), data, raw_dtype=None if qtype == T.F32 else qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return exact
+
+
+def random_weights(cfg: dict) -> dict[str, np.ndarray]:
+    mx.random.seed(0)
+    shapes = tree_flatten(Model(ModelConfig.from_hf(cfg)).parameters())
+    rng = np.random.default_rng(0)
+    return {k: (rng.standard_normal(v.shape) * 0.2).astype(np.float32) for k, v in shapes}
+
+
+def reference_logits(cfg: dict, weights: dict[str, np.ndarray]) -> np.ndarray:
+    model = Model(ModelConfig.from_hf(cfg))
+    model.update(tree_unflatten([(k, mx.array(v)) for k, v in weights.items()]))
+    return np.array(model(mx.array(TOKENS)))
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def synthetic(request, tmp_path_factory):
+    cfg, arch = FAMILIES[request.param]
+    path = tmp_path_factory.mktemp("gguf") / f"{request.param}.gguf"
+    exact = write_gguf(path, cfg, arch, random_weights(cfg))
+    return path, reference_logits(cfg, exact)
+
+
+def test_gguf_round_trip_float32(synthetic):
+    path, ref = synthetic
+    model = load_model(path, compute="float32")
+    np.testing.assert_allclose(np.array(model(mx.array(TOKENS))), ref, atol=1e-4)
+
+
+def test_gguf_round_trip_native(synthetic):
+    path, ref = synthetic
+    model = load_model(path, compute="native")
+    assert model.load_report.target == "native"
+    out = np.array(model(mx.array(TOKENS)).astype(mx.float32))  # 16-bit activations, re-quantized Q5_x
+    assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def test_gemma3_metadata_facts(tmp_path):
+    """No pattern key: every 6th layer is global; no local-base key: 10000; scale from key_length."""
+    cfg, arch = FAMILIES["gemma3"]
+    path = tmp_path / "g.gguf"
+    write_gguf(path, cfg, arch, random_weights(cfg))
+    model = load_model(path)
+    c = model.config
+    assert c.layer_types == ["sliding_attention"] * 5 + ["full_attention"]
+    assert (c.rope_local_base_freq, c.query_pre_attn_scalar, c.sliding_window) == (10000.0, 32, 4)
+    assert c.rope_scaling == {"rope_type": "linear", "factor": 8.0, "original_max_position_embeddings": None}
+
+
+def test_describe_synthetic(synthetic):
+    path, _ = synthetic
+    facts = describe_model(path)
+    assert facts["parameters"] == sum(v["parameters"] for v in facts["tensor_types"].values())
+    assert facts["format"] == "gguf" and facts["compute_auto"] == "float32"
+
+
+def _minimal_gguf(path, arch: str) -> None:
+    w = GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_unknown_architecture(tmp_path):
+    _minimal_gguf(tmp_path / "foo.gguf", "foo")
+    with pytest.raises(UnsupportedArchitecture, match=r"'foo'.*supported: .*gemma3_text.*llama"):
+        load_model(tmp_path / "foo.gguf")
+
+
+def test_truncated_gguf(tmp_path):
+    cfg, arch = FAMILIES["llama"]
+    path = tmp_path / "t.gguf"
+    write_gguf(path, cfg, arch, random_weights(cfg))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(UserError, match=r"t\.gguf is truncated: tensor '.*' ends at byte"):
+        load_model(path)
+    path.write_bytes(data[:100])
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        load_model(path)
+    path.write_bytes(b"")
+    with pytest.raises(UserError, match="neither a GGUF file"):
+        load_model(path)
