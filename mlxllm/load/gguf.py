@@ -13,11 +13,15 @@ tokenizer's business), memory-maps the data, and decodes one tensor at a time:
     Q4_1 ``d*q+m`` -> scale d, bias m; Q8_0 ``d*q`` with int8 q -> uint8 q+128, bias -128d.
   * every other block type ``gguf.quants`` can decode (Q5_0/Q5_1, K-quants Q2_K..Q6_K, IQ*, ...):
     dequantized to float32 with ``gguf.quants.dequantize``. Kept as float32 on the float32 path;
-    when weights stay quantized the ``kquant`` policy applies: 'q8' (default) re-quantizes to MLX
-    8-bit, group 32 (adds ~0.4% relative weight error, small next to Q4_K's own, at 1.125 bytes per
-    weight), 'q4' to 4-bit group 32 (smaller, adds error comparable to the file's own), 'float' keeps
-    them unquantized in the 16-bit native type. MLX has no kernel for K-quant blocks, so some
-    conversion is unavoidable; measured figures are in the loader's report.
+    when weights stay quantized the ``kquant`` policy applies (MLX has no kernel for these blocks):
+      'q8' (default): MLX 8-bit, group 32, 1.125 bytes/weight. On Gemma 3 270M it adds 0.5% RMS
+            weight error (Q4_K, Q5_0, Q6_K alike); logits (float32 activations, 5 prompts) move by
+            at most 0.62, mean 0.07, correlation >= 0.9998, top-1 unchanged at 98% of positions.
+      'q4': MLX 4-bit, group 32, 0.625 bytes/weight: adds 8-9% RMS weight error, about as much as
+            the file's own quantization; logits move by up to 10.9 (correlation >= 0.94), top-1
+            unchanged at only 69% of positions. Only for when nothing else fits.
+      'float': unquantized in the 16-bit native type (2 bytes/weight), no added error.
+    Conversion time is the same for all three (~1.5 s for Gemma 3 270M, mostly ``gguf``'s decoder).
   * F32/F16/BF16 as they are.
 
 Tensors are decoded one at a time and evaluated before the next, so loading never holds more than
@@ -59,8 +63,9 @@ from .weights import REQUANT_GROUP, Quantized, Tensor, TensorSpec, finish
 
 _MAGIC = b"GGUF"
 _SKIPPED_PREFIX = "tokenizer.ggml."  # vocabulary arrays: read by mlxllm.tokenize, not needed here
-# GGUF metadata value types -> struct format (8 = string, 9 = array).
-_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+# GGUF metadata value types -> little-endian struct (8 = string, 9 = array).
+_SCALAR = {code: struct.Struct("<" + fmt) for code, fmt in
+           {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}.items()}  # fmt: skip
 _STRING, _ARRAY = 8, 9
 
 T = GGMLQuantizationType
@@ -123,25 +128,24 @@ class _HeaderReader:
         return start
 
     def scalar(self, code: int) -> Any:
-        fmt = "<" + _SCALAR[code]
-        return struct.unpack_from(fmt, self.buf, self.take(struct.calcsize(fmt)))[0]
+        s = _SCALAR[code]
+        return s.unpack_from(self.buf, self.take(s.size))[0]
 
-    def string(self) -> str:
+    def string(self, keep: bool = True) -> str | None:
         n = self.scalar(10)
         start = self.take(n)
-        return self.buf[start : start + n].decode("utf-8", errors="replace")
+        return self.buf[start : start + n].decode("utf-8", errors="replace") if keep else None
 
     def value(self, code: int, keep: bool) -> Any:
+        """One metadata value; with ``keep`` False it is only stepped over (vocabularies: 262k strings)."""
         if code == _STRING:
-            return self.string()
+            return self.string(keep)
         if code == _ARRAY:
             item, count = self.scalar(4), self.scalar(10)
             if item in _SCALAR:
-                width = struct.calcsize(_SCALAR[item])
-                start = self.take(width * count)
-                if not keep:
-                    return None
-                return list(struct.unpack_from(f"<{count}{_SCALAR[item]}", self.buf, start))
+                start = self.take(_SCALAR[item].size * count)
+                fmt = f"<{count}{_SCALAR[item].format[1:]}"
+                return list(struct.unpack_from(fmt, self.buf, start)) if keep else None
             values = [self.value(item, keep) for _ in range(count)]
             return values if keep else None
         if code not in _SCALAR:
@@ -342,11 +346,12 @@ class GGUFSource:
 
     def tensors(self, target: str, kquant: str) -> Iterator[tuple[str, Tensor]]:
         """Decode, fix up and convert tensor by tensor, evaluating each before the next."""
+        requant_bits = None if target == "float32" or kquant == "float" else int(kquant[1:])
         for t in self._tensors:
             name = hf_name(t.name, self.config.model_type)
             value = self._decode(t, self.raw(t))
-            if isinstance(value, mx.array) and t.qtype not in _FLOAT_BITS and target != "float32" and kquant != "float":
-                value = Quantized.of(value.astype(self.native_dtype), REQUANT_GROUP, 8 if kquant == "q8" else 4)
+            if requant_bits and isinstance(value, mx.array) and t.qtype not in _FLOAT_BITS:
+                value = Quantized.of(value, REQUANT_GROUP, requant_bits)
             value = finish(value, target, self.native_dtype)
             mx.eval(value if isinstance(value, mx.array) else [value.weight, value.scales, value.biases])
             yield name, value
