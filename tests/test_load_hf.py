@@ -27,7 +27,8 @@ TOKENS = mx.array([[3, 14, 15, 92, 65, 35, 89, 79, 32]])
 def random_model(config: dict, dtype=mx.bfloat16) -> Model:
     mx.random.seed(0)
     model = Model(ModelConfig.from_hf(config))
-    model.update(tree_unflatten([(k, (mx.random.normal(v.shape) * 0.2).astype(dtype)) for k, v in tree_flatten(model.parameters())]))
+    params = tree_flatten(model.parameters())
+    model.update(tree_unflatten([(k, (mx.random.normal(v.shape) * 0.2).astype(dtype)) for k, v in params]))
     mx.eval(model.parameters())
     return model
 
@@ -150,7 +151,10 @@ def test_truncated_safetensors(sharded_dir, tmp_path):
     "change, message",
     [
         (dict(num_hidden_layers=3), "tensor 'model.layers.2.self_attn.q_proj.weight' is missing"),
-        (dict(intermediate_size=96), r"tensor 'model.layers.0.mlp.gate_proj.weight' has shape \(128, 64\), the config implies \(96, 64\)"),
+        (
+            dict(intermediate_size=96),
+            r"tensor 'model.layers.0.mlp.gate_proj.weight' has shape \(128, 64\), the config implies \(96, 64\)",
+        ),
         (dict(model_type="qwen3"), "tensor 'model.layers.0.self_attn.q_norm.weight' is missing"),
     ],
 )
@@ -195,7 +199,7 @@ def test_hub_repo_from_cache(offline_hub):
 
 
 def test_hub_repo_not_cached_offline(offline_hub):
-    with pytest.raises(UserError, match="'acme/other' is not in the local Hugging Face cache and the Hub cannot be reached"):
+    with pytest.raises(UserError, match="'acme/other' is not in the local Hugging Face cache and the Hub cannot be"):
         load_model("acme/other")
     with pytest.raises(UserError, match="'acme/other/m.gguf' is not in the local Hugging Face cache"):
         resolve("acme/other/m.gguf")

@@ -33,7 +33,8 @@ GEMMA_PROMPTS = {
 }
 # Greedy continuations llama.cpp generates from F32 copies of the files (llm.generate, top_k=1).
 SMOL_PARIS = [7042, 30, 198, 198, 504, 2988, 314, 42, 216, 34]  # " Paris.\n\nThe answer is: 2"
-GEMMA_PARIS = [9079, 236764, 7001, 236761, 1030, 563, 506, 92900, 3788, 528]  # " Paris, France. It is the tallest building in"
+# " Paris, France. It is the tallest building in"
+GEMMA_PARIS = [9079, 236764, 7001, 236761, 1030, 563, 506, 92900, 3788, 528]
 SMOL_WATER = [1130, 216, 33, 28, 32, 32, 32, 4742, 51, 28]  # " around 1,000°C,"
 
 
@@ -81,7 +82,8 @@ def test_gemma3_tokenizer_ids(gemma3_path):
 
 def test_gemma3_config_from_gguf(gemma3):
     cfg = gemma3.config
-    assert (cfg.head_dim, cfg.query_pre_attn_scalar, cfg.sliding_window, cfg.rope_local_base_freq) == (256, 256, 512, 10000.0)
+    assert (cfg.head_dim, cfg.query_pre_attn_scalar) == (256, 256)
+    assert (cfg.sliding_window, cfg.rope_local_base_freq) == (512, 10000.0)
     assert [i for i in range(18) if not cfg.is_sliding(i)] == [5, 11, 17]
     assert cfg.tie_word_embeddings and "lm_head" not in gemma3
 
@@ -105,7 +107,9 @@ def test_rope_unpermute_is_needed(smollm2, smollm2_path, monkeypatch):
     "which, names",
     [
         ("smollm2", ["token_embd.weight", "blk.0.ffn_down.weight", "blk.3.attn_v.weight"]),  # Q8_0, Q4_1
-        ("gemma3", ["blk.0.attn_output.weight", "blk.0.ffn_down.weight", "blk.0.ffn_gate.weight", "blk.0.attn_v.weight"]),  # Q4_K Q6_K Q5_0 Q8_0
+        # Q4_K, Q6_K, Q5_0, Q8_0
+        ("gemma3", ["blk.0.attn_output.weight", "blk.0.ffn_down.weight", "blk.0.ffn_gate.weight",
+                    "blk.0.attn_v.weight"]),
     ],
 )
 def test_decoding_equals_gguf_dequantize(which, names, request):
@@ -117,7 +121,8 @@ def test_decoding_equals_gguf_dequantize(which, names, request):
         raw = source.raw(t)
         value = source._decode(t, raw)
         ours = np.array(value.dequantize() if isinstance(value, gguf_loader.Quantized) else value)
-        np.testing.assert_array_equal(ours, gguf_dequantize(raw, t.qtype).reshape(t.shape), err_msg=f"{name} {t.qtype.name}")
+        reference = gguf_dequantize(raw, t.qtype).reshape(t.shape)
+        np.testing.assert_array_equal(ours, reference, err_msg=f"{name} {t.qtype.name}")
 
 
 def test_native_triples_equal_mx_load(smollm2_path):

@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 
@@ -31,6 +31,9 @@ from .gguf import GGUFSource
 from .hf import HFSource
 from .hub import default_model_path, resolve
 from .weights import COMPUTE_CHOICES, KQUANT_CHOICES, build, choose_target, model_bytes, needed_bytes
+
+if TYPE_CHECKING:
+    from ..tokenize import Tokenizer
 
 __all__ = [
     "COMPUTE_CHOICES",
@@ -113,7 +116,7 @@ def load_model(
 
 def load(
     path_or_repo: str | Path | None = None, *, compute: str = "auto", kquant: str = "q8", lazy: bool = True
-):
+) -> tuple[Model, Tokenizer]:
     """Load a model and its tokenizer: ``(model, tokenizer)``, like ``mlx_lm.load``.
 
     path_or_repo: a .gguf file, a Hugging Face model directory, a Hub id (``org/name`` or
@@ -162,7 +165,9 @@ def describe_model(path: str | Path | None = None, *, kquant: str = "q8") -> dic
         "context_length": cfg.max_position_embeddings,
         "tensor_types": types,
         "file_bytes": sum(s.file_bytes for s in specs),
-        "memory_needed_bytes": {t: needed_bytes(model_bytes(specs, t, kquant)) for t in ("float32", "native", "quantized")},
+        "memory_needed_bytes": {
+            t: needed_bytes(model_bytes(specs, t, kquant)) for t in ("float32", "native", "quantized")
+        },
         "memory_available_bytes": backend.device_memory(),
         "compute_auto": auto,
     }

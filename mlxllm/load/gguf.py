@@ -64,8 +64,8 @@ from .weights import REQUANT_GROUP, Quantized, Tensor, TensorSpec, finish
 _MAGIC = b"GGUF"
 _SKIPPED_PREFIX = "tokenizer.ggml."  # vocabulary arrays: read by mlxllm.tokenize, not needed here
 # GGUF metadata value types -> little-endian struct (8 = string, 9 = array).
-_SCALAR = {code: struct.Struct("<" + fmt) for code, fmt in
-           {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}.items()}  # fmt: skip
+_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_SCALAR = {code: struct.Struct("<" + fmt) for code, fmt in _FORMATS.items()}
 _STRING, _ARRAY = 8, 9
 
 T = GGMLQuantizationType
@@ -144,8 +144,7 @@ class _HeaderReader:
             item, count = self.scalar(4), self.scalar(10)
             if item in _SCALAR:
                 start = self.take(_SCALAR[item].size * count)
-                fmt = f"<{count}{_SCALAR[item].format[1:]}"
-                return list(struct.unpack_from(fmt, self.buf, start)) if keep else None
+                return list(struct.unpack_from(f"<{count}{_FORMATS[item]}", self.buf, start)) if keep else None
             values = [self.value(item, keep) for _ in range(count)]
             return values if keep else None
         if code not in _SCALAR:

@@ -172,8 +172,8 @@ class HFSource:
                     continue
                 if f"{prefix}.biases" not in self.index:
                     raise UserError(f"quantized tensor '{prefix}.weight' has scales but no biases")
-                group, bits = self.quant[prefix]
-                value: Tensor = Quantized(array(name), array(f"{prefix}.scales"), array(f"{prefix}.biases"), group, bits)
+                scales, biases = array(f"{prefix}.scales"), array(f"{prefix}.biases")
+                value: Tensor = Quantized(array(name), scales, biases, *self.quant[prefix])
             else:
                 value = array(name)
             yield name, finish(value, target, self.native_dtype)

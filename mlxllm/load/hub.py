@@ -53,7 +53,7 @@ def _download(repo: str, filename: str | None) -> Path:
             return Path(hf_hub_download(repo, filename))
         folder = Path(snapshot_download(repo, allow_patterns=NEEDED_FILES))
     except GatedRepoError:
-        raise UserError(f"'{repo}' is gated: accept its license on huggingface.co, then log in (hf auth login)") from None
+        raise UserError(f"'{repo}' is gated: accept its license on huggingface.co, then: hf auth login") from None
     except RepositoryNotFoundError:
         raise UserError(f"'{repo}' is not a model on the Hugging Face Hub (or it is private: hf auth login)") from None
     except RevisionNotFoundError:
