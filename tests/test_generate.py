@@ -1,0 +1,109 @@
+"""Generation on the real SmolLM2: the API's contract, stop conditions, and the pipelined loop's
+agreement with a plain full-sequence forward pass."""
+
+import pytest
+
+import mlx.core as mx
+
+import mlxllm
+from mlxllm.errors import UserError
+from mlxllm.generate import _stop_hold, generate_step
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2, smollm2_path):
+    from mlxllm.tokenize import Tokenizer
+
+    return smollm2, Tokenizer.from_gguf(smollm2_path)
+
+
+def _chat(tok, text):
+    return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+
+
+def test_greedy_decode_equals_argmax_of_full_forward(smol):
+    """The cached, pipelined loop must pick exactly what an uncached forward over the whole text picks."""
+    model, tok = smol
+    ids = tok.encode("The capital of France is")
+    out = [t for t, _ in generate_step(mx.array(ids), model, max_tokens=8, prefill_step_size=2)]
+    logits = model(mx.array([ids + out]))
+    expected = mx.argmax(logits[0, len(ids) - 1 : -1], axis=-1).tolist()
+    assert out == expected
+    assert tok.decode(out).startswith(" Paris")
+
+
+def test_stream_matches_generate_and_reports(smol):
+    model, tok = smol
+    prompt = _chat(tok, "Name three colors.")
+    responses = list(mlxllm.stream_generate(model, tok, prompt, max_tokens=40))
+    text = mlxllm.generate(model, tok, prompt, max_tokens=40)
+    assert "".join(r.text for r in responses) == text
+    last = responses[-1]
+    assert last.finish_reason in ("stop", "length")
+    assert all(r.finish_reason is None for r in responses[:-1])
+    assert last.generation_tokens == len(responses)
+    assert last.prompt_tokens == len(tok.encode(prompt, add_special_tokens=False))
+    assert last.prompt_tps > 0 and last.peak_memory > 0 and last.ttft > 0
+    assert "\ufffd" not in text
+
+
+def test_eos_ends_generation_with_stop(smol):
+    model, tok = smol
+    responses = list(mlxllm.stream_generate(model, tok, _chat(tok, "Say hi."), max_tokens=200))
+    assert responses[-1].finish_reason == "stop"
+    assert responses[-1].token in tok.eos_token_ids
+    assert len(responses) < 200
+
+
+def test_max_tokens_and_length(smol):
+    model, tok = smol
+    responses = list(mlxllm.stream_generate(model, tok, "Once upon a time", max_tokens=5))
+    assert len(responses) == 5 and responses[-1].finish_reason == "length"
+
+
+def test_prompt_as_ids_equals_prompt_as_text(smol):
+    model, tok = smol
+    a = mlxllm.generate(model, tok, "The capital of France is", max_tokens=6)
+    b = mlxllm.generate(model, tok, tok.encode("The capital of France is"), max_tokens=6)
+    assert a == b
+
+
+def test_stop_string_is_cut_and_ends(smol):
+    model, tok = smol
+    full = mlxllm.generate(model, tok, "The capital of France is", max_tokens=12)
+    word = full.split()[1]  # a word from the middle of the greedy continuation
+    stopped = list(mlxllm.stream_generate(model, tok, "The capital of France is", max_tokens=12, stop=[word]))
+    text = "".join(r.text for r in stopped)
+    assert text == full[: full.index(word)]
+    assert stopped[-1].finish_reason == "stop"
+
+
+def test_stop_hold_keeps_possible_prefixes():
+    assert _stop_hold("abc<|e", ["<|end|>"]) == 3
+    assert _stop_hold("abc", ["<|end|>"]) == 0
+    assert _stop_hold("x\n", ["\n\n", "zz"]) == 1
+
+
+def test_seeded_sampling_is_reproducible(smol):
+    model, tok = smol
+    kw = dict(max_tokens=12, temp=0.9, top_p=0.95, seed=7)
+    assert mlxllm.generate(model, tok, "Once upon a time", **kw) == mlxllm.generate(model, tok, "Once upon a time", **kw)
+
+
+def test_repetition_penalty_changes_greedy_output(smol):
+    model, tok = smol
+    plain = mlxllm.generate(model, tok, "1, 2, 1, 2, 1, 2,", max_tokens=8)
+    penalised = mlxllm.generate(model, tok, "1, 2, 1, 2, 1, 2,", max_tokens=8, repetition_penalty=5.0)
+    assert plain != penalised
+
+
+def test_prompt_longer_than_context_is_a_user_error(smol):
+    model, tok = smol
+    with pytest.raises(UserError, match="context"):
+        next(mlxllm.stream_generate(model, tok, [1] * (model.config.max_position_embeddings + 1)))
+
+
+def test_empty_prompt_is_a_user_error(smol):
+    model, tok = smol
+    with pytest.raises(UserError, match="empty"):
+        next(mlxllm.stream_generate(model, tok, []))
