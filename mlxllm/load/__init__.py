@@ -95,7 +95,7 @@ def load_model(
     source = _open(path)
     specs = source.specs
     target = choose_target(compute, specs, kquant)
-    model = build(source.config, dict(source.tensors(target, kquant)))
+    model = build(source.config, source.tensors(target, kquant))
     notes = [f"{source.format} ({_type_summary(specs)}) {_WHY[target]} on {backend.device_name()}"]
     if target != "float32" and kquant != "float" and any(s.form == "other" for s in specs):
         notes.append(f"block types MLX lacks re-quantized to MLX {kquant[1:]}-bit")

@@ -160,13 +160,15 @@ def finish(value: Tensor, target: str, dtype: mx.Dtype | None) -> Tensor:
     return value.astype(dtype) if mx.issubdtype(value.dtype, mx.floating) else value
 
 
-def build(cfg: ModelConfig, tensors: dict[str, Tensor]) -> Model:
+def build(cfg: ModelConfig, tensors: Iterable[tuple[str, Tensor]]) -> Model:
     """Assemble the decoder; quantize exactly the modules that came quantized; refuse any mismatch.
 
-    The check names the first offending tensor, so a config that does not match its weights is
-    one clear line instead of a shape error deep inside the first forward pass.
+    The model is constructed before ``tensors`` is consumed, so config errors come before any
+    decoding work. The check names the first offending tensor, so a config that does not match its
+    weights is one clear line instead of a shape error deep inside the first forward pass.
     """
     model = Model(cfg)
+    tensors = dict(tensors)
     quantized = {name.rsplit(".", 1)[0]: t for name, t in tensors.items() if isinstance(t, Quantized)}
     if quantized:
         nn.quantize(
