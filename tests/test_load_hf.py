@@ -164,6 +164,13 @@ def test_config_weights_mismatch(bf16_model, tmp_path, change, message):
         load_model(path)
 
 
+def test_foreign_quantization_refused(bf16_model, tmp_path):
+    config = dict(CONFIG, quantization_config={"quant_method": "gptq", "bits": 4, "group_size": 128})
+    path = write_dir(tmp_path / "gptq", config, dict(tree_flatten(bf16_model.parameters())))
+    with pytest.raises(UserError, match="gptq checkpoints are not supported"):
+        load_model(path)
+
+
 def test_extra_tensor(bf16_model, tmp_path):
     weights = dict(tree_flatten(bf16_model.parameters()), **{"model.layers.0.mlp.extra.weight": mx.zeros((2,))})
     path = write_dir(tmp_path / "x", CONFIG, weights)

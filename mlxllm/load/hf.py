@@ -96,6 +96,9 @@ class HFSource:
         raw = _read_config(path)
         self.config = ModelConfig.from_hf(raw)
         self.arch = raw.get("model_type")
+        method = (raw.get("quantization_config") or {}).get("quant_method")
+        if method and not self.config.quantization:  # GPTQ, AWQ, bitsandbytes, FP8...: other tensor layouts
+            raise UserError(f"{method} checkpoints are not supported: use an unquantized or an MLX-quantized one")
         self.index: dict[str, tuple[Path, str, dict[str, Any]]] = {}  # our name -> (file, file name, info)
         for file in _shards(path):
             for name, info in read_safetensors_header(file).items():
