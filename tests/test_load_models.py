@@ -183,7 +183,7 @@ def test_agrees_with_llama_cpp(which, request):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     path = request.getfixturevalue(f"{which}_path")
     model = request.getfixturevalue(which)
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=2)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=1)
     prompts = ["The capital of France is", "Water boils at a temperature of", "def fibonacci(n):\n    if n <",
                "In 1492, Christopher Columbus", "The Eiffel Tower is located in the city of"]  # fmt: skip
     for prompt in prompts:
