@@ -99,8 +99,10 @@ def load_model(
     notes = [f"{source.format} ({_type_summary(specs)}) {_WHY[target]} on {backend.device_name()}"]
     if target != "float32" and kquant != "float" and any(s.form == "other" for s in specs):
         notes.append(f"block types MLX lacks re-quantized to MLX {kquant[1:]}-bit")
-    notes.append(source.customize(model) or "")
-    if not lazy:
+    if (source.config.rope_scaling or {}).get("rope_type") == "freq_factors":
+        notes.append("RoPE frequency factors from rope_freqs")
+    if not lazy or target != "native":
+        # A converted weight left lazy would be re-converted by every forward pass: materialize it once.
         mx.eval(model.parameters())
     model.load_report = report = LoadReport(
         source.path,
@@ -125,7 +127,8 @@ def load(
         ``model.load_report``.
     kquant: for GGUF block types MLX cannot hold (K-quants, Q5_x, IQ*) when weights stay quantized:
         'q8' (MLX 8-bit, default), 'q4' (MLX 4-bit) or 'float' (16-bit).
-    lazy: safetensors weights are read on first use unless False; GGUF is always decoded eagerly.
+    lazy: safetensors weights kept in their own representation ('native') are read on first use
+        unless False; converted weights and GGUF tensors are materialized at load.
     """
     from ..tokenize import Tokenizer
 

@@ -57,8 +57,6 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from ..errors import UserError
 from ..model.config import ModelConfig, family_of
-from ..model.decoder import Model
-from ..model.rope import RoPE
 from .weights import REQUANT_GROUP, Quantized, Tensor, TensorSpec, finish
 
 _MAGIC = b"GGUF"
@@ -323,7 +321,10 @@ class GGUFSource:
             meta[f"{arch}.vocab_size"] = by_name["token_embd.weight"].shape[0]
         self.config = config_from_gguf(meta, set(by_name))
         self.arch = arch
-        self._freq_factors = by_name.pop("rope_freqs.weight", None)
+        freq_factors = by_name.pop("rope_freqs.weight", None)
+        if freq_factors is not None:  # Llama 3.x long-context RoPE, stored as computed divisors
+            factors = gguf_dequantize(self.raw(freq_factors), freq_factors.qtype).reshape(-1)
+            self.config.rope_scaling = {"rope_type": "freq_factors", "factors": factors.tolist()}
         self._tensors = list(by_name.values())
         # 16-bit type of the 'native' path: Gemma 3's residual stream overflows float16.
         self.native_dtype = mx.bfloat16 if self.config.model_type == "gemma3_text" else mx.float16
@@ -387,18 +388,3 @@ class GGUFSource:
         if self.config.norm_plus_one and t.name.endswith("norm.weight"):
             return rows.astype(np.float32) - 1.0
         return rows
-
-    def customize(self, model: Model) -> str | None:
-        """Install Llama 3.x RoPE frequency factors, if the file has them; returns a note for the report."""
-        if self._freq_factors is None:
-            return None
-        factors = gguf_dequantize(self.raw(self._freq_factors), self._freq_factors.qtype).reshape(-1)
-        cfg = model.config
-        dims = cfg.head_dim
-        if factors.size != dims // 2:
-            raise UserError(f"rope_freqs has {factors.size} values, expected {dims // 2}")
-        periods = cfg.rope_theta ** (np.arange(0, dims, 2) / dims) * factors  # angle = position / period
-        rope = RoPE(dims, cfg.rope_theta, freqs=mx.array(periods, dtype=mx.float32))
-        for layer in model.layers:
-            layer.self_attn.rope = rope
-        return "RoPE frequency factors from rope_freqs"

@@ -20,7 +20,6 @@ import mlx.core as mx
 
 from ..errors import UserError
 from ..model.config import ModelConfig
-from ..model.decoder import Model
 from .weights import Quantized, Tensor, TensorSpec, finish
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
@@ -180,6 +179,3 @@ class HFSource:
             else:
                 value = array(name)
             yield name, finish(value, target, self.native_dtype)
-
-    def customize(self, model: Model) -> str | None:
-        return None

@@ -55,4 +55,10 @@ def make_rope(dims: int, base: float, scaling: dict[str, Any] | None) -> RoPE:
         return RoPE(dims, base, scale=1.0 / scaling["factor"])
     if kind == "llama3":
         return RoPE(dims, base, freqs=llama3_freqs(dims, base, scaling))
-    raise UserError(f"unsupported rope_scaling type '{kind}' (supported: default, linear, llama3)")
+    if kind == "freq_factors":  # GGUF's rope_freqs tensor: per-frequency divisors, already computed
+        factors = scaling["factors"]
+        if len(factors) != dims // 2:
+            raise UserError(f"rope_freqs has {len(factors)} values, expected {dims // 2}")
+        periods = [base ** (i / dims) * f for i, f in zip(range(0, dims, 2), factors)]
+        return RoPE(dims, base, freqs=mx.array(periods, dtype=mx.float32))
+    raise UserError(f"unsupported rope_scaling type '{kind}' (supported: default, linear, llama3, freq_factors)")
