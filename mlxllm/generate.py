@@ -55,7 +55,7 @@ def wired_limit(model: Any) -> Iterator[None]:
         mx.set_wired_limit(old)
 
 
-def generate_step(
+def generate_tokens(
     prompt: mx.array,
     model: Any,
     *,
@@ -64,40 +64,51 @@ def generate_step(
     logits_processors: Sequence[LogitsProcessor] = (),
     prompt_cache: list | None = None,
     prefill_step_size: int = DEFAULT_PREFILL_STEP,
-) -> Iterator[tuple[int, mx.array]]:
-    """Yield ``(token_id, logprobs [vocab])`` for up to ``max_tokens`` steps after ``prompt`` (1-D ids)."""
+) -> Iterator[tuple[mx.array, mx.array]]:
+    """Yield unevaluated ``(tokens [B], logprobs [B, vocab])`` for ``prompt [B, L]``, one step at a time.
+
+    The next step is already queued with ``mx.async_eval`` when a step is yielded, so the caller's
+    read of the ids (the one host sync) overlaps the device computing the following token.
+    """
     sampler = sampler or make_sampler()
     cache = prompt_cache if prompt_cache is not None else model.make_cache()
     history = prompt if logits_processors else None
 
     def _step(tokens: mx.array) -> tuple[mx.array, mx.array]:
         nonlocal history
-        logits = model.head(model.hidden(tokens[None], cache)[:, -1, :])
+        logits = model.head(model.hidden(tokens, cache)[:, -1, :])
         if logits_processors:
-            logits = apply_processors(logits_processors, history[None], logits)
+            logits = apply_processors(logits_processors, history, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        token = sampler(logprobs)[0]
+        token = sampler(logprobs)
         if logits_processors:
-            history = mx.concatenate([history, token[None]])
-        return token, logprobs[0]
+            history = mx.concatenate([history, token[:, None]], axis=1)
+        return token, logprobs
 
     if prompt.size == 0:
         raise UserError("the prompt is empty")
-    while prompt.size > prefill_step_size:
-        model.hidden(prompt[None, :prefill_step_size], cache)
+    while prompt.shape[1] > prefill_step_size:
+        model.hidden(prompt[:, :prefill_step_size], cache)
         mx.eval([c.state for c in cache])
-        prompt = prompt[prefill_step_size:]
+        prompt = prompt[:, prefill_step_size:]
         mx.clear_cache()
 
     token, logprobs = _step(prompt)
     mx.async_eval(token, logprobs)
     for n in range(max_tokens):
         if n + 1 < max_tokens:
-            next_token, next_logprobs = _step(token[None])
+            next_token, next_logprobs = _step(token[:, None])
             mx.async_eval(next_token, next_logprobs)
-        yield token.item(), logprobs
+        yield token, logprobs
         if n + 1 < max_tokens:
             token, logprobs = next_token, next_logprobs
+
+
+def generate_step(prompt: mx.array, model: Any, **kwargs: Any) -> Iterator[tuple[int, mx.array]]:
+    """Yield ``(token_id, logprobs [vocab])`` for up to ``max_tokens`` steps after ``prompt`` (1-D ids);
+    keyword arguments as ``generate_tokens``."""
+    for token, logprobs in generate_tokens(prompt[None], model, **kwargs):
+        yield token.item(), logprobs[0]
 
 
 def _encode_prompt(tokenizer: Any, prompt: str | Sequence[int] | mx.array) -> mx.array:

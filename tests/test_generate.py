@@ -7,7 +7,7 @@ import mlx.core as mx
 
 import mlxllm
 from mlxllm.errors import UserError
-from mlxllm.generate import _stop_hold, generate_step
+from mlxllm.generate import _stop_hold, generate_step, generate_tokens
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,17 @@ def test_greedy_decode_equals_argmax_of_full_forward(smol):
     expected = mx.argmax(logits[0, len(ids) - 1 : -1], axis=-1).tolist()
     assert out == expected
     assert tok.decode(out).startswith(" Paris")
+
+
+def test_batched_rows_decode_like_single_prompts(smol):
+    """``generate_tokens`` on a [B, L] batch (what bench --batch-size uses): each row is its own sequence."""
+    model, tok = smol
+    a = tok.encode("The capital of France is")
+    b = tok.encode("Water boils at a temperature")[: len(a)]
+    rows = [t.tolist() for t, _ in generate_tokens(mx.array([a, b]), model, max_tokens=6, prefill_step_size=3)]
+    for i, ids in enumerate((a, b)):
+        alone = [t for t, _ in generate_step(mx.array(ids), model, max_tokens=6)]
+        assert [r[i] for r in rows] == alone
 
 
 def test_stream_matches_generate_and_reports(smol):
