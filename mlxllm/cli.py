@@ -1,4 +1,4 @@
-"""The ``mlxllm`` command line: generate, chat, info.
+"""The ``mlxllm`` command line: generate, chat, info, bench.
 
 Every user mistake ends as one ``error: ...`` line on stderr and a nonzero exit; tracebacks only with
 ``--verbose``.
@@ -179,6 +179,70 @@ def info(model_spec, as_json, verbose) -> None:
         if isinstance(value, dict):
             value = ", ".join(f"{k}: {v}" for k, v in value.items())
         click.echo(f"{key:<{width}}  {value}")
+
+
+def _int_list(value: str | None, option: str) -> list[int]:
+    """Parse "128,512,2k" (k = 1024); anything else is one clear error."""
+    out = []
+    for item in (value or "").split(","):
+        item = item.strip().lower()
+        if not item:
+            continue
+        try:
+            out.append(int(item.removesuffix("k")) * (1024 if item.endswith("k") else 1))
+        except ValueError:
+            raise UserError(f"{option} takes comma-separated integers (e.g. 128,512,2k), got '{value}'") from None
+    return out
+
+
+@cli.command()
+@_model_options
+@click.option("--prompt-lengths", "-p", default="128,512,2048", show_default=True,
+              help="Comma-separated prompt lengths in tokens (2k = 2048).")
+@click.option("--gen-tokens", "-g", type=click.IntRange(min=2), default=128, show_default=True,
+              help="Tokens generated per trial (EOS ignored).")
+@click.option("--trials", "-n", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Timed trials per length, after one warm-up.")
+@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Sequences decoded together (the same prompt in every row).")
+@click.option("--sweep", default=None, help="Context lengths for the decode/TTFT sweep (default with --plot: "
+              "1K..32K, capped by the context and memory).")
+@click.option("--sweep-gen", type=click.IntRange(min=2), default=16, show_default=True)
+@click.option("--compare", "peers", default=None, help="Peers to run side by side: mlx-lm, llama.cpp.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write every number here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Draw the context sweep as a PNG (needs matplotlib: pip install 'mlxllm[plot]').")
+def bench(model_spec, compute, verbose, prompt_lengths, gen_tokens, trials, batch_size, sweep, sweep_gen, peers,
+          json_path, plot_path) -> None:
+    """Time to first token, prefill and decode speed, and decode bandwidth against the device's peak."""
+    from . import benchmark as bm
+
+    lengths = _int_list(prompt_lengths, "--prompt-lengths")
+    if not lengths:
+        raise UserError("--prompt-lengths is empty")
+    sweep_lengths = _int_list(sweep, "--sweep")
+    peer_list = [p.strip() for p in (peers or "").split(",") if p.strip()]
+    from .peers import PEERS
+
+    for peer in peer_list:
+        if peer not in PEERS:
+            raise UserError(f"unknown peer '{peer}' (known: {', '.join(PEERS)})")
+    if plot_path:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UserError("--plot needs matplotlib: pip install 'mlxllm[plot]'") from None
+    report = bm.run_bench(
+        model_spec, compute=compute, lengths=lengths, gen_tokens=gen_tokens, trials=trials, batch=batch_size,
+        sweep=sweep_lengths or (None if plot_path else []), sweep_gen=sweep_gen, peers=peer_list,
+    )
+    bm.print_report(report)
+    if json_path:
+        bm.write_atomic(json_path, json.dumps(report, indent=2, default=str))
+        click.echo(f"wrote {json_path}", err=True)
+    if plot_path:
+        bm.plot_sweep(report, plot_path)
+        click.echo(f"wrote {plot_path}", err=True)
 
 
 def main(argv: list[str] | None = None) -> None:

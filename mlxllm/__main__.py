@@ -1,0 +1,5 @@
+"""``python -m mlxllm`` is the ``mlxllm`` command."""
+
+from .cli import main
+
+main()
