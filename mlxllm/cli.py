@@ -222,11 +222,9 @@ def bench(model_spec, compute, verbose, prompt_lengths, gen_tokens, trials, batc
         raise UserError("--prompt-lengths is empty")
     sweep_lengths = _int_list(sweep, "--sweep")
     peer_list = [p.strip() for p in (peers or "").split(",") if p.strip()]
-    from .peers import PEERS
+    from .peers import check_peers
 
-    for peer in peer_list:
-        if peer not in PEERS:
-            raise UserError(f"unknown peer '{peer}' (known: {', '.join(PEERS)})")
+    check_peers(peer_list)
     if plot_path:
         try:
             import matplotlib  # noqa: F401

@@ -177,6 +177,12 @@ def test_bench_bad_input_is_one_line(tiny_dir, args, message, capsys, monkeypatc
     assert_one_line_error(code, err, message)
 
 
+def test_compare_without_a_source_checkout_is_one_line(tiny_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(peers, "TRIAL_SCRIPT", tmp_path / "bench" / "peer_trial.py")
+    code, _, err = run(["bench", "-m", str(tiny_dir), "--compare", "mlx-lm"], capsys, monkeypatch)
+    assert_one_line_error(code, err, "--compare runs bench/peer_trial.py from a source checkout")
+
+
 def test_compare_notes_missing_and_unsuitable_peers(tiny_dir, monkeypatch):
     real = peers.importlib.util.find_spec
     monkeypatch.setattr(peers.importlib.util, "find_spec", lambda name: None if name == "mlx_lm" else real(name))
