@@ -37,6 +37,13 @@ SHAPES = {  # the public config.json values that set the cost of a step
                          num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
                          rope_theta=500000.0, rope_scaling={**LLAMA3_ROPE, "factor": 8.0},
                          max_position_embeddings=131072, tie_word_embeddings=False),
+    # Qwen3-30B-A3B's per-layer shapes (128 experts, 8 active, 768 wide) with 4 of its 48 layers, so a
+    # float32 copy (12 GB) fits this 24 GB machine; per-layer costs are the real model's.
+    "qwen3-30b-a3b-4l": dict(model_type="qwen3_moe", hidden_size=2048, num_hidden_layers=4, intermediate_size=6144,
+                             num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936,
+                             num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                             norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], rope_theta=1e6,
+                             max_position_embeddings=40960, tie_word_embeddings=False),
 }
 
 

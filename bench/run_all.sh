@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 N=${N:-5}
 OUT=${OUT:-bench/results}
-RANDOM_MODELS=${RANDOM_MODELS:-llama-3.2-1b}
+RANDOM_MODELS=${RANDOM_MODELS:-llama-3.2-1b,qwen3-30b-a3b-4l}
 mkdir -p "$OUT"
 bench() { "$PY" -m mlxllm bench "$@"; }
 SMOL=$("$PY" -c "import mlxllm.load as l; print(l.default_model_path())")
@@ -19,7 +19,12 @@ bench -m bench/ckpt/smollm2-135m-4bit -p 128 -g 64 -n "${N_SLOW:-3}" --compare m
 bench -m "$SMOL" -p 128,512 -g 64 -n "$N" --compare llama.cpp --sweep 1k,2k,4k --json "$OUT/smollm2-q4_1.json"
 bench -m "$GEMMA" -p 128,512 -g 64 -n "$N" --compare llama.cpp --json "$OUT/gemma3-q4_k_m.json"
 for m in ${RANDOM_MODELS//,/ }; do
-  bench -m "bench/ckpt/$m-4bit-random" -p 128 -g 16 -n 3 --json "$OUT/$m-4bit-random.json"
+  case $m in
+    qwen3-30b-a3b-4l) peers=(--compare mlx-lm -n "${N_SLOW:-3}") ;;  # MoE: against mlx-lm on the same 4-bit dir
+    llama-3.1-8b) peers=(-p 16 -g 4 -n 1) ;;  # no float32 copy fits: quantized on CPU, ~2 min a trial
+    *) peers=(-n 3) ;;
+  esac
+  bench -m "bench/ckpt/$m-4bit-random" -p 128 -g 16 "${peers[@]}" --json "$OUT/$m-4bit-random.json"
 done
 "$PY" bench/render.py "$OUT"/*.json > "$OUT/tables.md"
 cat "$OUT/tables.md"

@@ -24,7 +24,10 @@ from .model.config import ModelConfig
 from .model.decoder import Model
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                  "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+                  "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "mixtral": "MixtralForCausalLM",
+                  "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
+_MOE = ("num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size", "norm_topk_prob",
+        "decoder_sparse_step", "mlp_only_layers")
 _COMMON = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
            "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "rope_theta", "rope_scaling",
            "max_position_embeddings", "tie_word_embeddings", "attention_bias")
@@ -43,14 +46,16 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
                    sliding_window_pattern=first_global + 1, hidden_activation="gelu_pytorch_tanh")
     elif cfg.sliding_window is not None:
         out.update(sliding_window=cfg.sliding_window, use_sliding_window=True)
+    if cfg.num_experts:
+        out.update({k: getattr(cfg, k) for k in _MOE})
+        out["num_local_experts" if cfg.model_type == "mixtral" else "num_experts"] = cfg.num_experts
     return {k: v for k, v in out.items() if v is not None}
 
 
 def quantization_block(model: nn.Module) -> dict[str, Any] | None:
     """mlx-community's ``quantization`` entry: the most common (group_size, bits) as the default and
     an override for every quantized module that differs."""
-    found = {name: (m.group_size, m.bits) for name, m in model.named_modules()
-             if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+    found = {name: (m.group_size, m.bits) for name, m in model.named_modules() if "scales" in m and hasattr(m, "bits")}
     if not found:
         return None
     group, bits = Counter(found.values()).most_common(1)[0][0]

@@ -12,6 +12,7 @@ their per-module override when there is one (mlx-lm's rule).
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,6 +30,25 @@ _UNUSED_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tow
 _UNUSED_SUFFIXES = ("rotary_emb.inv_freq",)
 # Multimodal wrappers (e.g. Gemma3ForConditionalGeneration) nest the text model.
 _RENAMES = (("language_model.model.", "model."), ("model.language_model.", "model."), ("language_model.", ""))
+
+
+# Hugging Face MoE checkpoints store experts one by one; the decoder holds them stacked (switch_mlp).
+_EXPERT = re.compile(r"^(.+)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")
+_MIXTRAL_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def expert_stacks(names: list[str]) -> dict[str, list[str]]:
+    """Stacked name (``...switch_mlp.gate_proj.weight``) -> the per-expert names, in expert order."""
+    groups: dict[str, dict[int, str]] = {}
+    for name in names:
+        m = _EXPERT.match(name)
+        if m:
+            prefix, e, proj, leaf = m.groups()
+            groups.setdefault(f"{prefix}.switch_mlp.{_MIXTRAL_PROJ.get(proj, proj)}.{leaf}", {})[int(e)] = name
+    for stacked, members in groups.items():
+        if sorted(members) != list(range(len(members))):
+            raise UserError(f"experts for '{stacked}' are not numbered 0..{len(members) - 1}")
+    return {stacked: [members[e] for e in range(len(members))] for stacked, members in groups.items()}
 
 
 def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
@@ -108,6 +128,7 @@ class HFSource:
                     continue
                 self.index[ours] = (file, name, info)
         self.quant = self._quantized_modules(raw)
+        self.stacks = expert_stacks(list(self.index))
 
     def _quantized_modules(self, raw: dict[str, Any]) -> dict[str, tuple[int, int]]:
         """Module path -> (group_size, bits) for every module stored with ``.scales``."""
@@ -167,15 +188,21 @@ class HFSource:
                     raise UserError(f"cannot read {file.name}: {e}") from None
             return loaded[file][stored]
 
-        for name in self.index:
+        def stacked(name: str) -> mx.array:
+            members = self.stacks.get(name)
+            return mx.stack([array(m) for m in members]) if members else array(name)
+
+        in_stacks = {m for members in self.stacks.values() for m in members}
+        for name in [n for n in self.index if n not in in_stacks] + list(self.stacks):
             prefix, _, leaf = name.rpartition(".")
-            if prefix in self.quant:
+            quant = self.quant.get(self.stacks[name][0].rpartition(".")[0] if name in self.stacks else prefix)
+            if quant:
                 if leaf in ("scales", "biases"):
                     continue
-                if f"{prefix}.biases" not in self.index:
+                if f"{prefix}.biases" not in self.index and f"{prefix}.biases" not in self.stacks:
                     raise UserError(f"quantized tensor '{prefix}.weight' has scales but no biases")
-                scales, biases = array(f"{prefix}.scales"), array(f"{prefix}.biases")
-                value: Tensor = Quantized(array(name), scales, biases, *self.quant[prefix])
+                scales, biases = stacked(f"{prefix}.scales"), stacked(f"{prefix}.biases")
+                value: Tensor = Quantized(stacked(name), scales, biases, *quant)
             else:
-                value = array(name)
+                value = stacked(name)
             yield name, finish(value, target, self.native_dtype)

@@ -56,14 +56,14 @@ class Quantized:
         embedding), with identical results.
         """
         scales, biases = self.scales.astype(mx.float32), self.biases.astype(mx.float32)
-        if self.bits not in (4, 8) or self.weight.ndim != 2:
+        if self.bits not in (4, 8):
             return mx.dequantize(self.weight, scales, biases, self.group_size, self.bits)
-        rows = self.weight.shape[0]
+        rows = self.weight.shape[:-1]  # [out] or [experts, out]
         q = self.weight.view(mx.uint8)  # little-endian: element j of a uint32 sits in its low bits first
         if self.bits == 4:
             q = mx.stack([q & 0x0F, q >> 4], axis=-1)
-        q = q.reshape(rows, -1, self.group_size).astype(mx.float32)
-        return (q * scales[..., None] + biases[..., None]).reshape(rows, -1)
+        q = q.reshape(*rows, -1, self.group_size).astype(mx.float32)
+        return (q * scales[..., None] + biases[..., None]).reshape(*rows, -1)
 
     def cast(self, dtype: mx.Dtype) -> "Quantized":
         return Quantized(self.weight, self.scales.astype(dtype), self.biases.astype(dtype), self.group_size, self.bits)

@@ -25,6 +25,11 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "scale_embeddings": True,
         "tie_word_embeddings": True,
     },
+    # Mixture-of-experts families (see moe.py).
+    "mixtral": {"router": "topk_softmax", "ffn_name": "block_sparse_moe"},
+    "qwen2_moe": {"attention_bias": True},
+    "qwen3_moe": {"qk_norm": True},
+    "olmoe": {"qk_norm": True, "qk_norm_per_head": False},
 }
 # Names under which the same families appear elsewhere (HF multimodal wrappers, GGUF).
 ALIASES = {"gemma3": "gemma3_text", "smollm2": "llama", "smollm": "llama"}
@@ -71,6 +76,18 @@ class ModelConfig:
     sliding_window: int | None = None
     layer_types: list[str] | None = None
     rope_local_base_freq: float | None = None
+    qk_norm_per_head: bool = True  # False: one norm over all heads' projections (OLMoE)
+    # Mixture of experts: a layer is MoE when num_experts > 0, it is not in mlp_only_layers, and
+    # (layer + 1) is a multiple of decoder_sparse_step.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int | None = None  # expert width (default: intermediate_size)
+    shared_expert_intermediate_size: int | None = None  # an always-on, sigmoid-gated shared expert
+    norm_topk_prob: bool = False
+    router: str = "softmax_topk"  # or "topk_softmax" (Mixtral)
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+    ffn_name: str = "mlp"  # the feed-forward's parameter name ("block_sparse_moe" in Mixtral)
     # mlx-community quantization block ({"group_size", "bits", per-layer overrides}).
     quantization: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -94,6 +111,10 @@ class ModelConfig:
             )
         if self.activation not in ("silu", "gelu_tanh"):
             raise UserError(f"unsupported activation '{self.activation}'")
+        if self.router not in ("softmax_topk", "topk_softmax"):
+            raise UserError(f"unsupported MoE router '{self.router}'")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise UserError(f"num_experts_per_tok must be in 1..{self.num_experts}, got {self.num_experts_per_tok}")
 
     @property
     def attention_scale(self) -> float:
@@ -101,6 +122,10 @@ class ModelConfig:
 
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types[layer] == "sliding_attention"
+
+    def is_moe(self, layer: int) -> bool:
+        return (self.num_experts > 0 and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
 
     @classmethod
     def from_hf(cls, config: dict[str, Any]) -> "ModelConfig":
@@ -122,6 +147,8 @@ class ModelConfig:
         values.update({k: v for k, v in config.items() if k in names and v is not None})
         values["model_type"] = family
         values["extra"] = {k: v for k, v in config.items() if k not in names}
+        if "num_local_experts" in config:  # Mixtral's name
+            values["num_experts"] = config["num_local_experts"]
         if "rope_parameters" in config and "rope_theta" not in config:  # transformers >= 5 layout
             params = config["rope_parameters"]
             if "full_attention" in params:
@@ -132,11 +159,11 @@ class ModelConfig:
                 values["rope_scaling"] = params
         if family == "gemma3_text":
             _gemma3_layers(values, config)
-        elif config.get("sliding_window") and family == "mistral":
+        elif config.get("sliding_window") and family in ("mistral", "mixtral"):
             values["layer_types"] = ["sliding_attention"] * values["num_hidden_layers"]
-        elif family == "qwen2" and not config.get("use_sliding_window"):
+        elif family in ("qwen2", "qwen2_moe") and not config.get("use_sliding_window"):
             values["sliding_window"] = None
-        elif family in ("llama", "qwen3"):
+        elif family in ("llama", "qwen3", "qwen3_moe", "olmoe"):
             values.pop("sliding_window", None)
         try:
             return cls(**values)

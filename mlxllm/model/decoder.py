@@ -11,6 +11,7 @@ import mlx.nn as nn
 
 from ..cache import KVCache, RotatingKVCache, causal_mask
 from .config import ModelConfig
+from .moe import MoE
 from .rope import make_rope
 
 
@@ -37,9 +38,11 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, cfg.norm_plus_one)
-            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, cfg.norm_plus_one)
+        self.qk_norm_per_head = cfg.qk_norm_per_head
+        if cfg.qk_norm:  # per head (Qwen3, Gemma 3) or over all heads' projections (OLMoE)
+            q_dims, k_dims = (1, 1) if cfg.qk_norm_per_head else (self.n_heads, self.n_kv_heads)
+            self.q_norm = RMSNorm(q_dims * self.head_dim, cfg.rms_norm_eps, cfg.norm_plus_one)
+            self.k_norm = RMSNorm(k_dims * self.head_dim, cfg.rms_norm_eps, cfg.norm_plus_one)
         sliding = cfg.is_sliding(layer)
         if sliding and cfg.rope_local_base_freq is not None:  # Gemma 3 local layers: own base, no scaling
             self.rope = make_rope(self.head_dim, cfg.rope_local_base_freq, None)
@@ -48,10 +51,14 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, mask, cache) -> mx.array:
         B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim)
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+        q, k = self.q_proj(x), self.k_proj(x)
+        norm = "q_norm" in self
+        if norm and not self.qk_norm_per_head:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.reshape(B, L, self.n_heads, self.head_dim)
+        k = k.reshape(B, L, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        if "q_norm" in self:
+        if norm and self.qk_norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
         offset = 0 if cache is None else cache.offset
@@ -62,13 +69,18 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
+def _activation(cfg: ModelConfig):
+    return nn.silu if cfg.activation == "silu" else nn.gelu_approx
+
+
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, hidden: int | None = None):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.act = nn.silu if cfg.activation == "silu" else nn.gelu_approx
+        hidden = hidden or cfg.intermediate_size
+        self.gate_proj = nn.Linear(cfg.hidden_size, hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, cfg.hidden_size, bias=False)
+        self.act = _activation(cfg)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
@@ -79,7 +91,9 @@ class Block(nn.Module):
         super().__init__()
         norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_plus_one)  # noqa: E731
         self.self_attn = Attention(cfg, layer)
-        self.mlp = MLP(cfg)
+        self.ffn_name = cfg.ffn_name
+        ffn = MoE(cfg, _activation(cfg), lambda hidden: MLP(cfg, hidden)) if cfg.is_moe(layer) else MLP(cfg)
+        setattr(self, cfg.ffn_name, ffn)
         self.input_layernorm = norm()
         self.post_attention_layernorm = norm()
         self.sandwich = cfg.sandwich_norm
@@ -89,11 +103,12 @@ class Block(nn.Module):
 
     def __call__(self, x: mx.array, mask, cache) -> mx.array:
         r = self.self_attn(self.input_layernorm(x), mask, cache)
+        ffn = self[self.ffn_name]
         if self.sandwich:
             h = x + self.post_attention_layernorm(r)
-            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+            return h + self.post_feedforward_layernorm(ffn(self.pre_feedforward_layernorm(h)))
         h = x + r
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return h + ffn(self.post_attention_layernorm(h))
 
 
 class DecoderBody(nn.Module):

@@ -1,0 +1,152 @@
+"""Mixture-of-experts feed-forward: a router plus a stack of expert MLPs, a drop-in for ``MLP``.
+
+Experts are stored stacked, ``[experts, out, in]`` per projection (mlx-community's ``switch_mlp``
+layout), and run with MLX's gathered matmuls, so a token reads only the experts it was routed to.
+For more than a few tokens (prefill) the (token, expert) pairs are sorted by expert first, so each
+expert's weights are read once per chunk instead of once per token. On the CPU backend
+``gather_mm`` still multiplies row by row (5.7 GFLOP/s measured at Qwen3-30B-A3B's shapes against
+~190 for a float32 matmul), so there each expert's run of sorted rows becomes one ordinary matmul.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .. import backend
+from .config import ModelConfig
+
+SORT_FROM = 64  # (token, expert) pairs from which sorting by expert pays for itself
+
+
+class ExpertLinear(nn.Module):
+    """``num_experts`` stacked linear maps; ``x @ W[e].T`` for each row's expert ``e``.
+
+    ``top_k`` (experts per token) is kept so byte and FLOP counts can tell the active share."""
+
+    def __init__(self, input_dims: int, output_dims: int, num_experts: int, top_k: int):
+        super().__init__()
+        scale = math.sqrt(1 / input_dims)
+        self.weight = mx.random.uniform(-scale, scale, (num_experts, output_dims, input_dims))
+        self.num_experts, self.top_k = num_experts, top_k
+
+    def __call__(self, x: mx.array, experts: mx.array, sorted_experts: bool = False) -> mx.array:
+        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=experts, sorted_indices=sorted_experts)
+
+    def one(self, x: mx.array, expert: int) -> mx.array:
+        """``x @ W[expert].T`` for rows that all go to one expert."""
+        return x @ self.weight[expert].T
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine") -> "QuantizedExpertLinear":
+        return QuantizedExpertLinear.of(self.weight, self.top_k, group_size, bits, mode)
+
+
+class QuantizedExpertLinear(nn.Module):
+    """``ExpertLinear`` with MLX-quantized weights, run with ``gather_qmm``."""
+
+    def __init__(self, weight: mx.array, scales: mx.array, biases: mx.array | None, top_k: int,
+                 group_size: int, bits: int, mode: str = "affine"):
+        super().__init__()
+        self.weight, self.scales = weight, scales
+        if biases is not None:
+            self.biases = biases
+        self.num_experts, self.top_k = weight.shape[0], top_k
+        self.group_size, self.bits, self.mode = group_size, bits, mode
+        self.freeze()
+
+    @classmethod
+    def of(cls, weight: mx.array, top_k: int, group_size: int, bits: int, mode: str = "affine") -> "QuantizedExpertLinear":
+        q, scales, *biases = mx.quantize(weight, group_size, bits, mode=mode)
+        return cls(q, scales, biases[0] if biases else None, top_k, group_size, bits, mode)
+
+    def __call__(self, x: mx.array, experts: mx.array, sorted_experts: bool = False) -> mx.array:
+        return mx.gather_qmm(x, self.weight, self.scales, self.get("biases"), rhs_indices=experts, transpose=True,
+                             group_size=self.group_size, bits=self.bits, mode=self.mode,
+                             sorted_indices=sorted_experts)
+
+    def one(self, x: mx.array, expert: int) -> mx.array:
+        biases = self["biases"][expert] if "biases" in self else None
+        return mx.quantized_matmul(x, self.weight[expert], self.scales[expert], biases, transpose=True,
+                                   group_size=self.group_size, bits=self.bits, mode=self.mode)
+
+
+class ExpertMLPs(nn.Module):
+    """The experts' gated MLPs: ``down(act(gate(x)) * up(x))`` with each token's chosen experts."""
+
+    def __init__(self, dims: int, hidden: int, num_experts: int, top_k: int, act):
+        super().__init__()
+        self.gate_proj = ExpertLinear(dims, hidden, num_experts, top_k)
+        self.up_proj = ExpertLinear(dims, hidden, num_experts, top_k)
+        self.down_proj = ExpertLinear(hidden, dims, num_experts, top_k)
+        self.act = act
+
+    def __call__(self, x: mx.array, experts: mx.array) -> mx.array:
+        """x ``[..., dims]``, experts ``[..., k]`` -> each expert's output ``[..., k, dims]``."""
+        lead, k = experts.shape[:-1], experts.shape[-1]
+        if experts.size < SORT_FROM:
+            h = mx.expand_dims(x, (-2, -3))  # [..., 1, 1, dims]: one row against k experts
+            h = self._mlp(h, experts, False)
+            return h.squeeze(-2)
+        flat = experts.flatten()
+        order = mx.argsort(flat)
+        rows = x.reshape(-1, 1, x.shape[-1])[order // k]  # [n*k, 1, dims], grouped by expert
+        if backend.device_name() == "cpu":
+            h = self._per_expert(rows[:, 0], flat[order])[:, None]
+        else:
+            h = self._mlp(rows, flat[order], True)
+        return h[mx.argsort(order)].reshape(*lead, k, -1)
+
+    def _per_expert(self, rows: mx.array, experts: mx.array) -> mx.array:
+        """Rows sorted by expert -> one plain matmul per expert's run of rows (costs one host sync)."""
+        out, start = [], 0
+        for e, run in itertools.groupby(experts.tolist()):
+            seg = rows[start : (start := start + len(list(run)))]
+            h = self.act(self.gate_proj.one(seg, e)) * self.up_proj.one(seg, e)
+            out.append(self.down_proj.one(h, e))
+        return mx.concatenate(out, axis=0)
+
+    def _mlp(self, h: mx.array, experts: mx.array, sorted_experts: bool) -> mx.array:
+        gate = self.gate_proj(h, experts, sorted_experts)
+        up = self.up_proj(h, experts, sorted_experts)
+        return self.down_proj(self.act(gate) * up, experts, sorted_experts)
+
+
+def route(logits: mx.array, cfg: ModelConfig) -> tuple[mx.array, mx.array]:
+    """Router logits ``[..., experts]`` -> (weights ``[..., k]``, expert ids ``[..., k]``).
+
+    ``softmax_topk``: probabilities over all experts, keep the k largest (renormalised when
+    ``norm_topk_prob``); ``topk_softmax`` (Mixtral): keep the k largest logits, softmax over them."""
+    k = cfg.num_experts_per_tok
+    if cfg.router == "topk_softmax":
+        ids = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]
+        return mx.softmax(mx.take_along_axis(logits, ids, axis=-1), axis=-1, precise=True), ids
+    probs = mx.softmax(logits, axis=-1, precise=True)
+    ids = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]
+    weights = mx.take_along_axis(probs, ids, axis=-1)
+    if cfg.norm_topk_prob:
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+    return weights, ids
+
+
+class MoE(nn.Module):
+    """Router + experts (+ an always-on shared expert, optionally gated, as in Qwen2-MoE)."""
+
+    def __init__(self, cfg: ModelConfig, act, dense_mlp):
+        super().__init__()
+        self.cfg = cfg
+        hidden = cfg.moe_intermediate_size or cfg.intermediate_size
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.switch_mlp = ExpertMLPs(cfg.hidden_size, hidden, cfg.num_experts, cfg.num_experts_per_tok, act)
+        if cfg.shared_expert_intermediate_size:
+            self.shared_expert = dense_mlp(cfg.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        weights, experts = route(self.gate(x), self.cfg)
+        y = (self.switch_mlp(x, mx.stop_gradient(experts)) * weights[..., None]).sum(axis=-2)
+        if "shared_expert" in self:
+            y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return y
