@@ -1,4 +1,4 @@
-"""The ``mlxllm`` command line: generate, chat, info, bench.
+"""The ``mlxllm`` command line: generate, chat, info, bench, convert.
 
 Every user mistake ends as one ``error: ...`` line on stderr and a nonzero exit; tracebacks only with
 ``--verbose``.
@@ -241,6 +241,35 @@ def bench(model_spec, compute, verbose, prompt_lengths, gen_tokens, trials, batc
     if plot_path:
         bm.plot_sweep(report, plot_path)
         click.echo(f"wrote {plot_path}", err=True)
+
+
+@cli.command()
+@click.option("--model", "-m", "model_spec", required=True, help="HF / mlx-community directory or Hub repo id.")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--quantize", "-q", is_flag=True, help="Quantize the linear maps, embeddings and experts.")
+@click.option("--q-bits", type=int, default=4, show_default=True)
+@click.option("--q-group-size", type=int, default=64, show_default=True)
+@click.option("--q-mode", default="affine", show_default=True)
+@click.option("--recipe", default=None, help="Mixed precision, e.g. mixed_3_6 (3 bits, 6 for the sensitive layers).")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
+              help="Cast unquantized weights (default: keep the source's).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON.")
+@click.option("--verbose", "-v", is_flag=True)
+def convert(model_spec, out, quantize, q_bits, q_group_size, q_mode, recipe, dtype, force, as_json, verbose) -> None:
+    """Write a model in the mlx-community layout (loads in mlxllm and mlx-lm), optionally quantized."""
+    from rich.console import Console
+
+    from .convert import convert as run
+
+    with Console(stderr=True).status(f"converting {model_spec} ..."):
+        report = run(model_spec, out, quantize=quantize, bits=q_bits, group_size=q_group_size, mode=q_mode,
+                     dtype=dtype, recipe=recipe, force=force)
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    click.echo(f"wrote {report['out']}: {report['weights']}, {report['bytes'] / 2**20:.0f} MiB "
+               f"({report['bits_per_weight']:.2f} bits per weight)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,9 +1,10 @@
-"""Write a loaded model as an MLX / Hugging Face directory (``config.json`` + ``model.safetensors``).
+"""``mlxllm convert``: write a model as an mlx-community directory, optionally quantized.
 
-The directory uses Hugging Face parameter names and, for quantized modules, mlx-community's
-``quantization`` block, so mlxllm, mlx-lm and transformers-style tools read it alike. ``bench
---compare`` uses it to give mlx-lm the very weights mlxllm loaded from a GGUF file.
-Files are written under temporary names and renamed, so an interrupted write leaves nothing half-done.
+The directory holds ``config.json`` (with mlx-community's ``quantization`` block, per-layer entries
+included), safetensors shards with an index, the tokenizer files and a model card, under Hugging Face
+parameter names, so mlxllm and mlx-lm read it alike. ``bench --compare`` uses ``save_model`` to give
+mlx-lm the very weights mlxllm loaded from a GGUF file. Everything is written into a temporary
+directory that is renamed at the end, so an interrupted or failed conversion leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import os
 import shutil
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import UserError
 from .model.config import ModelConfig
@@ -52,6 +53,72 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None}
 
 
+# What MLX's quantize accepts, per mode: (group sizes, bits).
+MODES = {"affine": ((32, 64, 128), (2, 3, 4, 5, 6, 8))}
+SHARD_BYTES = 5 * 2**30
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                    "chat_template.jinja", "chat_template.json", "generation_config.json")
+
+
+def check_quantization(bits: int, group_size: int, mode: str) -> None:
+    if mode not in MODES:
+        raise UserError(f"quantization mode '{mode}' is not supported (supported: {', '.join(MODES)})")
+    groups, allowed_bits = MODES[mode]
+    if bits not in allowed_bits:
+        raise UserError(f"{mode} quantization takes {', '.join(map(str, allowed_bits))} bits, not {bits}")
+    if group_size not in groups:
+        raise UserError(f"{mode} quantization takes group sizes {', '.join(map(str, groups))}, not {group_size}")
+
+
+def recipe_bits(recipe: str | None, bits: int) -> Callable[[str, int | None, int], int]:
+    """Bits per module for a recipe. ``mixed_L_H``: L bits, except H bits for the embeddings, the
+    head, and the v and down projections of the first and last eighth of the layers (at least one
+    each) and of every third layer between (where quantization error hurts most, the idea behind llama.cpp's _M types)."""
+    if recipe is None:
+        return lambda path, layer, n_layers: bits
+    parts = recipe.split("_")
+    if len(parts) != 3 or parts[0] != "mixed" or not all(p.isdigit() for p in parts[1:]):
+        raise UserError(f"unknown recipe '{recipe}' (recipes: mixed_LOW_HIGH, e.g. mixed_3_6, mixed_4_8)")
+    low, high = int(parts[1]), int(parts[2])
+
+    def choose(path: str, layer: int | None, n_layers: int) -> int:
+        if layer is None:  # embeddings, head
+            return high
+        eighth = max(1, n_layers // 8)
+        edge = layer < eighth or layer >= n_layers - eighth or (layer - eighth) % 3 == 2
+        return high if edge and path.endswith(("v_proj", "down_proj")) else low
+
+    return choose
+
+
+def quantize_model(model: Model, bits: int, group_size: int, mode: str = "affine", recipe: str | None = None) -> None:
+    """Quantize every linear map, embedding and expert stack of ``model`` in place, per ``recipe``."""
+    check_quantization(bits, group_size, mode)
+    choose = recipe_bits(recipe, bits)
+    n_layers = model.config.num_hidden_layers
+    plan: dict[str, dict[str, Any]] = {}
+    for path, m in model.named_modules():
+        if "scales" in m:
+            raise UserError(f"the model is already quantized ('{path}'): convert from unquantized weights")
+        if not hasattr(m, "to_quantized") or "weight" not in m:
+            continue
+        cols = m.weight.shape[-1]
+        if cols % group_size:
+            raise UserError(f"'{path}' has {cols} input columns, not a multiple of the group size {group_size}")
+        parts = path.split(".")
+        layer = int(parts[2]) if parts[:2] == ["model", "layers"] else None
+        b = choose(path, layer, n_layers)
+        check_quantization(b, group_size, mode)
+        plan[path] = {"group_size": group_size, "bits": b, "mode": mode}
+    nn.quantize(model, class_predicate=lambda path, m: plan.get(path, False))
+
+
+def cast_floats(model: Model, dtype: mx.Dtype) -> None:
+    """Cast every floating-point parameter except quantization scales/biases' integer partners."""
+    model.update(tree_unflatten([(k, v.astype(dtype)) for k, v in tree_flatten(model.parameters())
+                                 if mx.issubdtype(v.dtype, mx.floating)]))
+
+
 def quantization_block(model: nn.Module) -> dict[str, Any] | None:
     """mlx-community's ``quantization`` entry: the most common (group_size, bits) as the default and
     an override for every quantized module that differs."""
@@ -66,26 +133,97 @@ def quantization_block(model: nn.Module) -> dict[str, Any] | None:
     return block
 
 
-def save_model(model: Model, out: str | Path, tokenizer_files: Path | None = None) -> Path:
-    """Write ``model`` to the directory ``out`` (replaced if it exists); copy the tokenizer files
-    (``tokenizer.json``, ``tokenizer_config.json``, ``tokenizer.model``, ...) from ``tokenizer_files``."""
+def _write_shards(weights: dict[str, mx.array], out: Path, shard_bytes: int) -> None:
+    shards: list[dict[str, mx.array]] = [{}]
+    size = 0
+    for name, w in weights.items():
+        if shards[-1] and size + w.nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = w
+        size += w.nbytes
+    if len(shards) == 1:
+        mx.save_safetensors(str(out / "model.safetensors"), shards[0], metadata={"format": "mlx"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        mx.save_safetensors(str(out / file), shard, metadata={"format": "mlx"})
+        weight_map.update({name: file for name in shard})
+    index = {"metadata": {"total_size": sum(w.nbytes for w in weights.values())}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def save_model(model: Model, out: str | Path, tokenizer_files: Path | None = None, *,
+               shard_bytes: int = SHARD_BYTES, card: str | None = None) -> Path:
+    """Write ``model`` to the directory ``out`` (replaced if it exists): config, safetensors shards
+    of at most ``shard_bytes``, the tokenizer files found in ``tokenizer_files``, and ``card`` as
+    README.md. Written to ``out.tmp`` first and renamed, so a failure leaves no partial directory."""
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    config = hf_config(model.config)
-    quant = quantization_block(model)
-    if quant:
-        config["quantization"] = quant
-    weights = dict(tree_flatten(model.parameters()))
-    mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    if tokenizer_files is not None:
-        for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                     "chat_template.jinja", "generation_config.json"):
+    try:
+        config = hf_config(model.config)
+        quant = quantization_block(model)
+        if quant:
+            config["quantization"] = quant
+        _write_shards(dict(tree_flatten(model.parameters())), tmp, shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for name in _TOKENIZER_FILES if tokenizer_files is not None else ():
             if (tokenizer_files / name).exists():
                 shutil.copy(tokenizer_files / name, tmp / name)
+        if card:
+            (tmp / "README.md").write_text(card)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def model_card(source: str, model: Model, weights: str) -> str:
+    """A short README.md saying where the weights came from and how to run them."""
+    from importlib.metadata import version
+
+    cfg = model.config
+    return (f"# {Path(source).name}\n\nConverted from `{source}` by mlxllm {version('mlxllm')} "
+            f"(`mlxllm convert`).\n\n- architecture: {cfg.model_type}, {cfg.num_hidden_layers} layers, "
+            f"hidden size {cfg.hidden_size}\n- weights: {weights}\n\n"
+            "```bash\nmlxllm generate --model <this directory> --prompt \"Hello\"\n"
+            "mlx_lm.generate --model <this directory> --prompt \"Hello\"\n```\n")
+
+
+def convert(source: str, out: str | Path, *, quantize: bool = False, bits: int = 4, group_size: int = 64,
+            mode: str = "affine", dtype: str | None = None, recipe: str | None = None,
+            force: bool = False) -> dict[str, Any]:
+    """Load ``source`` (HF / mlx-community directory or Hub id), optionally cast and quantize it, and
+    write it to ``out`` in the mlx-community layout; returns what was done."""
+    from .load import load_model, resolve
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise UserError(f"{out} exists: choose another --out or pass --force to replace it")
+    if quantize:
+        check_quantization(bits, group_size, mode)
+        recipe_bits(recipe, bits)  # reject an unknown recipe before any loading
+    elif recipe:
+        raise UserError("--recipe needs --quantize")
+    path = resolve(source)
+    if path.is_file():
+        raise UserError("converting GGUF files is not supported yet: convert from the Hugging Face checkpoint")
+    model = load_model(path, compute="native", lazy=True)
+    elements = sum(v.size for _, v in tree_flatten(model.parameters()))
+    if dtype:
+        cast_floats(model, getattr(mx, dtype))
+    if quantize:
+        quantize_model(model, bits, group_size, mode, recipe)
+    quant = quantization_block(model)
+    nbytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    described = "unquantized" if not quant else (
+        f"{mode} {quant['bits']}-bit, group {quant['group_size']}" + (f", recipe {recipe}" if recipe else ""))
+    save_model(model, out, tokenizer_files=path, card=model_card(source, model, described))
+    return {"source": str(path), "out": str(out), "weights": described, "bytes": nbytes,
+            "bits_per_weight": 8 * nbytes / elements}
