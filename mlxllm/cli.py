@@ -1,4 +1,4 @@
-"""The ``mlxllm`` command line: generate, chat, info, bench, convert.
+"""The ``mlxllm`` command line: generate, chat, info, bench, convert, perplexity.
 
 Every user mistake ends as one ``error: ...`` line on stderr and a nonzero exit; tracebacks only with
 ``--verbose``.
@@ -270,6 +270,45 @@ def convert(model_spec, out, quantize, q_bits, q_group_size, q_mode, recipe, dty
         return
     click.echo(f"wrote {report['out']}: {report['weights']}, {report['bytes'] / 2**20:.0f} MiB "
                f"({report['bits_per_weight']:.2f} bits per weight)")
+
+
+@cli.command()
+@_model_options
+@click.option("--data", default=None, help="Text file, or - for stdin (default: Python's pydoc topics, offline).")
+@click.option("--seq-len", type=int, default=512, show_default=True, help="Window length in tokens.")
+@click.option("--stride", type=int, default=None, help="Window step (default: --seq-len, non-overlapping).")
+@click.option("--max-tokens", type=click.IntRange(min=2), default=None, help="Score only the first N tokens.")
+@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def perplexity(model_spec, compute, verbose, data, seq_len, stride, max_tokens, batch_size, as_json) -> None:
+    """Perplexity (with its standard error) of a model on a text."""
+    from rich.progress import Progress
+
+    from . import perplexity as pp
+
+    if data == "-":
+        text = sys.stdin.read()
+    elif data:
+        try:
+            with open(data, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read --data {data}: {e}") from None
+    else:
+        text = pp.default_text()
+    step = pp.check_window(seq_len, stride)
+    model, tokenizer = _load(model_spec, compute, verbose)
+    tokens = tokenizer.encode(text)[:max_tokens]
+    with Progress(transient=True, disable=as_json) as progress:
+        task = progress.add_task("scoring", total=len(pp.windows(len(tokens), seq_len, step)) or None)
+        nll = pp.token_nll(model, tokens, seq_len, stride, batch_size, on_window=lambda: progress.advance(task))
+    result = {**pp.summarize(nll), "seq_len": seq_len, "stride": step,
+              "model": str(model.load_report.path), "weights": model.load_report.target}
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"perplexity {result['perplexity']:.3f} ± {result['perplexity_stderr']:.3f} over "
+               f"{result['tokens']} tokens (windows of {seq_len}, stride {result['stride']})")
 
 
 def main(argv: list[str] | None = None) -> None:
