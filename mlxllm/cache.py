@@ -56,6 +56,11 @@ class KVCache:
             return None
         return "causal"
 
+    def trim(self, n: int) -> bool:
+        """Forget the last ``n`` positions (their slots are overwritten by the next update)."""
+        self.offset -= min(n, self.offset)
+        return True
+
     @property
     def nbytes(self) -> int:
         return 0 if self.keys is None else (self.keys.nbytes + self.values.nbytes) * self.offset // self.keys.shape[2]
@@ -105,6 +110,15 @@ class RotatingKVCache:
         self._slot = 0
         self.offset += n
         return all_k, all_v
+
+    def trim(self, n: int) -> bool:
+        """Forget the last ``n`` positions; impossible once the ring has overwritten old ones."""
+        if self.offset > self.window:
+            return False
+        self.offset -= min(n, self.offset)
+        if self.keys is not None:
+            self.keys, self.values = self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+        return True
 
     def mask(self, n_queries: int) -> Mask:
         if n_queries == 1:

@@ -120,8 +120,9 @@ def generate(model_spec, compute, verbose, prompt, system, chat, as_json, **kw) 
 @_sampling_options
 @click.option("--system", default=None, help="System message.")
 def chat(model_spec, compute, verbose, system, **kw) -> None:
-    """Multi-turn chat. /reset clears the history, /exit (or Ctrl-D) leaves; Ctrl-C stops a reply."""
-    from .generate import format_stats, stream_generate
+    """Multi-turn chat. /reset clears the history, /exit (or Ctrl-D) leaves; Ctrl-C stops a reply.
+    The KV cache is kept between turns, so a turn computes only the new messages."""
+    from .generate import PromptCache, _encode_prompt, format_stats, stream_generate
 
     sampling = _sampling_kwargs(kw)
     model, tokenizer = _load(model_spec, compute, verbose)
@@ -129,6 +130,7 @@ def chat(model_spec, compute, verbose, system, **kw) -> None:
         raise UserError("this model has no chat template; use `mlxllm generate` instead")
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
+    kept = PromptCache(model)
     click.echo("Chat: /reset clears the history, /exit leaves. Ctrl-C stops a reply.", err=True)
     while True:
         try:
@@ -143,19 +145,24 @@ def chat(model_spec, compute, verbose, system, **kw) -> None:
             return
         if line.strip() == "/reset":
             history = list(start)
+            kept = PromptCache(model)
             click.echo("(history cleared)", err=True)
             continue
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
-        prompt = tokenizer.apply_chat_template(history, add_generation_prompt=True)
-        reply, last = "", None
+        ids = _encode_prompt(tokenizer, tokenizer.apply_chat_template(history, add_generation_prompt=True)).tolist()
+        todo = kept.suffix(ids)  # only what the cache does not hold yet goes through the model
+        reply, last, generated = "", None, []
         try:
-            for last in stream_generate(model, tokenizer, prompt, kw["max_tokens"], **sampling):
+            for last in stream_generate(model, tokenizer, todo, kw["max_tokens"], prompt_cache=kept.cache,
+                                        **sampling):
+                generated.append(last.token)
                 reply += last.text
                 click.echo(last.text, nl=False)
         except KeyboardInterrupt:
             click.echo(" [stopped]", nl=False)
+        kept.record(ids + generated)
         click.echo()
         history.append({"role": "assistant", "content": reply})
         if verbose and last is not None:

@@ -53,7 +53,8 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None}
 
 
-# What MLX's quantize accepts, per mode: (group sizes, bits).
+# What convert quantizes to, per mode: (group sizes, bits). MLX's affine mode also takes 1 bit, too
+# lossy to offer; its MX/NV float modes need loader support that does not exist yet.
 MODES = {"affine": ((32, 64, 128), (2, 3, 4, 5, 6, 8))}
 SHARD_BYTES = 5 * 2**30
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -73,7 +74,8 @@ def check_quantization(bits: int, group_size: int, mode: str) -> None:
 def recipe_bits(recipe: str | None, bits: int) -> Callable[[str, int | None, int], int]:
     """Bits per module for a recipe. ``mixed_L_H``: L bits, except H bits for the embeddings, the
     head, and the v and down projections of the first and last eighth of the layers (at least one
-    each) and of every third layer between (where quantization error hurts most, the idea behind llama.cpp's _M types)."""
+    each) and of every third layer between: where quantization error hurts most, the idea behind
+    llama.cpp's _M types."""
     if recipe is None:
         return lambda path, layer, n_layers: bits
     parts = recipe.split("_")
@@ -114,7 +116,7 @@ def quantize_model(model: Model, bits: int, group_size: int, mode: str = "affine
 
 
 def cast_floats(model: Model, dtype: mx.Dtype) -> None:
-    """Cast every floating-point parameter except quantization scales/biases' integer partners."""
+    """Cast every floating-point parameter (quantized weights are integers and stay as they are)."""
     model.update(tree_unflatten([(k, v.astype(dtype)) for k, v in tree_flatten(model.parameters())
                                  if mx.issubdtype(v.dtype, mx.floating)]))
 

@@ -120,6 +120,33 @@ def _encode_prompt(tokenizer: Any, prompt: str | Sequence[int] | mx.array) -> mx
     return mx.array(prompt, dtype=mx.int32) if not isinstance(prompt, mx.array) else prompt.astype(mx.int32)
 
 
+class PromptCache:
+    """A KV cache kept across calls (chat turns): each new prompt recomputes only what differs from
+    the tokens already cached, after trimming the cache back to the common prefix."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.cache = model.make_cache()
+        self.tokens: list[int] = []  # the tokens whose K/V the cache holds, in order
+
+    def suffix(self, ids: list[int]) -> list[int]:
+        """Trim the cache to its longest common prefix with ``ids``; return the ids still to feed."""
+        n = 0
+        for a, b in zip(self.tokens, ids):
+            if a != b:
+                break
+            n += 1
+        n = min(n, len(ids) - 1)  # at least one token must go through the model to get logits
+        if not all(c.trim(len(self.tokens) - n) for c in self.cache):
+            self.cache, n = self.model.make_cache(), 0  # a sliding window wrapped: start over
+        self.tokens = self.tokens[:n]
+        return ids[n:]
+
+    def record(self, ids: list[int]) -> None:
+        """After generating from ``suffix`` output: ``ids`` = prompt + generated tokens seen so far."""
+        self.tokens = ids[: self.cache[0].offset]
+
+
 def _stop_hold(text: str, stops: Sequence[str]) -> int:
     """Length of the longest tail of ``text`` that could still grow into a stop string."""
     hold = 0
@@ -167,9 +194,10 @@ def stream_generate(
     n_prompt = ids.size
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if context is not None:
-        if n_prompt >= context:
-            raise UserError(f"the prompt is {n_prompt} tokens; the model's context is {context} tokens")
-        max_tokens = min(max_tokens, context - n_prompt)
+        held = prompt_cache[0].offset if prompt_cache else 0  # tokens already in a reused cache
+        if held + n_prompt >= context:
+            raise UserError(f"the prompt is {held + n_prompt} tokens; the model's context is {context} tokens")
+        max_tokens = min(max_tokens, context - held - n_prompt)
     if max_tokens == 0:
         return
     eos = set(tokenizer.eos_token_ids)

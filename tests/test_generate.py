@@ -118,3 +118,39 @@ def test_empty_prompt_is_a_user_error(smol):
     model, tok = smol
     with pytest.raises(UserError, match="empty"):
         next(mlxllm.stream_generate(model, tok, []))
+
+
+def test_prompt_cache_reuses_the_common_prefix(smol):
+    """A second chat turn feeds only the new tokens and generates what a fresh full prompt generates."""
+    from mlxllm.generate import PromptCache, _encode_prompt
+
+    model, tok = smol
+    kept = PromptCache(model)
+    history = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = _encode_prompt(tok, tok.apply_chat_template(history, add_generation_prompt=True)).tolist()
+    assert kept.suffix(ids) == ids
+    first = [r.token for r in mlxllm.stream_generate(model, tok, ids, 8, prompt_cache=kept.cache)]
+    kept.record(ids + first)
+    # the cache holds the prompt and every generated token that was fed back (all but possibly the last)
+    assert len(ids) + len(first) - 1 <= len(kept.tokens) <= len(ids) + len(first)
+    assert kept.tokens == (ids + first)[: len(kept.tokens)]
+    history += [{"role": "assistant", "content": tok.decode(first)}, {"role": "user", "content": "And of Italy?"}]
+    ids2 = _encode_prompt(tok, tok.apply_chat_template(history, add_generation_prompt=True)).tolist()
+    todo = kept.suffix(ids2)
+    assert len(todo) < len(ids2) - len(ids) + 3  # the first turn is not recomputed
+    cached = [r.token for r in mlxllm.stream_generate(model, tok, todo, 8, prompt_cache=kept.cache)]
+    fresh = [r.token for r in mlxllm.stream_generate(model, tok, ids2, 8)]
+    assert cached == fresh
+
+
+def test_rotating_cache_trim_and_refusal():
+    from mlxllm.cache import KVCache, RotatingKVCache
+
+    c = RotatingKVCache(window=4)
+    c.update_and_fetch(mx.zeros((1, 1, 3, 2)), mx.zeros((1, 1, 3, 2)))
+    assert c.trim(2) and c.offset == 1 and c.keys.shape[2] == 1
+    c.update_and_fetch(mx.ones((1, 1, 5, 2)), mx.ones((1, 1, 5, 2)))  # 6 positions: the ring wrapped
+    assert not c.trim(1)
+    g = KVCache()
+    g.update_and_fetch(mx.zeros((1, 1, 5, 2)), mx.zeros((1, 1, 5, 2)))
+    assert g.trim(3) and g.offset == 2 and g.nbytes == 2 * 2 * 2 * 4
