@@ -84,7 +84,19 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    # Mixture of experts: the router, the stacked experts, the shared expert and its gate.
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.switch_mlp.gate_proj",
+    "ffn_up_exps": "mlp.switch_mlp.up_proj",
+    "ffn_down_exps": "mlp.switch_mlp.down_proj",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
+# llama.cpp's default renormalisation of the top-k expert weights per architecture (norm_w in its
+# graph); a file may say otherwise with `<arch>.expert_weights_norm`.
+_MOE_NORM = {"llama": True, "qwen2moe": False, "qwen3moe": True, "olmoe": False}
 # Gemma's sandwich norms: llama.cpp's ffn_norm is the norm *before* the MLP there.
 _GEMMA_LAYER_NAMES = {
     **_LAYER_NAMES,
@@ -255,6 +267,19 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfi
             "factor": get("rope.scaling.factor"),
             "original_max_position_embeddings": get("rope.scaling.original_context_length", None),
         }
+    experts = get("expert_count", 0)
+    if experts:
+        if arch not in _MOE_NORM:
+            raise UserError(f"GGUF mixture-of-experts models of architecture '{arch}' are not supported")
+        config.update(
+            num_experts=experts,
+            num_experts_per_tok=get("expert_used_count"),
+            moe_intermediate_size=get("expert_feed_forward_length", None),
+            shared_expert_intermediate_size=get("expert_shared_feed_forward_length", None),
+            norm_topk_prob=bool(get("expert_weights_norm", _MOE_NORM[arch])),
+        )
+        if family == "llama":  # Mixtral is stored as a llama with experts
+            config["model_type"] = "mixtral"
     if family == "gemma3_text":
         config.update(
             sliding_window=get("attention.sliding_window", None),
@@ -278,7 +303,10 @@ def hf_name(name: str, family: str) -> str:
         return ".".join([_TOP_NAMES[parts[0]], *parts[1:]])
     table = _GEMMA_LAYER_NAMES if family == "gemma3_text" else _LAYER_NAMES
     if parts[0] == "blk" and len(parts) >= 4 and parts[2] in table:
-        return ".".join(["model.layers", parts[1], table[parts[2]], *parts[3:]])
+        module = table[parts[2]]
+        if family == "mixtral" and module.startswith("mlp.") and parts[2].endswith(("_inp", "_exps")):
+            module = "block_sparse_moe." + module[len("mlp."):]
+        return ".".join(["model.layers", parts[1], module, *parts[3:]])
     return name
 
 
@@ -364,8 +392,8 @@ class GGUFSource:
 
     def _decode(self, t: GGUFTensor, raw: np.ndarray) -> Tensor:
         try:
-            if t.qtype in _AFFINE_BITS:
-                parts = [self._fix(t, a) for a in _repack(raw, t.qtype)]
+            if t.qtype in _AFFINE_BITS:  # rows of a stacked [experts, out, in] tensor regain their stack
+                parts = [self._fix(t, a.reshape(*t.shape[:-1], -1)) for a in _repack(raw, t.qtype)]
                 return Quantized(*(mx.array(a) for a in parts), group_size=32, bits=_AFFINE_BITS[t.qtype])
             if t.qtype == T.F16:
                 values = raw.view(np.float16)
@@ -387,4 +415,6 @@ class GGUFSource:
                 return _unpermute_qk(rows, self.config.num_key_value_heads)
         if self.config.norm_plus_one and t.name.endswith("norm.weight"):
             return rows.astype(np.float32) - 1.0
+        if t.name.endswith("ffn_gate_inp_shexp.weight"):  # stored as a vector; HF's is a [1, hidden] map
+            return rows.reshape(1, -1)
         return rows

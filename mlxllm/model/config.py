@@ -32,7 +32,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "olmoe": {"qk_norm": True, "qk_norm_per_head": False},
 }
 # Names under which the same families appear elsewhere (HF multimodal wrappers, GGUF).
-ALIASES = {"gemma3": "gemma3_text", "smollm2": "llama", "smollm": "llama"}
+ALIASES = {"gemma3": "gemma3_text", "smollm2": "llama", "smollm": "llama", "qwen2moe": "qwen2_moe",
+           "qwen3moe": "qwen3_moe"}
 
 
 class UnsupportedArchitecture(UserError):

@@ -34,6 +34,9 @@ class ExpertLinear(nn.Module):
         self.num_experts, self.top_k = num_experts, top_k
 
     def __call__(self, x: mx.array, experts: mx.array, sorted_experts: bool = False) -> mx.array:
+        if self.weight.dtype != mx.float32 and backend.device_name() == "cpu":
+            # MLX's CPU gather_mm takes float32 only: gather the chosen experts' 16-bit weights instead
+            return x @ self.weight[experts].swapaxes(-1, -2)
         return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=experts, sorted_indices=sorted_experts)
 
     def one(self, x: mx.array, expert: int) -> mx.array:
