@@ -260,10 +260,13 @@ def bench(model_spec, compute, verbose, prompt_lengths, gen_tokens, trials, batc
 @click.option("--recipe", default=None, help="Mixed precision, e.g. mixed_3_6 (3 bits, 6 for the sensitive layers).")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
               help="Cast unquantized weights (default: keep the source's).")
+@click.option("--requantize", type=click.Choice(["q8", "q4", "float"]), default="q8", show_default=True,
+              help="GGUF block types MLX lacks (K-quants, Q5_x, IQ*): MLX 8-bit, 4-bit, or 16-bit float.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON.")
 @click.option("--verbose", "-v", is_flag=True)
-def convert(model_spec, out, quantize, q_bits, q_group_size, q_mode, recipe, dtype, force, as_json, verbose) -> None:
+def convert(model_spec, out, quantize, q_bits, q_group_size, q_mode, recipe, dtype, requantize, force, as_json,
+            verbose) -> None:
     """Write a model in the mlx-community layout (loads in mlxllm and mlx-lm), optionally quantized."""
     from rich.console import Console
 
@@ -271,10 +274,13 @@ def convert(model_spec, out, quantize, q_bits, q_group_size, q_mode, recipe, dty
 
     with Console(stderr=True).status(f"converting {model_spec} ..."):
         report = run(model_spec, out, quantize=quantize, bits=q_bits, group_size=q_group_size, mode=q_mode,
-                     dtype=dtype, recipe=recipe, force=force)
+                     dtype=dtype, recipe=recipe, requantize=requantize, force=force)
     if as_json:
         click.echo(json.dumps(report))
         return
+    for row in report.get("gguf_tensors", []):
+        error = f", +{100 * row['added_rms_error']:.2f} % RMS error" if "added_rms_error" in row else ""
+        click.echo(f"  {row['type']:>6}: {row['tensors']:4d} tensors, {row['action']}{error}")
     click.echo(f"wrote {report['out']}: {report['weights']}, {report['bytes'] / 2**20:.0f} MiB "
                f"({report['bits_per_weight']:.2f} bits per weight)")
 

@@ -198,12 +198,59 @@ def model_card(source: str, model: Model, weights: str) -> str:
             "mlx_lm.generate --model <this directory> --prompt \"Hello\"\n```\n")
 
 
+def gguf_import_report(path: Path, kquant: str, quantize: bool) -> list[dict[str, Any]]:
+    """Per GGUF tensor type: how many tensors, what conversion does with them, and for block types
+    MLX cannot hold the relative RMS error re-quantizing them adds (measured on this file)."""
+    from collections import defaultdict
+
+    from .load.gguf import GGUFSource
+    from .load.weights import REQUANT_GROUP, Quantized
+
+    source = GGUFSource(path)
+    errors: dict[str, list[float]] = defaultdict(list)
+    measure = not quantize and kquant != "float"
+    if measure:
+        forms = {spec.name: spec for spec in source.specs}
+        for name, value in source.tensors("float32", kquant):
+            spec = forms[name]
+            if spec.form == "other" and value.ndim >= 2:
+                back = Quantized.of(value, REQUANT_GROUP, int(kquant[1:])).dequantize()
+                errors[spec.file_type].append((mx.linalg.norm(back - value) / mx.linalg.norm(value)).item())
+    rows: dict[str, dict[str, Any]] = {}
+    for spec in source.specs:
+        row = rows.setdefault(spec.file_type, {"type": spec.file_type, "tensors": 0, "parameters": 0})
+        row["tensors"] += 1
+        row["parameters"] += spec.elements
+        if quantize:
+            row["action"] = "dequantized, then quantized as requested"
+        elif spec.form == "affine":
+            row["action"] = f"kept exactly (MLX {spec.bits}-bit, group {spec.group_size})"
+        elif spec.form == "float":
+            row["action"] = "kept (16-bit)" if spec.bits == 16 else "cast to 16-bit"
+        elif kquant == "float":
+            row["action"] = "dequantized to 16-bit float (exact)"
+        else:
+            errs = errors.get(spec.file_type) or [0.0]
+            row["action"] = f"re-quantized to MLX {kquant[1:]}-bit, group {REQUANT_GROUP}"
+            row["added_rms_error"] = sum(errs) / len(errs)
+    return list(rows.values())
+
+
 def convert(source: str, out: str | Path, *, quantize: bool = False, bits: int = 4, group_size: int = 64,
-            mode: str = "affine", dtype: str | None = None, recipe: str | None = None,
+            mode: str = "affine", dtype: str | None = None, recipe: str | None = None, requantize: str = "q8",
             force: bool = False) -> dict[str, Any]:
-    """Load ``source`` (HF / mlx-community directory or Hub id), optionally cast and quantize it, and
-    write it to ``out`` in the mlx-community layout; returns what was done."""
-    from .load import load_model, resolve
+    """Load ``source`` (HF / mlx-community directory, Hub id or GGUF file), optionally cast and
+    quantize it, and write it to ``out`` in the mlx-community layout; returns what was done.
+
+    GGUF: Q4_0/Q4_1/Q8_0 are kept bit for bit; block types MLX lacks are re-quantized per
+    ``requantize`` ('q8', 'q4' or 'float'); with ``quantize`` everything is dequantized first. The
+    tokenizer is written as Hugging Face files (``mlxllm.tokenize.export``)."""
+    import tempfile
+
+    from .load import describe_model, load_model, resolve
+    from .load.weights import KQUANT_CHOICES
+    from .tokenize import read_gguf_tokenizer_metadata
+    from .tokenize.export import write_hf_tokenizer
 
     out = Path(out)
     if out.exists() and not force:
@@ -213,19 +260,29 @@ def convert(source: str, out: str | Path, *, quantize: bool = False, bits: int =
         recipe_bits(recipe, bits)  # reject an unknown recipe before any loading
     elif recipe:
         raise UserError("--recipe needs --quantize")
+    if requantize not in KQUANT_CHOICES:
+        raise UserError(f"--requantize takes {', '.join(KQUANT_CHOICES)}, not '{requantize}'")
     path = resolve(source)
-    if path.is_file():
-        raise UserError("converting GGUF files is not supported yet: convert from the Hugging Face checkpoint")
-    model = load_model(path, compute="native", lazy=True)
-    elements = sum(v.size for _, v in tree_flatten(model.parameters()))
-    if dtype:
-        cast_floats(model, getattr(mx, dtype))
-    if quantize:
-        quantize_model(model, bits, group_size, mode, recipe)
-    quant = quantization_block(model)
-    nbytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    described = "unquantized" if not quant else (
-        f"{mode} {quant['bits']}-bit, group {quant['group_size']}" + (f", recipe {recipe}" if recipe else ""))
-    save_model(model, out, tokenizer_files=path, card=model_card(source, model, described))
-    return {"source": str(path), "out": str(out), "weights": described, "bytes": nbytes,
-            "bits_per_weight": 8 * nbytes / elements}
+    gguf = path.is_file()
+    elements = describe_model(path)["parameters"]
+    report: dict[str, Any] = {"source": str(path), "out": str(out)}
+    with tempfile.TemporaryDirectory(prefix="mlxllm-tokenizer-") as tok_dir:
+        tokenizer_files = path
+        if gguf:
+            report["gguf_tensors"] = gguf_import_report(path, requantize, quantize)
+            tokenizer_files = Path(tok_dir)
+            write_hf_tokenizer(read_gguf_tokenizer_metadata(path), tokenizer_files)
+            dtype = dtype or ("bfloat16" if quantize else None)  # float32 decode -> a 16-bit store
+        model = load_model(path, compute="float32" if gguf and quantize else "native", kquant=requantize, lazy=True)
+        if dtype:
+            cast_floats(model, getattr(mx, dtype))
+        if quantize:
+            quantize_model(model, bits, group_size, mode, recipe)
+        quant = quantization_block(model)
+        nbytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+        described = "unquantized" if not quant else (
+            f"{quant.get('mode', 'affine')} {quant['bits']}-bit, group {quant['group_size']}"
+            + (" (+ per-layer entries)" if any(isinstance(v, dict) for v in quant.values()) else "")
+            + (f", recipe {recipe}" if recipe else ""))
+        save_model(model, out, tokenizer_files=tokenizer_files, card=model_card(source, model, described))
+    return {**report, "weights": described, "bytes": nbytes, "bits_per_weight": 8 * nbytes / elements}

@@ -121,3 +121,38 @@ def test_a_failed_write_leaves_no_directory(source, tmp_path, monkeypatch):
     with pytest.raises(OSError):
         cv.convert(str(source), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_gguf_convert_keeps_native_blocks_and_reports(smollm2_path, tmp_path):
+    """SmolLM2's Q4_1/Q8_0 tensors go over bit for bit; the tokenizer comes along as HF files."""
+    report = cv.convert(str(smollm2_path), tmp_path / "smol")
+    actions = {row["type"]: row["action"] for row in report["gguf_tensors"]}
+    assert actions["Q4_1"] == "kept exactly (MLX 4-bit, group 32)" and actions["Q8_0"].startswith("kept exactly")
+    q = json.loads((tmp_path / "smol" / "config.json").read_text())["quantization"]
+    assert (q["bits"], q["group_size"]) == (4, 32) and q["model.embed_tokens"]["bits"] == 8
+    from_gguf = load_model(smollm2_path, compute="native")
+    converted, tok = load(tmp_path / "smol", compute="native")
+    assert all(mx.array_equal(a, b).item() for (_, a), (_, b) in
+               zip(tree_flatten(from_gguf.parameters()), tree_flatten(converted.parameters())))  # fmt: skip
+    model, tok = load(tmp_path / "smol")
+    import mlxllm
+
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in mlxllm.generate(model, tok, prompt, max_tokens=8)
+
+
+def test_gguf_convert_requantizes_k_quants_with_measured_error(gemma3_path, tmp_path):
+    report = cv.convert(str(gemma3_path), tmp_path / "gemma", requantize="q8")
+    rows = {row["type"]: row for row in report["gguf_tensors"]}
+    for kind in ("Q4_K", "Q6_K", "Q5_0"):
+        assert rows[kind]["action"].startswith("re-quantized to MLX 8-bit")
+        assert 0 < rows[kind]["added_rms_error"] < 0.01
+    assert json.loads((tmp_path / "gemma" / "tokenizer_config.json").read_text())["tokenizer_class"] == "GemmaTokenizer"
+    # --requantize float keeps the K-quants' exact values (16-bit): the converted model answers as the GGUF does
+    report = cv.convert(str(gemma3_path), tmp_path / "exact", requantize="float")
+    assert {row["type"]: row["action"] for row in report["gguf_tensors"]}["Q4_K"].startswith("dequantized to 16-bit")
+    import mlxllm
+
+    prompt = "The Eiffel Tower is located in the city of"
+    original = mlxllm.generate(*load(gemma3_path), prompt, max_tokens=6)
+    assert "Paris" in original and mlxllm.generate(*load(tmp_path / "exact"), prompt, max_tokens=6) == original

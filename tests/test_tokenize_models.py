@@ -433,3 +433,24 @@ def test_no_chat_template(gemma):
     assert not gemma.has_chat_template
     with pytest.raises(ValueError, match="no chat template"):
         gemma.apply_chat_template([{"role": "user", "content": "Hi"}])
+
+
+def test_exported_hf_files_tokenize_like_the_gguf(model, tmp_path):
+    """`convert` writes a GGUF's tokenizer as HF files: mlxllm (and for BPE the `tokenizers` library, i.e.
+    transformers and mlx-lm) read them back with llama.cpp's ids. Text with bytes the vocabulary lacks
+    is left out: llama.cpp drops such bytes after pre-tokenizing, HF before."""
+    from mlxllm.tokenize.export import write_hf_tokenizer
+
+    name, tok, golden, meta = model
+    write_hf_tokenizer(meta, tmp_path)
+    again = Tokenizer.from_hf_dir(tmp_path)
+    bad_chars = _untokenizable_chars(meta)
+    texts = [t for t in CORPUS if not bad_chars & set(t)]
+    assert len(texts) > 300
+    assert [again.encode(t) for t in texts] == [tok.encode(t) for t in texts]
+    assert again.bos_token_id == tok.bos_token_id and set(again.eos_token_ids) == set(tok.eos_token_ids)
+    assert again.chat_template == tok.chat_template
+    if (tmp_path / "tokenizer.json").exists():
+        tk = pytest.importorskip("tokenizers")
+        ref = tk.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+        assert [ref.encode(t).ids for t in texts] == [tok.encode(t) for t in texts]
