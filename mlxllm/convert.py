@@ -198,26 +198,14 @@ def model_card(source: str, model: Model, weights: str) -> str:
             "mlx_lm.generate --model <this directory> --prompt \"Hello\"\n```\n")
 
 
-def gguf_import_report(path: Path, kquant: str, quantize: bool) -> list[dict[str, Any]]:
-    """Per GGUF tensor type: how many tensors, what conversion does with them, and for block types
-    MLX cannot hold the relative RMS error re-quantizing them adds (measured on this file)."""
-    from collections import defaultdict
-
+def gguf_import_report(path: Path, kquant: str, quantize: bool, errors: dict[str, float] | None) -> list[dict[str, Any]]:
+    """Per GGUF tensor type: how many tensors, what conversion did with them, and for block types
+    MLX cannot hold the relative RMS error re-quantizing them added (``errors``, measured at load)."""
     from .load.gguf import GGUFSource
-    from .load.weights import REQUANT_GROUP, Quantized
+    from .load.weights import REQUANT_GROUP
 
-    source = GGUFSource(path)
-    errors: dict[str, list[float]] = defaultdict(list)
-    measure = not quantize and kquant != "float"
-    if measure:
-        forms = {spec.name: spec for spec in source.specs}
-        for name, value in source.tensors("float32", kquant):
-            spec = forms[name]
-            if spec.form == "other" and value.ndim >= 2:
-                back = Quantized.of(value, REQUANT_GROUP, int(kquant[1:])).dequantize()
-                errors[spec.file_type].append((mx.linalg.norm(back - value) / mx.linalg.norm(value)).item())
     rows: dict[str, dict[str, Any]] = {}
-    for spec in source.specs:
+    for spec in GGUFSource(path).specs:
         row = rows.setdefault(spec.file_type, {"type": spec.file_type, "tensors": 0, "parameters": 0})
         row["tensors"] += 1
         row["parameters"] += spec.elements
@@ -230,9 +218,8 @@ def gguf_import_report(path: Path, kquant: str, quantize: bool) -> list[dict[str
         elif kquant == "float":
             row["action"] = "dequantized to 16-bit float (exact)"
         else:
-            errs = errors.get(spec.file_type) or [0.0]
             row["action"] = f"re-quantized to MLX {kquant[1:]}-bit, group {REQUANT_GROUP}"
-            row["added_rms_error"] = sum(errs) / len(errs)
+            row["added_rms_error"] = (errors or {}).get(spec.file_type, 0.0)
     return list(rows.values())
 
 
@@ -269,11 +256,12 @@ def convert(source: str, out: str | Path, *, quantize: bool = False, bits: int =
     with tempfile.TemporaryDirectory(prefix="mlxllm-tokenizer-") as tok_dir:
         tokenizer_files = path
         if gguf:
-            report["gguf_tensors"] = gguf_import_report(path, requantize, quantize)
             tokenizer_files = Path(tok_dir)
             write_hf_tokenizer(read_gguf_tokenizer_metadata(path), tokenizer_files)
             dtype = dtype or ("bfloat16" if quantize else None)  # float32 decode -> a 16-bit store
         model = load_model(path, compute="float32" if gguf and quantize else "native", kquant=requantize, lazy=True)
+        if gguf:
+            report["gguf_tensors"] = gguf_import_report(path, requantize, quantize, model.load_report.requant_errors)
         if dtype:
             cast_floats(model, getattr(mx, dtype))
         if quantize:

@@ -63,6 +63,7 @@ class LoadReport:
     detail: str
     weight_bytes: int
     seconds: float
+    requant_errors: dict[str, float] | None = None  # GGUF block type -> mean relative RMS error added
 
     def __str__(self) -> str:
         return (
@@ -111,6 +112,7 @@ def load_model(
         "; ".join(n for n in notes if n),
         model_bytes(specs, target, kquant),
         time.perf_counter() - start,
+        {k: sum(v) / len(v) for k, v in getattr(source, "requant_errors", {}).items()} or None,
     )
     model.compute_path = str(report)  # the line the CLI prints under --verbose
     return model

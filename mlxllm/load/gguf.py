@@ -354,6 +354,7 @@ class GGUFSource:
             factors = gguf_dequantize(self.raw(freq_factors), freq_factors.qtype).reshape(-1)
             self.config.rope_scaling = {"rope_type": "freq_factors", "factors": factors.tolist()}
         self._tensors = list(by_name.values())
+        self.requant_errors: dict[str, list[float]] = {}  # block type -> relative RMS error per tensor
         # 16-bit type of the 'native' path: Gemma 3's residual stream overflows float16.
         self.native_dtype = mx.bfloat16 if self.config.model_type == "gemma3_text" else mx.float16
 
@@ -379,7 +380,9 @@ class GGUFSource:
             name = hf_name(t.name, self.config.model_type)
             value = self._decode(t, self.raw(t))
             if requant_bits and isinstance(value, mx.array) and t.qtype not in _FLOAT_BITS:
-                value = Quantized.of(value, REQUANT_GROUP, requant_bits)
+                exact, value = value, Quantized.of(value, REQUANT_GROUP, requant_bits)
+                error = mx.linalg.norm(value.dequantize() - exact) / mx.linalg.norm(exact)
+                self.requant_errors.setdefault(t.qtype.name, []).append(error.item())
             value = finish(value, target, self.native_dtype)
             mx.eval(value if isinstance(value, mx.array) else [value.weight, value.scales, value.biases])
             yield name, value
