@@ -21,15 +21,17 @@ import mlx.nn as nn
 
 from mlxllm import perplexity as pp
 from mlxllm.load import default_model_path, load
+from mlxllm.load.weights import Quantized
 
 BITS = (8, 6, 5, 4, 3, 2)
 GROUPS = (32, 64, 128)
+FLOAT_MODES = (("mxfp8", 8, 32), ("mxfp4", 4, 32), ("nvfp4", 4, 16))  # MLX's MX/NV modes: (mode, bits, group)
 
 
-def fake_quantize(model, bits: int, group_size: int) -> None:
+def fake_quantize(model, bits: int, group_size: int, mode: str = "affine") -> None:
     for _, m in model.named_modules():
         if isinstance(m, (nn.Linear, nn.Embedding)):
-            m.weight = mx.dequantize(*mx.quantize(m.weight, group_size, bits), group_size, bits)
+            m.weight = Quantized.of(m.weight, group_size, bits, mode).dequantize()
     mx.eval(model.parameters())
 
 
@@ -66,10 +68,15 @@ def main() -> None:
                 rows[f"{bits}/{group}"] = pp.summarize(pp.token_nll(model, tokens, args.seq_len, batch=batch))
                 print(f"{name} {bits}-bit g{group}: {rows[f'{bits}/{group}']['perplexity']:.3f} "
                       f"({time.perf_counter() - t:.0f} s)", file=sys.stderr)
+        for mode, bits, group in FLOAT_MODES:
+            model, _ = load(path, compute="float32")
+            fake_quantize(model, bits, group, mode)
+            rows[mode] = pp.summarize(pp.token_nll(model, tokens, args.seq_len, batch=batch))
+            print(f"{name} {mode}: {rows[mode]['perplexity']:.3f}", file=sys.stderr)
         results[name] = rows
     Path(args.json).write_text(json.dumps({"tokens": args.tokens, "seq_len": args.seq_len, "results": results}, indent=1))
     print(f"Perplexity on the first {args.tokens} tokens of pydoc topics, windows of {args.seq_len} "
-          "(± standard error); affine bits / group size, every linear map and embedding quantized.\n")
+          "(± standard error); affine bits / group size and MLX's MX/NV float modes, every linear map and embedding quantized.\n")
     for name, rows in results.items():
         src = rows["source"]
         print(f"**{name}**: source {src['perplexity']:.2f} ± {src['perplexity_stderr']:.2f}\n")
@@ -77,7 +84,8 @@ def main() -> None:
         for bits in BITS:
             cells = [_cell(rows[f"{bits}/{g}"], src) for g in GROUPS]
             print(f"| {bits} | " + " | ".join(cells) + " |")
-        print()
+        print("\n" + ", ".join(f"{mode} ({bits}-bit, group {group}): {_cell(rows[mode], src)}"
+                               for mode, bits, group in FLOAT_MODES) + "\n")
 
 
 if __name__ == "__main__":

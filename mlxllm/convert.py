@@ -54,8 +54,9 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
 
 
 # What convert quantizes to, per mode: (group sizes, bits). MLX's affine mode also takes 1 bit, too
-# lossy to offer; its MX/NV float modes need loader support that does not exist yet.
-MODES = {"affine": ((32, 64, 128), (2, 3, 4, 5, 6, 8))}
+# lossy to offer. mxfp4/mxfp8/nvfp4 store small floats with one shared 8-bit scale per group.
+MODES = {"affine": ((32, 64, 128), (2, 3, 4, 5, 6, 8)), "mxfp4": ((32,), (4,)), "mxfp8": ((32,), (8,)),
+         "nvfp4": ((16,), (4,))}
 SHARD_BYTES = 5 * 2**30
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                     "chat_template.jinja", "chat_template.json", "generation_config.json")
@@ -122,16 +123,17 @@ def cast_floats(model: Model, dtype: mx.Dtype) -> None:
 
 
 def quantization_block(model: nn.Module) -> dict[str, Any] | None:
-    """mlx-community's ``quantization`` entry: the most common (group_size, bits) as the default and
-    an override for every quantized module that differs."""
-    found = {name: (m.group_size, m.bits) for name, m in model.named_modules() if "scales" in m and hasattr(m, "bits")}
+    """mlx-community's ``quantization`` entry: the most common (group_size, bits, mode) as the default
+    and an override for every quantized module that differs."""
+    found = {name: (m.group_size, m.bits, getattr(m, "mode", "affine")) for name, m in model.named_modules()
+             if "scales" in m and hasattr(m, "bits")}  # fmt: skip
     if not found:
         return None
-    group, bits = Counter(found.values()).most_common(1)[0][0]
-    block: dict[str, Any] = {"group_size": group, "bits": bits, "mode": "affine"}
-    for name, (g, b) in sorted(found.items()):
-        if (g, b) != (group, bits):
-            block[name] = {"group_size": g, "bits": b}
+    group, bits, mode = Counter(found.values()).most_common(1)[0][0]
+    block: dict[str, Any] = {"group_size": group, "bits": bits, "mode": mode}
+    for name, (g, b, m) in sorted(found.items()):
+        if (g, b, m) != (group, bits, mode):
+            block[name] = {"group_size": g, "bits": b, "mode": m}
     return block
 
 

@@ -70,6 +70,22 @@ def test_mixed_recipe_writes_per_layer_bits(source, tmp_path):
     assert mx.allclose(ours(TOKENS), _mlx_lm_logits(out), atol=1e-2).item()
 
 
+@pytest.mark.parametrize("mode, bits, group", [("mxfp4", 4, 32), ("mxfp8", 8, 32), ("nvfp4", 4, 16)])
+def test_float_modes_load_in_mlxllm_and_mlx_lm(source, tmp_path, mode, bits, group):
+    """MLX's MX/NV float modes: no biases, 8-bit shared scales; native and float32 paths agree with mlx-lm."""
+    out = tmp_path / mode
+    report = cv.convert(str(source), out, quantize=True, bits=bits, group_size=group, mode=mode)
+    assert report["weights"].startswith(f"{mode} {bits}-bit")
+    q = json.loads((out / "config.json").read_text())["quantization"]
+    assert (q["mode"], q["bits"], q["group_size"]) == (mode, bits, group)
+    native = load_model(out, compute="native")
+    layer = native.model.layers[0].self_attn.q_proj
+    assert layer.mode == mode and "biases" not in layer
+    want = _mlx_lm_logits(out)
+    assert mx.allclose(native(TOKENS), want, atol=1e-2).item()
+    assert mx.allclose(load_model(out, compute="float32")(TOKENS), want, atol=2e-2).item()
+
+
 def test_dtype_and_shards(source, tmp_path):
     model = load_model(source, compute="native")
     cv.cast_floats(model, mx.float16)
@@ -85,6 +101,8 @@ def test_dtype_and_shards(source, tmp_path):
     (["-q", "--q-bits", "7"], "affine quantization takes 2, 3, 4, 5, 6, 8 bits, not 7"),
     (["-q", "--q-group-size", "48"], "group sizes 32, 64, 128, not 48"),
     (["-q", "--q-mode", "nf4"], "quantization mode 'nf4' is not supported"),
+    (["-q", "--q-mode", "mxfp4", "--q-bits", "8", "--q-group-size", "32"], "mxfp4 quantization takes 4 bits, not 8"),
+    (["-q", "--q-mode", "nvfp4", "--q-group-size", "32"], "nvfp4 quantization takes group sizes 16, not 32"),
     (["-q", "--q-group-size", "128"], "has 64 input columns, not a multiple of the group size 128"),
     (["-q", "--recipe", "fancy"], "unknown recipe 'fancy'"),
     (["--recipe", "mixed_3_6"], "--recipe needs --quantize"),

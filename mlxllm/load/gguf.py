@@ -384,7 +384,7 @@ class GGUFSource:
                 error = mx.linalg.norm(value.dequantize() - exact) / mx.linalg.norm(exact)
                 self.requant_errors.setdefault(t.qtype.name, []).append(error.item())
             value = finish(value, target, self.native_dtype)
-            mx.eval(value if isinstance(value, mx.array) else [value.weight, value.scales, value.biases])
+            mx.eval(value if isinstance(value, mx.array) else list(value.arrays.values()))
             yield name, value
 
     def raw(self, t: GGUFTensor) -> np.ndarray:

@@ -35,6 +35,7 @@ _RENAMES = (("language_model.model.", "model."), ("model.language_model.", "mode
 # Hugging Face MoE checkpoints store experts one by one; the decoder holds them stacked (switch_mlp).
 _EXPERT = re.compile(r"^(.+)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")
 _MIXTRAL_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_MODES = ("affine", "mxfp4", "mxfp8", "nvfp4")  # MLX's quantization modes
 
 
 def expert_stacks(names: list[str]) -> dict[str, list[str]]:
@@ -130,16 +131,14 @@ class HFSource:
         self.quant = self._quantized_modules(raw)
         self.stacks = expert_stacks(list(self.index))
 
-    def _quantized_modules(self, raw: dict[str, Any]) -> dict[str, tuple[int, int]]:
-        """Module path -> (group_size, bits) for every module stored with ``.scales``."""
+    def _quantized_modules(self, raw: dict[str, Any]) -> dict[str, tuple[int, int, str]]:
+        """Module path -> (group_size, bits, mode) for every module stored with ``.scales``."""
         prefixes = [name[: -len(".scales")] for name in self.index if name.endswith(".scales")]
         if not prefixes:
             return {}
         q = self.config.quantization or raw.get("quantization_config")
         if not q:
             raise UserError(f"tensor '{prefixes[0]}.scales' is quantized but config.json has no 'quantization' block")
-        if q.get("mode", "affine") != "affine":
-            raise UserError(f"quantization mode '{q['mode']}' is not supported (affine only)")
         overrides = {_normalize(k): v for k, v in q.items() if isinstance(v, (dict, bool))}
         out = {}
         for p in prefixes:
@@ -148,7 +147,10 @@ class HFSource:
                 raise UserError(f"tensor '{p}.scales' exists but config.json marks '{p}' as not quantized")
             if not isinstance(params, dict):  # an override of `true` means the defaults
                 params = q
-            out[p] = (int(params["group_size"]), int(params["bits"]))
+            mode = params.get("mode", q.get("mode", "affine"))
+            if mode not in _MODES:
+                raise UserError(f"quantization mode '{mode}' is not supported ({', '.join(_MODES)})")
+            out[p] = (int(params["group_size"]), int(params["bits"]), mode)
         return out
 
     @property
@@ -163,10 +165,10 @@ class HFSource:
             if prefix in self.quant:
                 if leaf != "weight":
                     continue  # scales and biases are accounted with their weight
-                group, bits = self.quant[prefix]
+                group, bits, mode = self.quant[prefix]
                 count = count * 32 // bits
                 aux = sum(self._bytes(f"{prefix}.{k}") for k in ("scales", "biases"))
-                out.append(TensorSpec(name, count, f"affine{bits}/g{group}", nbytes + aux, "affine", bits, group))
+                out.append(TensorSpec(name, count, f"{mode}{bits}/g{group}", nbytes + aux, "affine", bits, group))
             else:
                 out.append(TensorSpec(name, count, info["dtype"], nbytes, "float", 8 * _DTYPE_BYTES[info["dtype"]]))
         return out
@@ -196,13 +198,14 @@ class HFSource:
         for name in [n for n in self.index if n not in in_stacks] + list(self.stacks):
             prefix, _, leaf = name.rpartition(".")
             quant = self.quant.get(self.stacks[name][0].rpartition(".")[0] if name in self.stacks else prefix)
-            if quant:
-                if leaf in ("scales", "biases"):
-                    continue
-                if f"{prefix}.biases" not in self.index and f"{prefix}.biases" not in self.stacks:
+            if quant and leaf in ("scales", "biases"):
+                continue  # read with their weight
+            if quant and leaf == "weight":
+                has_biases = f"{prefix}.biases" in self.index or f"{prefix}.biases" in self.stacks
+                if quant[2] == "affine" and not has_biases:
                     raise UserError(f"quantized tensor '{prefix}.weight' has scales but no biases")
-                scales, biases = stacked(f"{prefix}.scales"), stacked(f"{prefix}.biases")
-                value: Tensor = Quantized(stacked(name), scales, biases, *quant)
+                biases = stacked(f"{prefix}.biases") if has_biases else None
+                value: Tensor = Quantized(stacked(name), stacked(f"{prefix}.scales"), biases, *quant)
             else:
                 value = stacked(name)
             yield name, finish(value, target, self.native_dtype)
