@@ -26,7 +26,8 @@ from .model.decoder import Model
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                   "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "mixtral": "MixtralForCausalLM",
-                  "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
+                  "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
+                  "dots1": "Dots1ForCausalLM"}
 _MOE = ("num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size", "norm_topk_prob",
         "decoder_sparse_step", "mlp_only_layers")
 _COMMON = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
@@ -47,7 +48,13 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
                    sliding_window_pattern=first_global + 1, hidden_activation="gelu_pytorch_tanh")
     elif cfg.sliding_window is not None:
         out.update(sliding_window=cfg.sliding_window, use_sliding_window=True)
-    if cfg.num_experts:
+    if cfg.num_experts and cfg.router == "sigmoid_group":  # DeepSeek-style names
+        out.update(n_routed_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+                   moe_intermediate_size=cfg.moe_intermediate_size, norm_topk_prob=cfg.norm_topk_prob,
+                   n_shared_experts=(cfg.shared_expert_intermediate_size or 0) // cfg.moe_intermediate_size,
+                   first_k_dense_replace=len(cfg.mlp_only_layers), routed_scaling_factor=cfg.routed_scaling_factor,
+                   n_group=cfg.n_group, topk_group=cfg.topk_group, scoring_func="noaux_tc")
+    elif cfg.num_experts:
         out.update({k: getattr(cfg, k) for k in _MOE})
         out["num_local_experts" if cfg.model_type == "mixtral" else "num_experts"] = cfg.num_experts
     return {k: v for k, v in out.items() if v is not None}

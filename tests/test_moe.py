@@ -152,7 +152,7 @@ def test_hf_per_expert_tensors_are_stacked_at_load(tmp_path):
     assert mx.allclose(loaded(tokens), ours(tokens), atol=1e-5).item()
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "dots1"])
 def test_quantized_moe_dir_loads_in_mlxllm_and_mlx_lm(family, tmp_path):
     """A 4-bit MoE model written in the mlx-community layout (stacked, quantized switch_mlp) reads back
     in mlxllm and in mlx-lm with the same logits."""
@@ -164,7 +164,8 @@ def test_quantized_moe_dir_loads_in_mlxllm_and_mlx_lm(family, tmp_path):
     ours, _ = _random_pair(FAMILIES[family])
     nn.quantize(ours, group_size=32, bits=4, class_predicate=lambda p, m: hasattr(m, "to_quantized") and
                 m.weight.shape[-1] % 32 == 0 and "embed" not in p)  # fmt: skip
-    assert isinstance(ours.layers[0][ours.config.ffn_name].switch_mlp.up_proj, moe.QuantizedExpertLinear)
+    ffn = ours.layers[-1][ours.config.ffn_name]
+    assert isinstance(ffn[ffn.stack_name].up_proj, moe.QuantizedExpertLinear)
     path = save_model(ours, tmp_path / family)
     tokens = mx.array([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38]])
     want = ours(tokens)
@@ -181,3 +182,42 @@ def test_stacked_expert_dequantize_is_mlx_dequantize(bits):
 
     q = Quantized.of(mx.random.normal((3, 64, 128)), 32, bits)
     assert mx.array_equal(q.dequantize(), mx.dequantize(q.weight, q.scales, q.biases, 32, bits)).item()
+
+
+def test_sigmoid_group_routing_definition():
+    """DeepSeek-V3 routing written out in numpy: choose by sigmoid + bias within the best groups (a group
+    scores the sum of its two best), weight by the plain sigmoid, renormalise, scale."""
+    cfg = _cfg(num_experts=8, num_experts_per_tok=3, norm_topk_prob=True)
+    cfg.router, cfg.n_group, cfg.topk_group, cfg.routed_scaling_factor = "sigmoid_group", 4, 2, 2.5
+    rng = np.random.default_rng(0)
+    logits, bias = rng.normal(size=(20, 8)).astype(np.float32), rng.normal(size=8).astype(np.float32) * 0.5
+    w, ids = moe.route(mx.array(logits), cfg, mx.array(bias))
+    for t in range(20):
+        s = 1 / (1 + np.exp(-logits[t]))
+        choice = (s + bias).reshape(4, 2)
+        best_groups = np.argsort(-np.sort(choice, axis=1)[:, -2:].sum(1))[:2]
+        masked = np.zeros_like(choice)
+        masked[best_groups] = choice[best_groups]
+        want = np.argsort(-masked.reshape(-1))[:3]
+        assert set(np.array(ids[t]).tolist()) == set(want.tolist())
+        got = dict(zip(np.array(ids[t]).tolist(), np.array(w[t]).tolist()))
+        for e in want:
+            assert got[e] == pytest.approx(2.5 * s[e] / s[want].sum(), rel=1e-5)
+
+
+def test_dots1_per_expert_tensors_are_stacked_under_experts(tmp_path):
+    from test_parity_mlx_lm import FAMILIES, _random_pair
+
+    ours, _ = _random_pair(FAMILIES["dots1"])
+    hf = {}
+    for k, v in tree_flatten(ours.parameters()):
+        if ".mlp.experts." in k:
+            prefix, rest = k.split(".mlp.experts.")
+            for e in range(v.shape[0]):
+                hf[f"{prefix}.mlp.experts.{e}.{rest}"] = v[e]
+        else:
+            hf[k] = v
+    (tmp_path / "config.json").write_text(json.dumps(FAMILIES["dots1"]))
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), hf, metadata={"format": "pt"})
+    tokens = mx.array([[1, 5, 9, 13, 2]])
+    assert mx.allclose(load_model(tmp_path, compute="float32")(tokens), ours(tokens), atol=1e-5).item()

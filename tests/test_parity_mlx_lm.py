@@ -42,6 +42,11 @@ FAMILIES = {
         decoder_sparse_step=1, mlp_only_layers=[1], norm_topk_prob=True, tie_word_embeddings=True,
     ),
     "olmoe": dict(BASE, model_type="olmoe", num_experts=4, num_experts_per_tok=2, norm_topk_prob=False),
+    "dots1": dict(
+        BASE, model_type="dots1", head_dim=16, n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
+        n_shared_experts=2, first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5, n_group=4,
+        topk_group=2,
+    ),
 }
 
 
@@ -86,7 +91,7 @@ def test_cached_decode_matches_mlx_lm(family):
         assert mx.allclose(a, full[:, lo:hi], atol=1e-4, rtol=1e-4).item(), (lo, hi)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "dots1"])
 def test_moe_prefill_sorted_by_expert_matches_mlx_lm(family):
     """40 tokens x k experts is past the point where experts are run sorted by expert id."""
     ours, ref = _random_pair(FAMILIES[family])

@@ -38,14 +38,14 @@ _MIXTRAL_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _MODES = ("affine", "mxfp4", "mxfp8", "nvfp4")  # MLX's quantization modes
 
 
-def expert_stacks(names: list[str]) -> dict[str, list[str]]:
-    """Stacked name (``...switch_mlp.gate_proj.weight``) -> the per-expert names, in expert order."""
+def expert_stacks(names: list[str], stack: str = "switch_mlp") -> dict[str, list[str]]:
+    """Stacked name (``...<stack>.gate_proj.weight``) -> the per-expert names, in expert order."""
     groups: dict[str, dict[int, str]] = {}
     for name in names:
         m = _EXPERT.match(name)
         if m:
             prefix, e, proj, leaf = m.groups()
-            groups.setdefault(f"{prefix}.switch_mlp.{_MIXTRAL_PROJ.get(proj, proj)}.{leaf}", {})[int(e)] = name
+            groups.setdefault(f"{prefix}.{stack}.{_MIXTRAL_PROJ.get(proj, proj)}.{leaf}", {})[int(e)] = name
     for stacked, members in groups.items():
         if sorted(members) != list(range(len(members))):
             raise UserError(f"experts for '{stacked}' are not numbered 0..{len(members) - 1}")
@@ -129,7 +129,7 @@ class HFSource:
                     continue
                 self.index[ours] = (file, name, info)
         self.quant = self._quantized_modules(raw)
-        self.stacks = expert_stacks(list(self.index))
+        self.stacks = expert_stacks(list(self.index), self.config.expert_stack_name)
 
     def _quantized_modules(self, raw: dict[str, Any]) -> dict[str, tuple[int, int, str]]:
         """Module path -> (group_size, bits, mode) for every module stored with ``.scales``."""

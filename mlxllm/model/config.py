@@ -30,6 +30,10 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "qwen2_moe": {"attention_bias": True},
     "qwen3_moe": {"qk_norm": True},
     "olmoe": {"qk_norm": True, "qk_norm_per_head": False},
+    # dots.llm1: DeepSeek-V3's MoE (sigmoid scores + selection bias, group-limited top-k, scaled
+    # weights, ungated shared experts, first layers dense) under Qwen3-style attention.
+    "dots1": {"qk_norm": True, "router": "sigmoid_group", "expert_stack_name": "experts",
+              "shared_expert_gate": False},
 }
 # Names under which the same families appear elsewhere (HF multimodal wrappers, GGUF).
 ALIASES = {"gemma3": "gemma3_text", "smollm2": "llama", "smollm": "llama", "qwen2moe": "qwen2_moe",
@@ -85,7 +89,12 @@ class ModelConfig:
     moe_intermediate_size: int | None = None  # expert width (default: intermediate_size)
     shared_expert_intermediate_size: int | None = None  # an always-on, sigmoid-gated shared expert
     norm_topk_prob: bool = False
-    router: str = "softmax_topk"  # or "topk_softmax" (Mixtral)
+    router: str = "softmax_topk"  # or "topk_softmax" (Mixtral), "sigmoid_group" (DeepSeek-V3 style)
+    n_group: int = 1  # sigmoid_group: experts fall in n_group groups; only the topk_group best are eligible
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    expert_stack_name: str = "switch_mlp"  # parameter name of the stacked experts
+    shared_expert_gate: bool = True  # the shared expert's output is sigmoid-gated (Qwen2-MoE) or not
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
     ffn_name: str = "mlp"  # the feed-forward's parameter name ("block_sparse_moe" in Mixtral)
@@ -112,7 +121,7 @@ class ModelConfig:
             )
         if self.activation not in ("silu", "gelu_tanh"):
             raise UserError(f"unsupported activation '{self.activation}'")
-        if self.router not in ("softmax_topk", "topk_softmax"):
+        if self.router not in ("softmax_topk", "topk_softmax", "sigmoid_group"):
             raise UserError(f"unsupported MoE router '{self.router}'")
         if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
             raise UserError(f"num_experts_per_tok must be in 1..{self.num_experts}, got {self.num_experts_per_tok}")
@@ -148,8 +157,13 @@ class ModelConfig:
         values.update({k: v for k, v in config.items() if k in names and v is not None})
         values["model_type"] = family
         values["extra"] = {k: v for k, v in config.items() if k not in names}
-        if "num_local_experts" in config:  # Mixtral's name
-            values["num_experts"] = config["num_local_experts"]
+        for name in ("num_local_experts", "n_routed_experts"):  # Mixtral's and DeepSeek's names
+            if name in config:
+                values["num_experts"] = config[name]
+        if config.get("n_shared_experts"):  # DeepSeek style: n experts' width, always on
+            values["shared_expert_intermediate_size"] = config["n_shared_experts"] * config["moe_intermediate_size"]
+        if config.get("first_k_dense_replace"):
+            values["mlp_only_layers"] = list(range(config["first_k_dense_replace"]))
         if "rope_parameters" in config and "rope_theta" not in config:  # transformers >= 5 layout
             params = config["rope_parameters"]
             if "full_attention" in params:
@@ -164,7 +178,7 @@ class ModelConfig:
             values["layer_types"] = ["sliding_attention"] * values["num_hidden_layers"]
         elif family in ("qwen2", "qwen2_moe") and not config.get("use_sliding_window"):
             values["sliding_window"] = None
-        elif family in ("llama", "qwen3", "qwen3_moe", "olmoe"):
+        elif family in ("llama", "qwen3", "qwen3_moe", "olmoe", "dots1"):
             values.pop("sliding_window", None)
         try:
             return cls(**values)

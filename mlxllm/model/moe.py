@@ -117,39 +117,76 @@ class ExpertMLPs(nn.Module):
         return self.down_proj(self.act(gate) * up, experts, sorted_experts)
 
 
-def route(logits: mx.array, cfg: ModelConfig) -> tuple[mx.array, mx.array]:
+def route(logits: mx.array, cfg: ModelConfig, bias: mx.array | None = None) -> tuple[mx.array, mx.array]:
     """Router logits ``[..., experts]`` -> (weights ``[..., k]``, expert ids ``[..., k]``).
 
     ``softmax_topk``: probabilities over all experts, keep the k largest (renormalised when
-    ``norm_topk_prob``); ``topk_softmax`` (Mixtral): keep the k largest logits, softmax over them."""
+    ``norm_topk_prob``); ``topk_softmax`` (Mixtral): keep the k largest logits, softmax over them;
+    ``sigmoid_group`` (DeepSeek-V3): sigmoid scores; experts are *chosen* by score + ``bias`` (the
+    auxiliary-loss-free balancing bias) among the ``topk_group`` groups whose two best experts score
+    highest, *weighted* by the plain scores (renormalised when ``norm_topk_prob``), times
+    ``routed_scaling_factor``."""
     k = cfg.num_experts_per_tok
     if cfg.router == "topk_softmax":
         ids = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]
         return mx.softmax(mx.take_along_axis(logits, ids, axis=-1), axis=-1, precise=True), ids
-    probs = mx.softmax(logits, axis=-1, precise=True)
-    ids = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]
+    if cfg.router == "sigmoid_group":
+        probs = mx.sigmoid(logits.astype(mx.float32))
+        choice = probs + bias
+        dropped = cfg.n_group - cfg.topk_group
+        if dropped:
+            groups = mx.unflatten(choice, -1, (cfg.n_group, -1))
+            group_score = mx.topk(groups, 2, axis=-1).sum(axis=-1, keepdims=True)
+            worst = mx.argpartition(group_score, kth=dropped - 1, axis=-2)[..., :dropped, :]
+            choice = mx.flatten(mx.put_along_axis(groups, worst, mx.array(0.0), axis=-2), -2, -1)
+    else:
+        probs = choice = mx.softmax(logits, axis=-1, precise=True)
+    ids = mx.argpartition(-choice, kth=k - 1, axis=-1)[..., :k]
     weights = mx.take_along_axis(probs, ids, axis=-1)
-    if cfg.norm_topk_prob:
+    if cfg.norm_topk_prob and k > 1:
         weights = weights / weights.sum(axis=-1, keepdims=True)
-    return weights, ids
+    return weights * cfg.routed_scaling_factor if cfg.routed_scaling_factor != 1.0 else weights, ids
+
+
+class GroupRouter(nn.Module):
+    """DeepSeek-V3-style router parameters: a score projection and the per-expert selection bias."""
+
+    def __init__(self, dims: int, num_experts: int):
+        super().__init__()
+        self.weight = mx.zeros((num_experts, dims))
+        self.e_score_correction_bias = mx.zeros((num_experts,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return x @ self.weight.T
 
 
 class MoE(nn.Module):
-    """Router + experts (+ an always-on shared expert, optionally gated, as in Qwen2-MoE)."""
+    """Router + experts (+ an always-on shared expert, sigmoid-gated as in Qwen2-MoE or not as in
+    DeepSeek). Parameter names follow each family's checkpoints (``switch_mlp`` / ``experts``,
+    ``shared_expert`` / ``shared_experts``)."""
 
     def __init__(self, cfg: ModelConfig, act, dense_mlp):
         super().__init__()
         self.cfg = cfg
         hidden = cfg.moe_intermediate_size or cfg.intermediate_size
-        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
-        self.switch_mlp = ExpertMLPs(cfg.hidden_size, hidden, cfg.num_experts, cfg.num_experts_per_tok, act)
+        if cfg.router == "sigmoid_group":
+            self.gate = GroupRouter(cfg.hidden_size, cfg.num_experts)
+        else:
+            self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.stack_name = cfg.expert_stack_name
+        setattr(self, self.stack_name, ExpertMLPs(cfg.hidden_size, hidden, cfg.num_experts, cfg.num_experts_per_tok, act))
+        self.shared_name = None
         if cfg.shared_expert_intermediate_size:
-            self.shared_expert = dense_mlp(cfg.shared_expert_intermediate_size)
-            self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+            self.shared_name = "shared_expert" if cfg.shared_expert_gate else "shared_experts"
+            setattr(self, self.shared_name, dense_mlp(cfg.shared_expert_intermediate_size))
+            if cfg.shared_expert_gate:
+                self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        weights, experts = route(self.gate(x), self.cfg)
-        y = (self.switch_mlp(x, mx.stop_gradient(experts)) * weights[..., None]).sum(axis=-2)
-        if "shared_expert" in self:
-            y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        bias = self.gate.get("e_score_correction_bias")
+        weights, experts = route(self.gate(x), self.cfg, bias)
+        y = (self[self.stack_name](x, mx.stop_gradient(experts)) * weights[..., None]).sum(axis=-2).astype(x.dtype)
+        if self.shared_name:
+            shared = self[self.shared_name](x)
+            y = y + (mx.sigmoid(self.shared_expert_gate(x)) * shared if "shared_expert_gate" in self else shared)
         return y
