@@ -17,7 +17,7 @@ import pytest
 
 import mlx.core as mx
 from gguf import GGMLQuantizationType as T
-from gguf import GGUFWriter, RopeScalingType
+from gguf import ExpertGatingFuncType, GGUFWriter, RopeScalingType
 from gguf.quants import dequantize, quantize
 from mlx.utils import tree_flatten, tree_unflatten
 
@@ -53,6 +53,9 @@ FAMILIES = {
     "qwen3moe": (dict(BASE, model_type="qwen3_moe", head_dim=32, num_experts=4, num_experts_per_tok=2,
                       moe_intermediate_size=32, norm_topk_prob=True), "qwen3moe"),
     "olmoe": (dict(BASE, model_type="olmoe", num_key_value_heads=4, num_experts=4, num_experts_per_tok=2), "olmoe"),
+    "dots1": (dict(BASE, model_type="dots1", head_dim=32, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+                   moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1, norm_topk_prob=True,
+                   routed_scaling_factor=2.0), "dots1"),
 }
 TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.F16, T.BF16, T.Q5_1]
 TOKENS = [[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43]]
@@ -75,7 +78,10 @@ TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "o
 def gguf_name(name: str, arch: str) -> str:
     if name in TOP:
         return TOP[name]
-    name = name.replace(".block_sparse_moe.", ".mlp.")
+    name = name.replace(".block_sparse_moe.", ".mlp.").replace(".mlp.experts.", ".mlp.switch_mlp.")
+    name = name.replace(".shared_experts.", ".shared_expert.")
+    if name.endswith(".gate.e_score_correction_bias"):
+        return f"blk.{name.split('.')[2]}.exp_probs_b.bias"
     layer, module, leaf = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name).groups()
     return f"blk.{layer}.{(GEMMA_LAYER if arch == 'gemma3' else LAYER)[module]}.{leaf}"
 
@@ -126,7 +132,7 @@ def write_gguf(path, cfg: dict, arch: str, weights: dict[str, np.ndarray]) -> di
     w.add_vocab_size(cfg["vocab_size"])
     if arch == "gemma3":
         w.add_sliding_window(cfg["sliding_window"])
-    experts = cfg.get("num_experts") or cfg.get("num_local_experts")
+    experts = cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts")
     if experts:
         w.add_expert_count(experts)
         w.add_expert_used_count(cfg["num_experts_per_tok"])
@@ -134,6 +140,12 @@ def write_gguf(path, cfg: dict, arch: str, weights: dict[str, np.ndarray]) -> di
             w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
         if "shared_expert_intermediate_size" in cfg:
             w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
+        if arch == "dots1":  # DeepSeek-V3-style metadata
+            w.add_expert_shared_count(cfg["n_shared_experts"])
+            w.add_leading_dense_block_count(cfg["first_k_dense_replace"])
+            w.add_expert_weights_scale(cfg["routed_scaling_factor"])
+            w.add_expert_weights_norm(cfg["norm_topk_prob"])
+            w.add_expert_gating_func(ExpertGatingFuncType.SIGMOID)
     scaling = cfg.get("rope_scaling") or {}
     if scaling.get("rope_type") == "linear":
         w.add_rope_scaling_type(RopeScalingType.LINEAR)
@@ -195,7 +207,9 @@ def test_synthetic_files_agree_with_llama_cpp(family, tmp_path):
     # depth: 0.01 after 2 layers, 0.11 after Gemma's 6 sandwich-normed ones), rare near-tie flips
     assert np.abs(ours - ref).max() < 0.04 * np.abs(ref).max()
     assert min(np.corrcoef(ours[i], ref[i])[0, 1] for i in range(len(ref))) > 0.999
-    assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 12 / 13
+    top2 = np.sort(ours, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * np.abs(ours - ref).max()  # not a near-tie within the error
+    assert clear.sum() >= 6 and (ours.argmax(-1) == ref.argmax(-1))[clear].all()
 
 
 def test_gguf_round_trip_float32(synthetic):

@@ -93,10 +93,11 @@ _LAYER_NAMES = {
     "ffn_up_shexp": "mlp.shared_expert.up_proj",
     "ffn_down_shexp": "mlp.shared_expert.down_proj",
     "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    "exp_probs_b": "mlp.gate",
 }
 # llama.cpp's default renormalisation of the top-k expert weights per architecture (norm_w in its
 # graph); a file may say otherwise with `<arch>.expert_weights_norm`.
-_MOE_NORM = {"llama": True, "qwen2moe": False, "qwen3moe": True, "olmoe": False}
+_MOE_NORM = {"llama": True, "qwen2moe": False, "qwen3moe": True, "olmoe": False, "dots1": False}
 # Gemma's sandwich norms: llama.cpp's ffn_norm is the norm *before* the MLP there.
 _GEMMA_LAYER_NAMES = {
     **_LAYER_NAMES,
@@ -280,6 +281,15 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfi
         )
         if family == "llama":  # Mixtral is stored as a llama with experts
             config["model_type"] = "mixtral"
+        if family == "dots1":  # DeepSeek-V3-style routing
+            shared = get("expert_shared_count", 0)
+            config.update(
+                shared_expert_intermediate_size=shared * config["moe_intermediate_size"] or None,
+                mlp_only_layers=list(range(get("leading_dense_block_count", 0))),
+                routed_scaling_factor=get("expert_weights_scale", 1.0),
+                n_group=get("expert_group_count", 1),
+                topk_group=get("expert_group_used_count", 1),
+            )
     if family == "gemma3_text":
         config.update(
             sliding_window=get("attention.sliding_window", None),
@@ -306,6 +316,10 @@ def hf_name(name: str, family: str) -> str:
         module = table[parts[2]]
         if family == "mixtral" and module.startswith("mlp.") and parts[2].endswith(("_inp", "_exps")):
             module = "block_sparse_moe." + module[len("mlp."):]
+        if family == "dots1":  # DeepSeek names: experts / shared_experts, the router's selection bias
+            module = module.replace("mlp.switch_mlp.", "mlp.experts.").replace("mlp.shared_expert.", "mlp.shared_experts.")
+            if parts[2] == "exp_probs_b":
+                return f"model.layers.{parts[1]}.mlp.gate.e_score_correction_bias"
         return ".".join(["model.layers", parts[1], module, *parts[3:]])
     return name
 
