@@ -221,3 +221,16 @@ def test_dots1_per_expert_tensors_are_stacked_under_experts(tmp_path):
     mx.save_safetensors(str(tmp_path / "model.safetensors"), hf, metadata={"format": "pt"})
     tokens = mx.array([[1, 5, 9, 13, 2]])
     assert mx.allclose(load_model(tmp_path, compute="float32")(tokens), ours(tokens), atol=1e-5).item()
+
+
+def test_info_counts_active_parameters(tmp_path):
+    from mlxllm.convert import save_model
+    from mlxllm.load import describe_model
+
+    model = Model(_cfg())
+    mx.eval(model.parameters())
+    flat = tree_flatten(model.parameters())
+    routed = sum(v.size for k, v in flat if ".switch_mlp." in k)
+    facts = describe_model(save_model(model, tmp_path / "m"))
+    assert facts["experts"] == "6 (2 active per token)"
+    assert facts["active_parameters"] == sum(v.size for _, v in flat) - routed + routed * 2 // 6

@@ -158,12 +158,19 @@ def describe_model(path: str | Path | None = None, *, kquant: str = "q8") -> dic
         auto = choose_target("auto", specs, kquant)
     except UserError:
         auto = None
+    total = sum(s.elements for s in specs)
+    moe: dict[str, Any] = {}
+    if cfg.num_experts:  # stacked (switch_mlp / experts) or per-expert (experts.N) tensors
+        routed = sum(s.elements for s in specs if ".switch_mlp." in s.name or ".experts." in s.name)
+        moe = {"experts": f"{cfg.num_experts} ({cfg.num_experts_per_tok} active per token)",
+               "active_parameters": total - routed + routed * cfg.num_experts_per_tok // cfg.num_experts}
     return {
         "path": str(source.path),
         "format": source.format,
         "architecture": source.arch,
         "family": cfg.model_type,
-        "parameters": sum(s.elements for s in specs),
+        "parameters": total,
+        **moe,
         "layers": cfg.num_hidden_layers,
         "hidden_size": cfg.hidden_size,
         "vocab_size": cfg.vocab_size,
