@@ -60,7 +60,8 @@ def sweep_table(reports: list[dict]) -> list[str]:
 
 
 def main(paths: list[str]) -> None:
-    reports = [json.loads(Path(p).read_text()) for p in paths if p.endswith(".json")]
+    loaded = [json.loads(Path(p).read_text()) for p in paths if p.endswith(".json")]
+    reports = [r for r in loaded if "machine" in r and "results" in r]  # `mlxllm bench` reports only
     if not reports:
         raise SystemExit("no reports given: run bench/run_all.sh (or mlxllm bench --json) first")
     print(machine_line(reports[0]) + "\n")

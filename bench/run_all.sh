@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 N=${N:-5}
 OUT=${OUT:-bench/results}
-RANDOM_MODELS=${RANDOM_MODELS:-llama-3.2-1b,qwen3-30b-a3b-4l}
+RANDOM_MODELS=${RANDOM_MODELS:-llama-3.2-1b,qwen3-30b-a3b-4l,llama-3.1-8b}
 mkdir -p "$OUT"
 bench() { "$PY" -m mlxllm bench "$@"; }
 SMOL=$("$PY" -c "import mlxllm.load as l; print(l.default_model_path())")
@@ -27,4 +27,5 @@ for m in ${RANDOM_MODELS//,/ }; do
   bench -m "bench/ckpt/$m-4bit-random" -p 128 -g 16 "${peers[@]}" --json "$OUT/$m-4bit-random.json"
 done
 "$PY" bench/render.py "$OUT"/*.json > "$OUT/tables.md"
-cat "$OUT/tables.md"
+"$PY" bench/perplexity.py --tokens 4096 --json "$OUT/perplexity.json" > "$OUT/perplexity.md"  # ~25 min
+cat "$OUT/tables.md" "$OUT/perplexity.md"
