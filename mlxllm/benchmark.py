@@ -13,7 +13,7 @@ import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -66,13 +66,20 @@ def decode_weight_bytes(model: nn.Module, batch: int = 1) -> int:
     return round(total)
 
 
-def kv_bytes(model: nn.Module, context: int, batch: int = 1, dtype: mx.Dtype = mx.float32) -> int:
-    """Bytes of K and V a decode step at ``context`` positions reads (sliding layers hold their window)."""
+def kv_bytes(model: nn.Module, context: int, batch: int = 1, dtype: mx.Dtype = mx.float32,
+             kv_bits: int | None = None, kv_group_size: int = 64) -> int:
+    """Bytes of K and V a decode step at ``context`` positions reads (sliding layers hold their window
+    in ``dtype``; with ``kv_bits`` the global layers hold packed values plus a scale and bias per group)."""
     cfg = model.config
-    per_position = 2 * cfg.num_key_value_heads * cfg.head_dim * dtype.size
-    held = sum(min(context, cfg.sliding_window) if cfg.is_sliding(i) else context
-               for i in range(cfg.num_hidden_layers))
-    return batch * held * per_position
+    per_head = cfg.head_dim * dtype.size
+    quantized = cfg.head_dim * kv_bits // 8 + 2 * (cfg.head_dim // kv_group_size) * dtype.size if kv_bits else per_head
+    total = 0
+    for i in range(cfg.num_hidden_layers):
+        if cfg.is_sliding(i):
+            total += min(context, cfg.sliding_window) * per_head
+        else:
+            total += context * quantized
+    return batch * 2 * cfg.num_key_value_heads * total
 
 
 def _macs_per_token(module: nn.Module) -> int:
@@ -202,7 +209,7 @@ def prompt_text(tokenizer: Any, tokens: int) -> str:
 
 
 def run_trial(model: Any, tokenizer: Any, text: str, gen_tokens: int, batch: int = 1,
-              prefill_step_size: int = 512) -> Trial:
+              prefill_step_size: int = 512, kv_bits: int | None = None, kv_group_size: int = 64) -> Trial:
     """One greedy generation of exactly ``gen_tokens`` steps (EOS ignored, as llama-bench does),
     timed from the call, tokenization included, to the last token."""
     mx.synchronize()
@@ -213,7 +220,9 @@ def run_trial(model: Any, tokenizer: Any, text: str, gen_tokens: int, batch: int
     prompt = mx.array([ids] * batch, dtype=mx.int32)
     stamps = []
     with wired_limit(model):
-        for tokens, _ in generate_tokens(prompt, model, max_tokens=gen_tokens, prefill_step_size=prefill_step_size):
+        cache = model.make_cache(kv_bits, kv_group_size)
+        for tokens, _ in generate_tokens(prompt, model, max_tokens=gen_tokens, prefill_step_size=prefill_step_size,
+                                         prompt_cache=cache):
             tokens.tolist()  # the one host sync per step, as in generation
             stamps.append(time.perf_counter())
     n = len(stamps)
@@ -257,21 +266,23 @@ def activation_dtype(model: Any) -> mx.Dtype:
 
 
 def bench_length(model: Any, tokenizer: Any, prompt_tokens: int, gen_tokens: int, trials: int,
-                 peaks: dict[str, Any], batch: int = 1, on_trial: Callable[[], None] | None = None) -> LengthResult:
+                 peaks: dict[str, Any], batch: int = 1, on_trial: Callable[[], None] | None = None,
+                 kv: dict[str, Any] | None = None) -> LengthResult:
     """Warm up once, then ``trials`` timed runs at one prompt length, with bandwidth and FLOP/s."""
     text = prompt_text(tokenizer, prompt_tokens)
-    run_trial(model, tokenizer, text, min(gen_tokens, 2), batch)  # warm-up: kernels, allocator
+    kv = kv or {}  # kv_bits / kv_group_size of a quantized KV cache
+    run_trial(model, tokenizer, text, min(gen_tokens, 2), batch, **kv)  # warm-up: kernels, allocator
     runs = []
     for _ in range(trials):
-        runs.append(run_trial(model, tokenizer, text, gen_tokens, batch))
+        runs.append(run_trial(model, tokenizer, text, gen_tokens, batch, **kv))
         if on_trial:
             on_trial()
     p = runs[0].prompt_tokens
     weights = decode_weight_bytes(model, batch)
-    kv = kv_bytes(model, p + gen_tokens // 2, batch, activation_dtype(model))
+    kv_step = kv_bytes(model, p + gen_tokens // 2, batch, activation_dtype(model), **kv)
     decode = summary(r.decode_tps for r in runs)
     steps_per_s = decode["median"] / batch if decode else None
-    gbps = (weights + kv) * steps_per_s / 1e9 if steps_per_s else None
+    gbps = (weights + kv_step) * steps_per_s / 1e9 if steps_per_s else None
     prefill = summary(r.prefill_tps for r in runs)
     gflops = prefill_flops(model, p) / p * prefill["median"] / 1e9  # tok/s counts every row of the batch
     return LengthResult(
@@ -281,7 +292,7 @@ def bench_length(model: Any, tokenizer: Any, prompt_tokens: int, gen_tokens: int
         decode_tps=decode,
         peak_memory_gb=summary(r.peak_memory_gb for r in runs),
         weight_bytes_per_step=weights,
-        kv_bytes_per_step=kv,
+        kv_bytes_per_step=kv_step,
         decode_gbps=gbps,
         decode_pct_of_peak=100 * gbps / peaks["read_gbps"] if gbps else None,
         prefill_gflops=gflops,
@@ -290,21 +301,33 @@ def bench_length(model: Any, tokenizer: Any, prompt_tokens: int, gen_tokens: int
     )
 
 
-def sweep_lengths(model: Any, batch: int = 1, top: int = 32768) -> list[int]:
+def sweep_lengths(model: Any, batch: int = 1, top: int = 32768, kv: dict[str, Any] | None = None) -> list[int]:
     """Default context sweep: powers of two from 1K up to 32K, the model's context, or what the KV
     cache can hold in the memory left after the weights."""
     cfg = model.config
     free = backend.device_memory() * 0.8 - decode_weight_bytes(model)
     lengths, c = [], 1024
     while c <= min(top, cfg.max_position_embeddings - 64):
-        if kv_bytes(model, c, batch, activation_dtype(model)) > free:
+        if kv_bytes(model, c, batch, activation_dtype(model), **(kv or {})) > free:
             break
         lengths.append(c)
         c *= 2
     return lengths
 
 
-def check_lengths(model: Any, lengths: list[int], gen_tokens: int, batch: int) -> None:
+def check_kv(model: Any, kv_bits: int | None, kv_group_size: int) -> dict[str, Any]:
+    """Validate a quantized-KV request against MLX and the model's head size; the settings to pass on."""
+    if kv_bits is None:
+        return {}
+    if kv_bits not in (2, 3, 4, 5, 6, 8):
+        raise UserError(f"--kv-bits takes 2, 3, 4, 5, 6 or 8, not {kv_bits}")
+    if kv_group_size not in (32, 64, 128) or model.config.head_dim % kv_group_size:
+        raise UserError(f"--kv-group-size must be 32, 64 or 128 and divide the head size "
+                        f"{model.config.head_dim}, got {kv_group_size}")
+    return {"kv_bits": kv_bits, "kv_group_size": kv_group_size}
+
+
+def check_lengths(model: Any, lengths: list[int], gen_tokens: int, batch: int, kv: dict[str, Any] | None = None) -> None:
     """Refuse prompt lengths the model's context or the memory cannot take, in one line."""
     cfg = model.config
     free = backend.device_memory() * 0.8 - decode_weight_bytes(model)
@@ -314,7 +337,7 @@ def check_lengths(model: Any, lengths: list[int], gen_tokens: int, batch: int) -
         if p + gen_tokens > cfg.max_position_embeddings:
             raise UserError(f"{p} prompt + {gen_tokens} generated tokens exceed the model's context "
                             f"of {cfg.max_position_embeddings}")
-        need = kv_bytes(model, p + gen_tokens, batch, activation_dtype(model))
+        need = kv_bytes(model, p + gen_tokens, batch, activation_dtype(model), **(kv or {}))
         if need > free:
             raise UserError(f"a {p}-token prompt needs {need / 2**30:.1f} GiB of KV cache; "
                             f"about {max(free, 0) / 2**30:.1f} GiB is free after the weights")
@@ -325,9 +348,10 @@ def check_lengths(model: Any, lengths: list[int], gen_tokens: int, batch: int) -
 
 def run_bench(model_spec: str | None, *, compute: str = "auto", lengths: list[int], gen_tokens: int = 128,
               trials: int = 5, batch: int = 1, sweep: list[int] | None = (), sweep_gen: int = 16,
-              peers: list[str] = ()) -> dict[str, Any]:
+              peers: Sequence[str] = (), kv_bits: int | None = None, kv_group_size: int = 64) -> dict[str, Any]:
     """Load the model, measure the device's peaks, time every prompt length, the context sweep
-    (``None``: the default lengths) and the peers; return every number with the machine."""
+    (``None``: the default lengths) and the peers; return every number with the machine.
+    ``kv_bits`` quantizes the KV cache of the global attention layers (groups of ``kv_group_size``)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .load import load, resolve
@@ -336,9 +360,10 @@ def run_bench(model_spec: str | None, *, compute: str = "auto", lengths: list[in
     path = resolve(model_spec)
     model, tokenizer = load(path, compute=compute)
     report_line = model.load_report
-    check_lengths(model, lengths, gen_tokens, batch)
-    sweep = sweep_lengths(model, batch) if sweep is None else list(sweep)
-    check_lengths(model, sweep, sweep_gen, batch)
+    kv = check_kv(model, kv_bits, kv_group_size)
+    check_lengths(model, lengths, gen_tokens, batch, kv)
+    sweep = sweep_lengths(model, batch, kv=kv) if sweep is None else list(sweep)
+    check_lengths(model, sweep, sweep_gen, batch, kv)
     weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     step_weights = decode_weight_bytes(model, batch)
     n_peers = len(peers) + 1 if peers else 0
@@ -353,12 +378,12 @@ def run_bench(model_spec: str | None, *, compute: str = "auto", lengths: list[in
         for p in lengths:
             progress.update(task, description=f"prompt {p}")
             results.append(bench_length(model, tokenizer, p, gen_tokens, trials, peaks, batch,
-                                        on_trial=lambda: progress.advance(task)))
+                                        on_trial=lambda: progress.advance(task), kv=kv))
         points = []
         for c in sweep:
             progress.update(task, description=f"sweep {c}")
-            t = run_trial(model, tokenizer, prompt_text(tokenizer, c), sweep_gen, batch)
-            step_bytes = step_weights + kv_bytes(model, c + sweep_gen // 2, batch, dtype)
+            t = run_trial(model, tokenizer, prompt_text(tokenizer, c), sweep_gen, batch, **kv)
+            step_bytes = step_weights + kv_bytes(model, c + sweep_gen // 2, batch, dtype, **kv)
             points.append({**asdict(t), "context": t.prompt_tokens,
                            "decode_gbps": step_bytes * t.decode_tps / batch / 1e9 if t.decode_tps else None})
             progress.advance(task)
@@ -376,7 +401,7 @@ def run_bench(model_spec: str | None, *, compute: str = "auto", lengths: list[in
                   "detail": report_line.detail, "weight_bytes": weight_bytes, "decode_weight_bytes": step_weights,
                   "load_s": report_line.seconds, "activation_dtype": str(dtype).removeprefix("mlx.core.")},
         "settings": {"prompt_lengths": lengths, "gen_tokens": gen_tokens, "trials": trials, "batch_size": batch,
-                     "sweep_gen_tokens": sweep_gen},
+                     "sweep_gen_tokens": sweep_gen, "kv_bits": kv_bits, "kv_group_size": kv_group_size if kv_bits else None},
         "results": [asdict(r) for r in results],
         "sweep": points,
         "compare": peer_report,

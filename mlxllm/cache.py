@@ -70,6 +70,65 @@ class KVCache:
         return [] if self.keys is None else [self.keys, self.values]
 
 
+class QuantizedKVCache(KVCache):
+    """Keys and values stored MLX-quantized (``bits`` per element, groups of ``group_size`` along the
+    head dimension), appended in place like ``KVCache``; attention reads them with quantized matmuls
+    (``quantized_attention``), so the cache never exists in 16/32-bit form."""
+
+    def __init__(self, bits: int = 8, group_size: int = 64) -> None:
+        super().__init__()
+        self.bits, self.group_size = bits, group_size
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[tuple, tuple]:
+        n = keys.shape[2]
+        end = self.offset + n
+        new = [mx.quantize(x, self.group_size, self.bits) for x in (keys, values)]
+        if self.keys is None or end > self.keys[0].shape[2]:
+            grow = ((n + self.step - 1) // self.step) * self.step
+
+            def widen(held: tuple | None, like: tuple) -> tuple:
+                blank = tuple(mx.zeros((*a.shape[:2], grow, a.shape[3]), a.dtype) for a in like)
+                if held is None:
+                    return blank
+                return tuple(mx.concatenate([h[..., : self.offset, :], b], axis=2) for h, b in zip(held, blank))
+
+            self.keys, self.values = widen(self.keys, new[0]), widen(self.values, new[1])
+        for held, fresh in zip((self.keys, self.values), new):
+            for h, f in zip(held, fresh):
+                h[..., self.offset : end, :] = f
+        self.offset = end
+        return tuple(a[..., :end, :] for a in self.keys), tuple(a[..., :end, :] for a in self.values)
+
+    @property
+    def nbytes(self) -> int:
+        if self.keys is None:
+            return 0
+        return sum(a.nbytes for a in (*self.keys, *self.values)) * self.offset // self.keys[0].shape[2]
+
+    @property
+    def state(self) -> list[mx.array]:
+        return [] if self.keys is None else [*self.keys, *self.values]
+
+
+def quantized_attention(q: mx.array, keys: tuple, values: tuple, scale: float, mask: Mask, group_size: int,
+                        bits: int) -> mx.array:
+    """Attention of ``q [B, Hq, L, D]`` over quantized K/V ``[B, Hkv, S, ...]`` (GQA: each K/V head serves
+    ``Hq / Hkv`` query heads): scores and the value mix are quantized matmuls."""
+    B, Hq, L, D = q.shape
+    Hkv, S = keys[0].shape[1], keys[0].shape[2]
+    q = (q * scale).reshape(B, Hkv, Hq // Hkv, L, D)
+    k = tuple(a[:, :, None] for a in keys)
+    v = tuple(a[:, :, None] for a in values)
+    scores = mx.quantized_matmul(q, *k, transpose=True, group_size=group_size, bits=bits)
+    if isinstance(mask, str):  # "causal": the L queries are the last L of the S positions
+        mask = causal_mask(S - L, L, 0, S, None)
+    if mask is not None:
+        scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
+    probs = mx.softmax(scores, axis=-1, precise=True)
+    out = mx.quantized_matmul(probs, *v, transpose=False, group_size=group_size, bits=bits)
+    return out.reshape(B, Hq, L, -1)
+
+
 class RotatingKVCache:
     """Keeps only the last ``window`` positions; a decode step overwrites the oldest slot in place.
 

@@ -215,12 +215,14 @@ def _int_list(value: str | None, option: str) -> list[int]:
 @click.option("--sweep", default=None, help="Context lengths for the decode/TTFT sweep (default with --plot: "
               "1K..32K, capped by the context and memory).")
 @click.option("--sweep-gen", type=click.IntRange(min=2), default=16, show_default=True)
+@click.option("--kv-bits", type=int, default=None, help="Quantize the KV cache to this many bits (e.g. 4, 8).")
+@click.option("--kv-group-size", type=int, default=64, show_default=True)
 @click.option("--compare", "peers", default=None, help="Peers to run side by side: mlx-lm, llama.cpp.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write every number here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Draw the context sweep as a PNG (needs matplotlib: pip install 'mlxllm[plot]').")
-def bench(model_spec, compute, verbose, prompt_lengths, gen_tokens, trials, batch_size, sweep, sweep_gen, peers,
-          json_path, plot_path) -> None:
+def bench(model_spec, compute, verbose, prompt_lengths, gen_tokens, trials, batch_size, sweep, sweep_gen, kv_bits,
+          kv_group_size, peers, json_path, plot_path) -> None:
     """Time to first token, prefill and decode speed, and decode bandwidth against the device's peak."""
     from . import benchmark as bm
 
@@ -240,6 +242,7 @@ def bench(model_spec, compute, verbose, prompt_lengths, gen_tokens, trials, batc
     report = bm.run_bench(
         model_spec, compute=compute, lengths=lengths, gen_tokens=gen_tokens, trials=trials, batch=batch_size,
         sweep=sweep_lengths or (None if plot_path else []), sweep_gen=sweep_gen, peers=peer_list,
+        kv_bits=kv_bits, kv_group_size=kv_group_size,
     )
     bm.print_report(report)
     if json_path:

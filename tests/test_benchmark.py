@@ -118,7 +118,7 @@ def _write_tokenizer(path):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A random llama with a byte-level tokenizer (vocab 256 + padding), written by ``save_model``."""
-    model = random_model({**CONFIG, "vocab_size": 260, "max_position_embeddings": 200}, mx.float32)
+    model = random_model({**CONFIG, "vocab_size": 260, "max_position_embeddings": 200, "head_dim": 32}, mx.float32)
     path = save_model(model, tmp_path_factory.mktemp("bench") / "tiny")
     _write_tokenizer(path)
     return path
@@ -232,3 +232,44 @@ def test_prompt_text_has_the_length_asked(smollm2_path):
     tok = Tokenizer.from_gguf(smollm2_path)
     for n in (16, 300):
         assert abs(len(tok.encode(bm.prompt_text(tok, n))) - n) <= 2
+
+
+@pytest.mark.parametrize("bits, atol", [(8, 0.02), (4, 0.2)])
+def test_quantized_kv_cache_decodes_like_the_float_cache(bits, atol):
+    """Chunked prefill + token-by-token decode through a quantized KV cache (GQA) tracks the full
+    forward pass; 8-bit keeps every argmax."""
+    model = random_model({**CONFIG, "head_dim": 64}, mx.float32)
+    tokens = mx.array([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43]])
+    full = model(tokens)
+    cache = model.make_cache(kv_bits=bits, kv_group_size=32)
+    got = mx.concatenate([model(tokens[:, :5], cache=cache)] + [model(tokens[:, i : i + 1], cache=cache)
+                                                              for i in range(5, 13)], axis=1)  # fmt: skip
+    assert float(mx.abs(got - full).max()) < atol
+    if bits == 8:
+        assert mx.array_equal(got.argmax(-1), full.argmax(-1)).item()
+
+
+def test_quantized_kv_bytes_hand_computed_and_measured():
+    model = random_model({**CONFIG, "head_dim": 64}, mx.float32)
+    cache = model.make_cache(kv_bits=4, kv_group_size=32)
+    model.hidden(mx.zeros((1, 20), mx.int32), cache)
+    mx.eval([c.state for c in cache])
+    # per layer, position and K/V head: 64 values at 4 bits + a float32 scale and bias per group of 32
+    hand = 2 * 2 * 2 * 20 * (64 * 4 // 8 + 2 * 2 * 4)  # layers x (K, V) x kv heads x positions x bytes
+    assert bm.kv_bytes(model, 20, dtype=mx.float32, kv_bits=4, kv_group_size=32) == hand
+    assert sum(c.nbytes for c in cache) == hand
+
+
+def test_bench_kv_bits(tiny_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "kv.json"
+    res = _bench(["-m", str(tiny_dir), "-p", "24", "-g", "4", "-n", "1", "--kv-bits", "8", "--kv-group-size", "32",
+                  "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    assert report["settings"]["kv_bits"] == 8
+    r = report["results"][0]
+    assert r["kv_bytes_per_step"] == bm.kv_bytes(load_model(tiny_dir), 26, kv_bits=8, kv_group_size=32)
+    code, _, err = run(["bench", "-m", str(tiny_dir), "--kv-bits", "8", "--kv-group-size", "64"], capsys, monkeypatch)
+    assert_one_line_error(code, err, "--kv-group-size must be 32, 64 or 128 and divide the head size 32, got 64")
+    code, _, err = run(["bench", "-m", str(tiny_dir), "--kv-bits", "7"], capsys, monkeypatch)
+    assert_one_line_error(code, err, "--kv-bits takes 2, 3, 4, 5, 6 or 8, not 7")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..cache import KVCache, RotatingKVCache, causal_mask
+from ..cache import KVCache, QuantizedKVCache, RotatingKVCache, causal_mask, quantized_attention
 from .config import ModelConfig
 from .moe import MoE
 from .rope import make_rope
@@ -65,7 +65,10 @@ class Attention(nn.Module):
         q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        if isinstance(cache, QuantizedKVCache):
+            out = quantized_attention(q, k, v, self.scale, mask, cache.group_size, cache.bits)
+        else:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -135,12 +138,15 @@ class Model(nn.Module):
     def layers(self) -> list[Block]:
         return self.model.layers
 
-    def make_cache(self) -> list[KVCache | RotatingKVCache]:
+    def make_cache(self, kv_bits: int | None = None, kv_group_size: int = 64) -> list:
+        """One cache per layer; ``kv_bits`` quantizes the global layers' K/V (sliding-window layers
+        keep their small float ring)."""
         cfg = self.config
-        return [
-            RotatingKVCache(cfg.sliding_window) if cfg.is_sliding(i) else KVCache()
-            for i in range(cfg.num_hidden_layers)
-        ]
+
+        def full() -> KVCache:
+            return QuantizedKVCache(kv_bits, kv_group_size) if kv_bits else KVCache()
+
+        return [RotatingKVCache(cfg.sliding_window) if cfg.is_sliding(i) else full() for i in range(cfg.num_hidden_layers)]
 
     def embed(self, inputs: mx.array) -> mx.array:
         h = self.model.embed_tokens(inputs)
