@@ -20,6 +20,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import backend
+from .cache import check_kv_quantization
 from .errors import UserError
 from .generate import generate_tokens, wired_limit
 
@@ -317,14 +318,8 @@ def sweep_lengths(model: Any, batch: int = 1, top: int = 32768, kv: dict[str, An
 
 def check_kv(model: Any, kv_bits: int | None, kv_group_size: int) -> dict[str, Any]:
     """Validate a quantized-KV request against MLX and the model's head size; the settings to pass on."""
-    if kv_bits is None:
-        return {}
-    if kv_bits not in (2, 3, 4, 5, 6, 8):
-        raise UserError(f"--kv-bits takes 2, 3, 4, 5, 6 or 8, not {kv_bits}")
-    if kv_group_size not in (32, 64, 128) or model.config.head_dim % kv_group_size:
-        raise UserError(f"--kv-group-size must be 32, 64 or 128 and divide the head size "
-                        f"{model.config.head_dim}, got {kv_group_size}")
-    return {"kv_bits": kv_bits, "kv_group_size": kv_group_size}
+    check_kv_quantization(model.config.head_dim, kv_bits, kv_group_size)
+    return {"kv_bits": kv_bits, "kv_group_size": kv_group_size} if kv_bits else {}
 
 
 def check_lengths(model: Any, lengths: list[int], gen_tokens: int, batch: int, kv: dict[str, Any] | None = None) -> None:

@@ -8,7 +8,19 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from .errors import UserError
+
 Mask = mx.array | str | None
+
+
+def check_kv_quantization(head_dim: int, bits: int | None, group_size: int) -> None:
+    """Refuse a quantized-KV setting MLX cannot apply to heads of ``head_dim``, in one line."""
+    if bits is None:
+        return
+    if bits not in (2, 3, 4, 5, 6, 8):
+        raise UserError(f"--kv-bits takes 2, 3, 4, 5, 6 or 8, not {bits}")
+    if group_size not in (32, 64, 128) or head_dim % group_size:
+        raise UserError(f"--kv-group-size must be 32, 64 or 128 and divide the head size {head_dim}, got {group_size}")
 
 
 def causal_mask(q_start: int, n_queries: int, k_start: int, n_keys: int, window: int | None) -> mx.array:

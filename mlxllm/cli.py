@@ -41,6 +41,8 @@ def _sampling_options(f):
         click.option("--seed", type=int, default=None),
         click.option("--stop", multiple=True, help="Stop string (repeatable)."),
         click.option("--prefill-step-size", type=click.IntRange(min=1), default=512, show_default=True),
+        click.option("--kv-bits", type=int, default=None, help="Quantize the KV cache to this many bits (e.g. 4, 8)."),
+        click.option("--kv-group-size", type=int, default=64, show_default=True),
     ]):
         f = opt(f)
     return f
@@ -50,7 +52,8 @@ def _sampling_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
     from .sample import check_sampling
 
     check_sampling(kw["temp"], kw["top_p"], kw["top_k"], kw["min_p"], kw["repetition_penalty"])
-    keys = ("temp", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop", "prefill_step_size")
+    keys = ("temp", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop", "prefill_step_size", "kv_bits",
+            "kv_group_size")
     return {k: kw[k] for k in keys}
 
 
@@ -130,7 +133,8 @@ def chat(model_spec, compute, verbose, system, **kw) -> None:
         raise UserError("this model has no chat template; use `mlxllm generate` instead")
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
-    kept = PromptCache(model)
+    kv = (sampling.pop("kv_bits"), sampling.pop("kv_group_size"))  # the kept cache carries them
+    kept = PromptCache(model, *kv)
     click.echo("Chat: /reset clears the history, /exit leaves. Ctrl-C stops a reply.", err=True)
     while True:
         try:
@@ -145,7 +149,7 @@ def chat(model_spec, compute, verbose, system, **kw) -> None:
             return
         if line.strip() == "/reset":
             history = list(start)
-            kept = PromptCache(model)
+            kept = PromptCache(model, *kv)
             click.echo("(history cleared)", err=True)
             continue
         if not line.strip():

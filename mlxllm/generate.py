@@ -15,6 +15,7 @@ from typing import Any, Iterator, Sequence
 import mlx.core as mx
 
 from . import backend
+from .cache import check_kv_quantization
 from .errors import UserError
 from .sample import LogitsProcessor, Sampler, apply_processors, make_logits_processors, make_sampler
 
@@ -124,9 +125,10 @@ class PromptCache:
     """A KV cache kept across calls (chat turns): each new prompt recomputes only what differs from
     the tokens already cached, after trimming the cache back to the common prefix."""
 
-    def __init__(self, model: Any) -> None:
-        self.model = model
-        self.cache = model.make_cache()
+    def __init__(self, model: Any, kv_bits: int | None = None, kv_group_size: int = 64) -> None:
+        check_kv_quantization(model.config.head_dim, kv_bits, kv_group_size)
+        self.model, self.kv = model, (kv_bits, kv_group_size)
+        self.cache = model.make_cache(*self.kv)
         self.tokens: list[int] = []  # the tokens whose K/V the cache holds, in order
 
     def suffix(self, ids: list[int]) -> list[int]:
@@ -138,7 +140,7 @@ class PromptCache:
             n += 1
         n = min(n, len(ids) - 1)  # at least one token must go through the model to get logits
         if not all(c.trim(len(self.tokens) - n) for c in self.cache):
-            self.cache, n = self.model.make_cache(), 0  # a sliding window wrapped: start over
+            self.cache, n = self.model.make_cache(*self.kv), 0  # a sliding window wrapped: start over
         self.tokens = self.tokens[:n]
         return ids[n:]
 
@@ -175,6 +177,8 @@ def stream_generate(
     stop: Sequence[str] = (),
     prompt_cache: list | None = None,
     prefill_step_size: int = DEFAULT_PREFILL_STEP,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
 ) -> Iterator[GenerationResponse]:
     """Stream ``GenerationResponse`` objects; ``text`` holds only newly completed UTF-8 text.
 
@@ -190,6 +194,9 @@ def stream_generate(
         logits_processors = make_logits_processors(repetition_penalty)
     if seed is not None:
         mx.random.seed(seed)
+    if prompt_cache is None and kv_bits:  # a fresh cache with the global layers' K/V quantized
+        check_kv_quantization(model.config.head_dim, kv_bits, kv_group_size)
+        prompt_cache = model.make_cache(kv_bits, kv_group_size)
     ids = _encode_prompt(tokenizer, prompt)
     n_prompt = ids.size
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)

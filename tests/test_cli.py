@@ -138,3 +138,14 @@ def test_real_process_bad_input_one_line():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip() == "error: --top-p must be in (0, 1], got 0.0"
+
+
+def test_generate_and_chat_with_quantized_kv_cache(capsys, monkeypatch, smollm2_path):
+    code, out, _ = run(["generate", "-p", "What is the capital of France?", "-n", "12", "--kv-bits", "8"],
+                       capsys, monkeypatch)
+    assert code == 0 and "Paris" in out
+    code, out, _ = run(["chat", "-n", "12", "--kv-bits", "8"], capsys, monkeypatch,
+                       stdin="What is the capital of France?\n/exit\n")
+    assert code == 0 and "Paris" in out
+    code, _, err = run(["generate", "-p", "hi", "--kv-bits", "8", "--kv-group-size", "128"], capsys, monkeypatch)
+    assert_one_line_error(code, err, "--kv-group-size must be 32, 64 or 128 and divide the head size 64, got 128")
