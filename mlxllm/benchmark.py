@@ -67,11 +67,13 @@ def decode_weight_bytes(model: nn.Module, batch: int = 1) -> int:
     return round(total)
 
 
-def kv_bytes(model: nn.Module, context: int, batch: int = 1, dtype: mx.Dtype = mx.float32,
+def kv_bytes(model: nn.Module, context: int, batch: int = 1, dtype: mx.Dtype | None = None,
              kv_bits: int | None = None, kv_group_size: int = 64) -> int:
     """Bytes of K and V a decode step at ``context`` positions reads (sliding layers hold their window
-    in ``dtype``; with ``kv_bits`` the global layers hold packed values plus a scale and bias per group)."""
+    in ``dtype``, default the model's activation dtype; with ``kv_bits`` the global layers hold packed
+    values plus a scale and bias per group)."""
     cfg = model.config
+    dtype = dtype or activation_dtype(model)
     per_head = cfg.head_dim * dtype.size
     quantized = cfg.head_dim * kv_bits // 8 + 2 * (cfg.head_dim // kv_group_size) * dtype.size if kv_bits else per_head
     total = 0
@@ -280,7 +282,7 @@ def bench_length(model: Any, tokenizer: Any, prompt_tokens: int, gen_tokens: int
             on_trial()
     p = runs[0].prompt_tokens
     weights = decode_weight_bytes(model, batch)
-    kv_step = kv_bytes(model, p + gen_tokens // 2, batch, activation_dtype(model), **kv)
+    kv_step = kv_bytes(model, p + gen_tokens // 2, batch, **kv)
     decode = summary(r.decode_tps for r in runs)
     steps_per_s = decode["median"] / batch if decode else None
     gbps = (weights + kv_step) * steps_per_s / 1e9 if steps_per_s else None
@@ -302,14 +304,19 @@ def bench_length(model: Any, tokenizer: Any, prompt_tokens: int, gen_tokens: int
     )
 
 
+def _memory_for_kv(model: Any) -> float:
+    """Bytes left for the KV cache: 80 % of the device's memory minus the weights."""
+    return backend.device_memory() * 0.8 - decode_weight_bytes(model)
+
+
 def sweep_lengths(model: Any, batch: int = 1, top: int = 32768, kv: dict[str, Any] | None = None) -> list[int]:
     """Default context sweep: powers of two from 1K up to 32K, the model's context, or what the KV
     cache can hold in the memory left after the weights."""
     cfg = model.config
-    free = backend.device_memory() * 0.8 - decode_weight_bytes(model)
+    free = _memory_for_kv(model)
     lengths, c = [], 1024
     while c <= min(top, cfg.max_position_embeddings - 64):
-        if kv_bytes(model, c, batch, activation_dtype(model), **(kv or {})) > free:
+        if kv_bytes(model, c, batch, **(kv or {})) > free:
             break
         lengths.append(c)
         c *= 2
@@ -325,14 +332,14 @@ def check_kv(model: Any, kv_bits: int | None, kv_group_size: int) -> dict[str, A
 def check_lengths(model: Any, lengths: list[int], gen_tokens: int, batch: int, kv: dict[str, Any] | None = None) -> None:
     """Refuse prompt lengths the model's context or the memory cannot take, in one line."""
     cfg = model.config
-    free = backend.device_memory() * 0.8 - decode_weight_bytes(model)
+    free = _memory_for_kv(model)
     for p in lengths:
         if p <= 0:
             raise UserError(f"prompt lengths must be positive, got {p}")
         if p + gen_tokens > cfg.max_position_embeddings:
             raise UserError(f"{p} prompt + {gen_tokens} generated tokens exceed the model's context "
                             f"of {cfg.max_position_embeddings}")
-        need = kv_bytes(model, p + gen_tokens, batch, activation_dtype(model), **(kv or {}))
+        need = kv_bytes(model, p + gen_tokens, batch, **(kv or {}))
         if need > free:
             raise UserError(f"a {p}-token prompt needs {need / 2**30:.1f} GiB of KV cache; "
                             f"about {max(free, 0) / 2**30:.1f} GiB is free after the weights")
@@ -378,7 +385,7 @@ def run_bench(model_spec: str | None, *, compute: str = "auto", lengths: list[in
         for c in sweep:
             progress.update(task, description=f"sweep {c}")
             t = run_trial(model, tokenizer, prompt_text(tokenizer, c), sweep_gen, batch, **kv)
-            step_bytes = step_weights + kv_bytes(model, c + sweep_gen // 2, batch, dtype, **kv)
+            step_bytes = step_weights + kv_bytes(model, c + sweep_gen // 2, batch, **kv)
             points.append({**asdict(t), "context": t.prompt_tokens,
                            "decode_gbps": step_bytes * t.decode_tps / batch / 1e9 if t.decode_tps else None})
             progress.advance(task)

@@ -21,9 +21,8 @@ def _isolated(pattern: str) -> dict[str, Any]:
     return {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False}
 
 
-def _bpe_json(meta: dict[str, Any], add_bos: bool, bos: str | None) -> dict[str, Any]:
+def _bpe_json(meta: dict[str, Any], pre: bpe.GGUFPreTokenizer, add_bos: bool, bos: str | None) -> dict[str, Any]:
     tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type") or []
-    pre = bpe.gguf_pre_tokenizer(meta.get("tokenizer.ggml.pre"))
     added = [
         {"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
          "normalized": False, "special": t == spm.CONTROL}
@@ -69,8 +68,9 @@ def write_hf_tokenizer(meta: dict[str, Any], out: Path) -> None:
     config: dict[str, Any] = {"bos_token": bos, "eos_token": text("eos_token_id"), "pad_token": text("padding_token_id"),
                               "unk_token": text("unknown_token_id")}  # fmt: skip
     if kind == "gpt2":
-        add_bos = meta.get("tokenizer.ggml.add_bos_token", bpe.gguf_pre_tokenizer(meta.get("tokenizer.ggml.pre")).add_bos)
-        (out / "tokenizer.json").write_text(json.dumps(_bpe_json(meta, add_bos, bos), ensure_ascii=False))
+        pre = bpe.gguf_pre_tokenizer(meta.get("tokenizer.ggml.pre"))
+        add_bos = meta.get("tokenizer.ggml.add_bos_token", pre.add_bos)
+        (out / "tokenizer.json").write_text(json.dumps(_bpe_json(meta, pre, add_bos, bos), ensure_ascii=False))
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
     elif kind == "llama":
         add_bos = meta.get("tokenizer.ggml.add_bos_token", True)
