@@ -74,15 +74,17 @@ def kv_bytes(model: nn.Module, context: int, batch: int = 1, dtype: mx.Dtype | N
     values plus a scale and bias per group)."""
     cfg = model.config
     dtype = dtype or activation_dtype(model)
-    per_head = cfg.head_dim * dtype.size
-    quantized = cfg.head_dim * kv_bits // 8 + 2 * (cfg.head_dim // kv_group_size) * dtype.size if kv_bits else per_head
+    heads, width = cfg.kv_cache_width
+    numbers = heads * width  # per token and layer
+    per_token = numbers * dtype.size
+    quantized = numbers * kv_bits // 8 + 2 * (numbers // kv_group_size) * dtype.size if kv_bits else per_token
     total = 0
     for i in range(cfg.num_hidden_layers):
         if cfg.is_sliding(i):
-            total += min(context, cfg.sliding_window) * per_head
+            total += min(context, cfg.sliding_window) * per_token
         else:
             total += context * quantized
-    return batch * 2 * cfg.num_key_value_heads * total
+    return batch * total
 
 
 def _macs_per_token(module: nn.Module) -> int:
@@ -105,10 +107,12 @@ def prefill_flops(model: nn.Module, tokens: int) -> float:
     layer_macs = sum(_macs_per_token(m) for layer in model.layers for _, m in layer.named_modules() if _is_matmul(m))
     head = model.model.embed_tokens if cfg.tie_word_embeddings else model.lm_head
     head_macs = _macs_per_token(head)
+    # QK^T and PV per head and visible key (latent attention expands to its own key and value widths)
+    per_key = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim if cfg.kv_lora_rank else 2 * cfg.head_dim
     attn_macs = 0
     for i in range(cfg.num_hidden_layers):
         window = cfg.sliding_window if cfg.is_sliding(i) else None
-        attn_macs += 2 * cfg.num_attention_heads * cfg.head_dim * _keys_seen(tokens, window)  # QK^T and PV
+        attn_macs += cfg.num_attention_heads * per_key * _keys_seen(tokens, window)
     return 2.0 * (layer_macs * tokens + head_macs + attn_macs)
 
 
@@ -325,7 +329,7 @@ def sweep_lengths(model: Any, batch: int = 1, top: int = 32768, kv: dict[str, An
 
 def check_kv(model: Any, kv_bits: int | None, kv_group_size: int) -> dict[str, Any]:
     """Validate a quantized-KV request against MLX and the model's head size; the settings to pass on."""
-    check_kv_quantization(model.config.head_dim, kv_bits, kv_group_size)
+    check_kv_quantization(model.config, kv_bits, kv_group_size)
     return {"kv_bits": kv_bits, "kv_group_size": kv_group_size} if kv_bits else {}
 
 

@@ -6,17 +6,25 @@ plus the mask that goes with them, so the decoder never reasons about positions 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import mlx.core as mx
 
 from .errors import UserError
 
+if TYPE_CHECKING:
+    from .model.config import ModelConfig
+
 Mask = mx.array | str | None
 
 
-def check_kv_quantization(head_dim: int, bits: int | None, group_size: int) -> None:
-    """Refuse a quantized-KV setting MLX cannot apply to heads of ``head_dim``, in one line."""
+def check_kv_quantization(cfg: "ModelConfig", bits: int | None, group_size: int) -> None:
+    """Refuse a quantized-KV setting MLX cannot apply to this model's heads, in one line."""
     if bits is None:
         return
+    if cfg.kv_lora_rank:
+        raise UserError("--kv-bits is not supported for latent-attention (DeepSeek) models: their cache is already compressed")
+    head_dim = cfg.head_dim
     if bits not in (2, 3, 4, 5, 6, 8):
         raise UserError(f"--kv-bits takes 2, 3, 4, 5, 6 or 8, not {bits}")
     if group_size not in (32, 64, 128) or head_dim % group_size:

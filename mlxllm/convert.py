@@ -27,9 +27,11 @@ from .model.decoder import Model
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                   "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "mixtral": "MixtralForCausalLM",
                   "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
-                  "dots1": "Dots1ForCausalLM"}
+                  "dots1": "Dots1ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
+                  "deepseek_v3": "DeepseekV3ForCausalLM"}
 _MOE = ("num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size", "norm_topk_prob",
         "decoder_sparse_step", "mlp_only_layers")
+_LATENT = ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 _COMMON = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
            "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "rope_theta", "rope_scaling",
            "max_position_embeddings", "tie_word_embeddings", "attention_bias")
@@ -48,16 +50,21 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
                    sliding_window_pattern=first_global + 1, hidden_activation="gelu_pytorch_tanh")
     elif cfg.sliding_window is not None:
         out.update(sliding_window=cfg.sliding_window, use_sliding_window=True)
-    if cfg.num_experts and cfg.router == "sigmoid_group":  # DeepSeek-style names
+    if cfg.kv_lora_rank:
+        out.update({k: getattr(cfg, k) for k in _LATENT})
+    if cfg.num_experts and (cfg.router == "sigmoid_group" or cfg.model_type.startswith("deepseek")):
+        sigmoid = cfg.router == "sigmoid_group"  # DeepSeek-style names
         out.update(n_routed_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
                    moe_intermediate_size=cfg.moe_intermediate_size, norm_topk_prob=cfg.norm_topk_prob,
                    n_shared_experts=(cfg.shared_expert_intermediate_size or 0) // cfg.moe_intermediate_size,
                    first_k_dense_replace=len(cfg.mlp_only_layers), routed_scaling_factor=cfg.routed_scaling_factor,
-                   n_group=cfg.n_group, topk_group=cfg.topk_group, scoring_func="noaux_tc")
+                   n_group=cfg.n_group, topk_group=cfg.topk_group, moe_layer_freq=1,
+                   scoring_func="sigmoid" if sigmoid else "softmax",
+                   topk_method="noaux_tc" if sigmoid else "group_limited_greedy" if cfg.n_group > 1 else "greedy")
     elif cfg.num_experts:
         out.update({k: getattr(cfg, k) for k in _MOE})
         out["num_local_experts" if cfg.model_type == "mixtral" else "num_experts"] = cfg.num_experts
-    return {k: v for k, v in out.items() if v is not None}
+    return {k: v for k, v in out.items() if v is not None or k == "q_lora_rank"}
 
 
 # What convert quantizes to, per mode: (group sizes, bits). MLX's affine mode also takes 1 bit, too

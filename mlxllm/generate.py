@@ -126,7 +126,7 @@ class PromptCache:
     the tokens already cached, after trimming the cache back to the common prefix."""
 
     def __init__(self, model: Any, kv_bits: int | None = None, kv_group_size: int = 64) -> None:
-        check_kv_quantization(model.config.head_dim, kv_bits, kv_group_size)
+        check_kv_quantization(model.config, kv_bits, kv_group_size)
         self.model, self.kv = model, (kv_bits, kv_group_size)
         self.cache = model.make_cache(*self.kv)
         self.tokens: list[int] = []  # the tokens whose K/V the cache holds, in order
@@ -195,7 +195,7 @@ def stream_generate(
     if seed is not None:
         mx.random.seed(seed)
     if prompt_cache is None and kv_bits:  # a fresh cache with the global layers' K/V quantized
-        check_kv_quantization(model.config.head_dim, kv_bits, kv_group_size)
+        check_kv_quantization(model.config, kv_bits, kv_group_size)
         prompt_cache = model.make_cache(kv_bits, kv_group_size)
     ids = _encode_prompt(tokenizer, prompt)
     n_prompt = ids.size

@@ -27,6 +27,8 @@ FAMILIES = {
     "mistral": dict(BASE, model_type="mistral", num_key_value_heads=1),
     "qwen2": dict(BASE, model_type="qwen2", tie_word_embeddings=True),
     "qwen3": dict(BASE, model_type="qwen3", head_dim=24, num_key_value_heads=1),
+    "qwen3-yarn": dict(BASE, model_type="qwen3", head_dim=16, rope_scaling=dict(rope_type="yarn", factor=4.0,
+                                                                   original_max_position_embeddings=16)),
     "gemma3_text": dict(
         BASE, model_type="gemma3_text", head_dim=32, query_pre_attn_scalar=48,
         sliding_window=5, sliding_window_pattern=2, rope_local_base_freq=10.0, rope_theta=1e6,
@@ -47,7 +49,25 @@ FAMILIES = {
         n_shared_experts=2, first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5, n_group=4,
         topk_group=2,
     ),
+    # Latent attention; V2 without a query bottleneck, group-limited softmax routing, YaRN with mscale.
+    "deepseek_v2": dict(
+        BASE, model_type="deepseek_v2", num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=1.5,
+        topk_method="group_limited_greedy", n_group=4, topk_group=2, kv_lora_rank=64, q_lora_rank=None,
+        qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
+        rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=64, beta_fast=32, beta_slow=1,
+                          mscale=0.707, mscale_all_dim=0.707),
+    ),
+    "deepseek_v3": dict(
+        BASE, model_type="deepseek_v3", num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=3,
+        moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5, n_group=4,
+        topk_group=2, norm_topk_prob=True, kv_lora_rank=64, q_lora_rank=32, qk_rope_head_dim=16,
+        qk_nope_head_dim=32, v_head_dim=32, topk_method="noaux_tc", scoring_func="sigmoid",
+        rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=64, beta_fast=32, beta_slow=1,
+                          mscale=1.0, mscale_all_dim=1.0),
+    ),
 }
+MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "dots1", "deepseek_v2", "deepseek_v3"]
 
 
 def _reference(config: dict) -> nn.Module:
@@ -91,7 +111,7 @@ def test_cached_decode_matches_mlx_lm(family):
         assert mx.allclose(a, full[:, lo:hi], atol=1e-4, rtol=1e-4).item(), (lo, hi)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "dots1"])
+@pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_moe_prefill_sorted_by_expert_matches_mlx_lm(family):
     """40 tokens x k experts is past the point where experts are run sorted by expert id."""
     ours, ref = _random_pair(FAMILIES[family])

@@ -52,6 +52,32 @@ def expert_stacks(names: list[str], stack: str = "switch_mlp") -> dict[str, list
     return {stacked: [members[e] for e in range(len(members))] for stacked, members in groups.items()}
 
 
+def _layer_of(name: str) -> int:
+    m = re.match(r"^model\.layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else -1
+
+
+def _fold_latent_maps(held: dict[str, Tensor], name: str, cfg: ModelConfig, target: str,
+                      dtype: mx.Dtype | None) -> Iterator[tuple[str, Tensor]]:
+    """mlx-lm saves DeepSeek-V3's ``kv_b_proj`` split per head into ``embed_q`` ``[H, rank, nope]``
+    (transposed) and ``unembed_out`` ``[H, v, rank]``; once both of a layer are read, yield the
+    ``kv_b_proj`` they came from. A quantized ``embed_q`` is quantized along the other axis, so it is
+    dequantized, transposed and re-quantized like ``unembed_out`` (one more rounding, as mlx-lm's own
+    conversion does the other way)."""
+    prefix = name.rsplit(".", 2)[0]
+    k_name, v_name = f"{prefix}.embed_q.weight", f"{prefix}.unembed_out.weight"
+    if k_name not in held or v_name not in held:
+        return
+    k, v = held.pop(k_name), held.pop(v_name)
+
+    def dense(t: Tensor) -> mx.array:
+        return t.dequantize() if isinstance(t, Quantized) else t
+
+    w = mx.concatenate([dense(k).swapaxes(-1, -2), dense(v)], axis=1).reshape(-1, cfg.kv_lora_rank)
+    value: Tensor = Quantized.of(w, v.group_size, v.bits, v.mode) if isinstance(v, Quantized) else w.astype(v.dtype)
+    yield f"{prefix}.kv_b_proj.weight", finish(value, target, dtype)
+
+
 def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
     """Tensor index of one safetensors file; refuses files whose data would end past the file."""
     size = path.stat().st_size
@@ -120,6 +146,7 @@ class HFSource:
         if method and not self.config.quantization:  # GPTQ, AWQ, bitsandbytes, FP8...: other tensor layouts
             raise UserError(f"{method} checkpoints are not supported: use an unquantized or an MLX-quantized one")
         self.index: dict[str, tuple[Path, str, dict[str, Any]]] = {}  # our name -> (file, file name, info)
+        mtp_layers = raw.get("num_nextn_predict_layers", 0)
         for file in _shards(path):
             for name, info in read_safetensors_header(file).items():
                 ours = _normalize(name)
@@ -127,6 +154,8 @@ class HFSource:
                     continue
                 if self.config.tie_word_embeddings and ours.startswith("lm_head."):
                     continue
+                if mtp_layers and _layer_of(ours) >= self.config.num_hidden_layers:
+                    continue  # DeepSeek-V3's multi-token-prediction layers (speculative heads, not the decoder)
                 self.index[ours] = (file, name, info)
         self.quant = self._quantized_modules(raw)
         self.stacks = expert_stacks(list(self.index), self.config.expert_stack_name)
@@ -195,6 +224,7 @@ class HFSource:
             return mx.stack([array(m) for m in members]) if members else array(name)
 
         in_stacks = {m for members in self.stacks.values() for m in members}
+        latent_maps: dict[str, Tensor] = {}
         for name in [n for n in self.index if n not in in_stacks] + list(self.stacks):
             prefix, _, leaf = name.rpartition(".")
             quant = self.quant.get(self.stacks[name][0].rpartition(".")[0] if name in self.stacks else prefix)
@@ -208,4 +238,8 @@ class HFSource:
                 value: Tensor = Quantized(stacked(name), stacked(f"{prefix}.scales"), biases, *quant)
             else:
                 value = stacked(name)
+            if ".self_attn.embed_q." in name or ".self_attn.unembed_out." in name:
+                latent_maps[name] = value
+                yield from _fold_latent_maps(latent_maps, name, self.config, target, self.native_dtype)
+                continue
             yield name, finish(value, target, self.native_dtype)

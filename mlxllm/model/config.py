@@ -34,6 +34,10 @@ FAMILIES: dict[str, dict[str, Any]] = {
     # weights, ungated shared experts, first layers dense) under Qwen3-style attention.
     "dots1": {"qk_norm": True, "router": "sigmoid_group", "expert_stack_name": "experts",
               "shared_expert_gate": False},
+    # DeepSeek-V2/V3 (and Kimi K2): multi-head latent attention (mla.py), ungated shared experts;
+    # V2 routes by softmax (optionally group-limited), V3 by sigmoid + selection bias.
+    "deepseek_v2": {"shared_expert_gate": False, "float_router": True},
+    "deepseek_v3": {"router": "sigmoid_group", "shared_expert_gate": False},
 }
 # Names under which the same families appear elsewhere (HF multimodal wrappers, GGUF).
 ALIASES = {"gemma3": "gemma3_text", "smollm2": "llama", "smollm": "llama", "qwen2moe": "qwen2_moe",
@@ -95,9 +99,17 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0
     expert_stack_name: str = "switch_mlp"  # parameter name of the stacked experts
     shared_expert_gate: bool = True  # the shared expert's output is sigmoid-gated (Qwen2-MoE) or not
+    float_router: bool = False  # router stored as a plain weight, never quantized (DeepSeek; always for sigmoid_group)
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
     ffn_name: str = "mlp"  # the feed-forward's parameter name ("block_sparse_moe" in Mixtral)
+    # Multi-head latent attention (DeepSeek-V2/V3) when kv_lora_rank > 0: keys and values are
+    # expanded from a cached kv_lora_rank-wide latent plus one shared qk_rope_head_dim-wide RoPE key.
+    kv_lora_rank: int = 0
+    q_lora_rank: int | None = None  # queries through a low-rank bottleneck (None: one projection)
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
     # mlx-community quantization block ({"group_size", "bits", per-layer overrides}).
     quantization: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -125,10 +137,22 @@ class ModelConfig:
             raise UserError(f"unsupported MoE router '{self.router}'")
         if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
             raise UserError(f"num_experts_per_tok must be in 1..{self.num_experts}, got {self.num_experts_per_tok}")
+        if self.num_experts and self.n_group > 1 and (self.num_experts % self.n_group
+                                                      or not 0 < self.topk_group <= self.n_group):
+            raise UserError(f"{self.num_experts} experts cannot form {self.n_group} groups with {self.topk_group} chosen")
+        if self.kv_lora_rank and not (self.qk_rope_head_dim and self.qk_nope_head_dim and self.v_head_dim):
+            raise UserError("latent attention needs qk_nope_head_dim, qk_rope_head_dim and v_head_dim")
 
     @property
     def attention_scale(self) -> float:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @property
+    def kv_cache_width(self) -> tuple[int, int]:
+        """(heads, features) cached per token and layer for keys plus values."""
+        if self.kv_lora_rank:
+            return 1, self.kv_lora_rank + self.qk_rope_head_dim
+        return self.num_key_value_heads, 2 * self.head_dim
 
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types[layer] == "sliding_attention"
@@ -164,6 +188,8 @@ class ModelConfig:
             values["shared_expert_intermediate_size"] = config["n_shared_experts"] * config["moe_intermediate_size"]
         if config.get("first_k_dense_replace"):
             values["mlp_only_layers"] = list(range(config["first_k_dense_replace"]))
+        if family.startswith("deepseek"):
+            _deepseek_routing(values, config)
         if "rope_parameters" in config and "rope_theta" not in config:  # transformers >= 5 layout
             params = config["rope_parameters"]
             if "full_attention" in params:
@@ -178,12 +204,27 @@ class ModelConfig:
             values["layer_types"] = ["sliding_attention"] * values["num_hidden_layers"]
         elif family in ("qwen2", "qwen2_moe") and not config.get("use_sliding_window"):
             values["sliding_window"] = None
-        elif family in ("llama", "qwen3", "qwen3_moe", "olmoe", "dots1"):
+        elif family in ("llama", "qwen3", "qwen3_moe", "olmoe", "dots1", "deepseek_v2", "deepseek_v3"):
             values.pop("sliding_window", None)
         try:
             return cls(**values)
         except TypeError as e:
             raise UserError(f"config.json is missing a field: {e}") from None
+
+
+def _deepseek_routing(values: dict[str, Any], config: dict[str, Any]) -> None:
+    """DeepSeek configs name their routing: V2 'greedy' or 'group_limited_greedy' over softmax
+    scores, V3 'noaux_tc' (sigmoid + selection bias, group-limited)."""
+    method = config.get("topk_method", "greedy" if values["model_type"] == "deepseek_v2" else "noaux_tc")
+    if method not in ("greedy", "group_limited_greedy", "noaux_tc"):
+        raise UserError(f"unsupported DeepSeek topk_method '{method}'")
+    if method == "noaux_tc" and config.get("scoring_func", "sigmoid") != "sigmoid":
+        raise UserError(f"unsupported DeepSeek scoring_func '{config['scoring_func']}' with noaux_tc routing")
+    values["router"] = "sigmoid_group" if method == "noaux_tc" else "softmax_topk"
+    if method == "greedy" or not values.get("n_group"):
+        values["n_group"] = values["topk_group"] = 1
+    if config.get("moe_layer_freq", 1) != 1:
+        raise UserError(f"moe_layer_freq {config['moe_layer_freq']} is not supported (only 1)")
 
 
 def _gemma3_layers(values: dict[str, Any], config: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ import mlx.nn as nn
 
 from ..cache import KVCache, QuantizedKVCache, RotatingKVCache, causal_mask, quantized_attention
 from .config import ModelConfig
+from .mla import LatentAttention
 from .moe import MoE
 from .rope import make_rope
 
@@ -93,7 +94,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_plus_one)  # noqa: E731
-        self.self_attn = Attention(cfg, layer)
+        self.self_attn = LatentAttention(cfg) if cfg.kv_lora_rank else Attention(cfg, layer)
         self.ffn_name = cfg.ffn_name
         ffn = MoE(cfg, _activation(cfg), lambda hidden: MLP(cfg, hidden)) if cfg.is_moe(layer) else MLP(cfg)
         setattr(self, cfg.ffn_name, ffn)

@@ -121,7 +121,8 @@ def route(logits: mx.array, cfg: ModelConfig, bias: mx.array | None = None) -> t
     """Router logits ``[..., experts]`` -> (weights ``[..., k]``, expert ids ``[..., k]``).
 
     ``softmax_topk``: probabilities over all experts, keep the k largest (renormalised when
-    ``norm_topk_prob``); ``topk_softmax`` (Mixtral): keep the k largest logits, softmax over them;
+    ``norm_topk_prob``), from the ``topk_group`` groups with the best single expert when ``n_group``
+    > 1 (DeepSeek-V2); ``topk_softmax`` (Mixtral): keep the k largest logits, softmax over them;
     ``sigmoid_group`` (DeepSeek-V3): sigmoid scores; experts are *chosen* by score + ``bias`` (the
     auxiliary-loss-free balancing bias) among the ``topk_group`` groups whose two best experts score
     highest, *weighted* by the plain scores (renormalised when ``norm_topk_prob``), times
@@ -133,14 +134,17 @@ def route(logits: mx.array, cfg: ModelConfig, bias: mx.array | None = None) -> t
     if cfg.router == "sigmoid_group":
         probs = mx.sigmoid(logits.astype(mx.float32))
         choice = probs + bias
-        dropped = cfg.n_group - cfg.topk_group
-        if dropped:
-            groups = mx.unflatten(choice, -1, (cfg.n_group, -1))
-            group_score = mx.topk(groups, 2, axis=-1).sum(axis=-1, keepdims=True)
-            worst = mx.argpartition(group_score, kth=dropped - 1, axis=-2)[..., :dropped, :]
-            choice = mx.flatten(mx.put_along_axis(groups, worst, mx.array(0.0), axis=-2), -2, -1)
     else:
         probs = choice = mx.softmax(logits, axis=-1, precise=True)
+    dropped = cfg.n_group - cfg.topk_group
+    if dropped:
+        groups = mx.unflatten(choice, -1, (cfg.n_group, -1))
+        if cfg.router == "sigmoid_group":
+            group_score = mx.topk(groups, 2, axis=-1).sum(axis=-1, keepdims=True)
+        else:
+            group_score = groups.max(axis=-1, keepdims=True)
+        worst = mx.argpartition(group_score, kth=dropped - 1, axis=-2)[..., :dropped, :]
+        choice = mx.flatten(mx.put_along_axis(groups, worst, mx.array(0.0, choice.dtype), axis=-2), -2, -1)
     ids = mx.argpartition(-choice, kth=k - 1, axis=-1)[..., :k]
     weights = mx.take_along_axis(probs, ids, axis=-1)
     if cfg.norm_topk_prob and k > 1:
@@ -148,13 +152,15 @@ def route(logits: mx.array, cfg: ModelConfig, bias: mx.array | None = None) -> t
     return weights * cfg.routed_scaling_factor if cfg.routed_scaling_factor != 1.0 else weights, ids
 
 
-class GroupRouter(nn.Module):
-    """DeepSeek-V3-style router parameters: a score projection and the per-expert selection bias."""
+class Router(nn.Module):
+    """DeepSeek-style router parameters: a plain score projection (never quantized, as DeepSeek
+    checkpoints keep it) and, for sigmoid routing, the per-expert selection bias."""
 
-    def __init__(self, dims: int, num_experts: int):
+    def __init__(self, dims: int, num_experts: int, selection_bias: bool):
         super().__init__()
         self.weight = mx.zeros((num_experts, dims))
-        self.e_score_correction_bias = mx.zeros((num_experts,))
+        if selection_bias:
+            self.e_score_correction_bias = mx.zeros((num_experts,))
 
     def __call__(self, x: mx.array) -> mx.array:
         return x @ self.weight.T
@@ -169,8 +175,8 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         hidden = cfg.moe_intermediate_size or cfg.intermediate_size
-        if cfg.router == "sigmoid_group":
-            self.gate = GroupRouter(cfg.hidden_size, cfg.num_experts)
+        if cfg.router == "sigmoid_group" or cfg.float_router:
+            self.gate = Router(cfg.hidden_size, cfg.num_experts, cfg.router == "sigmoid_group")
         else:
             self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.stack_name = cfg.expert_stack_name

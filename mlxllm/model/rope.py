@@ -12,18 +12,25 @@ from ..errors import UserError
 
 
 class RoPE(nn.Module):
-    """Half-split (non-interleaved) RoPE over the first ``dims`` features, with optional custom freqs."""
+    """RoPE over the first ``dims`` features: half-split pairs, or adjacent pairs when ``traditional``
+    (DeepSeek); optional custom freqs, and ``mscale`` multiplying the rotated features (YaRN)."""
 
-    def __init__(self, dims: int, base: float, scale: float = 1.0, freqs: mx.array | None = None):
+    def __init__(self, dims: int, base: float, scale: float = 1.0, freqs: mx.array | None = None,
+                 traditional: bool = False, mscale: float = 1.0):
         super().__init__()
         self.dims = dims
         self.base = None if freqs is not None else base
         self.scale = scale
         self._freqs = freqs
+        self.traditional = traditional
+        self.mscale = mscale
 
     def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
+        if self.mscale != 1.0:
+            x = x * self.mscale if x.shape[-1] == self.dims else x.at[..., : self.dims].multiply(self.mscale)
         return mx.fast.rope(
-            x, self.dims, traditional=False, base=self.base, scale=self.scale, offset=offset, freqs=self._freqs
+            x, self.dims, traditional=self.traditional, base=self.base, scale=self.scale, offset=offset,
+            freqs=self._freqs,
         )
 
 
@@ -46,19 +53,50 @@ def llama3_freqs(dims: int, base: float, scaling: dict[str, Any]) -> mx.array:
     return mx.array(out, dtype=mx.float32)
 
 
-def make_rope(dims: int, base: float, scaling: dict[str, Any] | None) -> RoPE:
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature correction for a context stretched ``factor`` times."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def yarn_freqs(dims: int, base: float, scaling: dict[str, Any]) -> mx.array:
+    """YaRN periods: high frequencies (many turns within the original context) kept, low ones
+    interpolated by ``factor``, a linear ramp between the ``beta_fast`` and ``beta_slow`` turn counts."""
+    factor = scaling["factor"]
+    original = scaling.get("original_max_position_embeddings") or 4096
+    fast, slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def dim_of(turns: float) -> float:  # the feature index whose wavelength fits ``turns`` times in ``original``
+        return dims * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = max(math.floor(dim_of(fast)), 0), min(math.ceil(dim_of(slow)), dims - 1)
+    high = high if high != low else high + 0.001
+    out = []
+    for j, i in enumerate(range(0, dims, 2)):
+        period = base ** (i / dims)
+        keep = 1.0 - min(max((j - low) / (high - low), 0.0), 1.0)  # 1: extrapolate (original period)
+        out.append(period * factor / (factor * keep + (1 - keep)))
+    return mx.array(out, dtype=mx.float32)
+
+
+def make_rope(dims: int, base: float, scaling: dict[str, Any] | None, traditional: bool = False) -> RoPE:
     """Build the RoPE a config asks for; unknown scaling types are a clear error, not a silent default."""
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind == "default":
-        return RoPE(dims, base)
+        return RoPE(dims, base, traditional=traditional)
     if kind == "linear":
-        return RoPE(dims, base, scale=1.0 / scaling["factor"])
+        return RoPE(dims, base, scale=1.0 / scaling["factor"], traditional=traditional)
     if kind == "llama3":
-        return RoPE(dims, base, freqs=llama3_freqs(dims, base, scaling))
+        return RoPE(dims, base, freqs=llama3_freqs(dims, base, scaling), traditional=traditional)
+    if kind == "yarn":
+        factor = scaling["factor"]
+        mscale = scaling.get("attention_factor") or (
+            yarn_mscale(factor, scaling.get("mscale") or 1.0) / yarn_mscale(factor, scaling.get("mscale_all_dim") or 0.0)
+        )
+        return RoPE(dims, base, freqs=yarn_freqs(dims, base, scaling), traditional=traditional, mscale=mscale)
     if kind == "freq_factors":  # GGUF's rope_freqs tensor: per-frequency divisors, already computed
         factors = scaling["factors"]
         if len(factors) != dims // 2:
             raise UserError(f"rope_freqs has {len(factors)} values, expected {dims // 2}")
         periods = [base ** (i / dims) * f for i, f in zip(range(0, dims, 2), factors)]
-        return RoPE(dims, base, freqs=mx.array(periods, dtype=mx.float32))
-    raise UserError(f"unsupported rope_scaling type '{kind}' (supported: default, linear, llama3, freq_factors)")
+        return RoPE(dims, base, freqs=mx.array(periods, dtype=mx.float32), traditional=traditional)
+    raise UserError(f"unsupported rope_scaling type '{kind}' (supported: default, linear, llama3, yarn, freq_factors)")
