@@ -68,7 +68,7 @@ def decode_weight_bytes(model: nn.Module, batch: int = 1) -> int:
 
 
 def kv_bytes(model: nn.Module, context: int, batch: int = 1, dtype: mx.Dtype | None = None,
-             kv_bits: int | None = None, kv_group_size: int = 64) -> int:
+             kv_bits: int | None = None, kv_group_size: int = 64, quantized_kv_start: int = 0) -> int:
     """Bytes of K and V a decode step at ``context`` positions reads (sliding layers hold their window
     in ``dtype``, default the model's activation dtype; with ``kv_bits`` the global layers hold packed
     values plus a scale and bias per group)."""
@@ -83,7 +83,8 @@ def kv_bytes(model: nn.Module, context: int, batch: int = 1, dtype: mx.Dtype | N
         if cfg.is_sliding(i):
             total += min(context, cfg.sliding_window) * per_token
         else:
-            total += context * quantized
+            held_float = min(context, quantized_kv_start) if kv_bits else 0
+            total += held_float * per_token + (context - held_float) * quantized
     return batch * total
 
 
@@ -216,7 +217,8 @@ def prompt_text(tokenizer: Any, tokens: int) -> str:
 
 
 def run_trial(model: Any, tokenizer: Any, text: str, gen_tokens: int, batch: int = 1,
-              prefill_step_size: int = 512, kv_bits: int | None = None, kv_group_size: int = 64) -> Trial:
+              prefill_step_size: int = 512, kv_bits: int | None = None, kv_group_size: int = 64,
+              quantized_kv_start: int = 0) -> Trial:
     """One greedy generation of exactly ``gen_tokens`` steps (EOS ignored, as llama-bench does),
     timed from the call, tokenization included, to the last token."""
     mx.synchronize()
@@ -227,7 +229,7 @@ def run_trial(model: Any, tokenizer: Any, text: str, gen_tokens: int, batch: int
     prompt = mx.array([ids] * batch, dtype=mx.int32)
     stamps = []
     with wired_limit(model):
-        cache = model.make_cache(kv_bits, kv_group_size)
+        cache = model.make_cache(kv_bits, kv_group_size, quantized_kv_start)
         for tokens, _ in generate_tokens(prompt, model, max_tokens=gen_tokens, prefill_step_size=prefill_step_size,
                                          prompt_cache=cache):
             tokens.tolist()  # the one host sync per step, as in generation
@@ -327,10 +329,12 @@ def sweep_lengths(model: Any, batch: int = 1, top: int = 32768, kv: dict[str, An
     return lengths
 
 
-def check_kv(model: Any, kv_bits: int | None, kv_group_size: int) -> dict[str, Any]:
+def check_kv(model: Any, kv_bits: int | None, kv_group_size: int, quantized_kv_start: int = 0) -> dict[str, Any]:
     """Validate a quantized-KV request against MLX and the model's head size; the settings to pass on."""
-    check_kv_quantization(model.config, kv_bits, kv_group_size)
-    return {"kv_bits": kv_bits, "kv_group_size": kv_group_size} if kv_bits else {}
+    check_kv_quantization(model.config, kv_bits, kv_group_size, quantized_kv_start)
+    if not kv_bits:
+        return {}
+    return {"kv_bits": kv_bits, "kv_group_size": kv_group_size, "quantized_kv_start": quantized_kv_start}
 
 
 def check_lengths(model: Any, lengths: list[int], gen_tokens: int, batch: int, kv: dict[str, Any] | None = None) -> None:
@@ -354,10 +358,12 @@ def check_lengths(model: Any, lengths: list[int], gen_tokens: int, batch: int, k
 
 def run_bench(model_spec: str | None, *, compute: str = "auto", lengths: list[int], gen_tokens: int = 128,
               trials: int = 5, batch: int = 1, sweep: list[int] | None = (), sweep_gen: int = 16,
-              peers: Sequence[str] = (), kv_bits: int | None = None, kv_group_size: int = 64) -> dict[str, Any]:
+              peers: Sequence[str] = (), kv_bits: int | None = None, kv_group_size: int = 64,
+              quantized_kv_start: int = 0) -> dict[str, Any]:
     """Load the model, measure the device's peaks, time every prompt length, the context sweep
     (``None``: the default lengths) and the peers; return every number with the machine.
-    ``kv_bits`` quantizes the KV cache of the global attention layers (groups of ``kv_group_size``)."""
+    ``kv_bits`` quantizes the KV cache of the global attention layers (groups of ``kv_group_size``)
+    from position ``quantized_kv_start`` on."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .load import load, resolve
@@ -366,7 +372,7 @@ def run_bench(model_spec: str | None, *, compute: str = "auto", lengths: list[in
     path = resolve(model_spec)
     model, tokenizer = load(path, compute=compute)
     report_line = model.load_report
-    kv = check_kv(model, kv_bits, kv_group_size)
+    kv = check_kv(model, kv_bits, kv_group_size, quantized_kv_start)
     check_lengths(model, lengths, gen_tokens, batch, kv)
     sweep = sweep_lengths(model, batch, kv=kv) if sweep is None else list(sweep)
     check_lengths(model, sweep, sweep_gen, batch, kv)
@@ -407,7 +413,8 @@ def run_bench(model_spec: str | None, *, compute: str = "auto", lengths: list[in
                   "detail": report_line.detail, "weight_bytes": weight_bytes, "decode_weight_bytes": step_weights,
                   "load_s": report_line.seconds, "activation_dtype": str(dtype).removeprefix("mlx.core.")},
         "settings": {"prompt_lengths": lengths, "gen_tokens": gen_tokens, "trials": trials, "batch_size": batch,
-                     "sweep_gen_tokens": sweep_gen, "kv_bits": kv_bits, "kv_group_size": kv_group_size if kv_bits else None},
+                     "sweep_gen_tokens": sweep_gen, "kv_bits": kv_bits, "kv_group_size": kv_group_size if kv_bits else None,
+                     "quantized_kv_start": quantized_kv_start if kv_bits else None},
         "results": [asdict(r) for r in results],
         "sweep": points,
         "compare": peer_report,

@@ -18,17 +18,20 @@ if TYPE_CHECKING:
 Mask = mx.array | str | None
 
 
-def check_kv_quantization(cfg: "ModelConfig", bits: int | None, group_size: int) -> None:
+def check_kv_quantization(cfg: "ModelConfig", bits: int | None, group_size: int, start: int = 0) -> None:
     """Refuse a quantized-KV setting MLX cannot apply to this model's heads, in one line."""
+    if start < 0:
+        raise UserError(f"--quantized-kv-start must be >= 0, got {start}")
     if bits is None:
+        if start:
+            raise UserError("--quantized-kv-start needs --kv-bits")
         return
     if cfg.kv_lora_rank:
         raise UserError("--kv-bits is not supported for latent-attention (DeepSeek) models: their cache is already compressed")
-    head_dim = cfg.head_dim
     if bits not in (2, 3, 4, 5, 6, 8):
         raise UserError(f"--kv-bits takes 2, 3, 4, 5, 6 or 8, not {bits}")
-    if group_size not in (32, 64, 128) or head_dim % group_size:
-        raise UserError(f"--kv-group-size must be 32, 64 or 128 and divide the head size {head_dim}, got {group_size}")
+    if group_size not in (32, 64, 128) or group_size > cfg.head_dim:
+        raise UserError(f"--kv-group-size must be 32, 64 or 128 and at most the head size {cfg.head_dim}, got {group_size}")
 
 
 def causal_mask(q_start: int, n_queries: int, k_start: int, n_keys: int, window: int | None) -> mx.array:
@@ -92,16 +95,35 @@ class KVCache:
 
 class QuantizedKVCache(KVCache):
     """Keys and values stored MLX-quantized (``bits`` per element, groups of ``group_size`` along the
-    head dimension), appended in place like ``KVCache``; attention reads them with quantized matmuls
-    (``quantized_attention``), so the cache never exists in 16/32-bit form."""
+    head dimension), appended in place like ``KVCache``; attention reads them packed
+    (``mlxllm.kernels.quantized_sdpa``), so the cache never exists in 16/32-bit form.
 
-    def __init__(self, bits: int = 8, group_size: int = 64) -> None:
+    With ``start`` > 0 the first ``start`` positions are held in float (the prompt's early tokens at
+    full precision, as mlx-lm's ``quantized_kv_start``); the chunk that crosses ``start`` quantizes
+    everything held, and from then on ``update_and_fetch`` returns packed triples (``quantized``).
+    A head size that is not a multiple of ``group_size`` (80 with groups of 32) is zero-padded up to
+    one; attention pads the queries alike and drops the padded output features."""
+
+    def __init__(self, bits: int = 8, group_size: int = 64, start: int = 0) -> None:
         super().__init__()
-        self.bits, self.group_size = bits, group_size
+        self.bits, self.group_size, self.start = bits, group_size, start
+        self.quantized = start == 0
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[tuple, tuple]:
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple:
         n = keys.shape[2]
+        if not self.quantized:
+            if self.offset + n <= self.start:
+                return super().update_and_fetch(keys, values)
+            if self.keys is not None:  # crossing ``start``: the held float positions join this chunk
+                keys = mx.concatenate([self.keys[..., : self.offset, :], keys], axis=2)
+                values = mx.concatenate([self.values[..., : self.offset, :], values], axis=2)
+                n = keys.shape[2]
+            self.keys = self.values = None
+            self.offset, self.quantized = 0, True
         end = self.offset + n
+        pad = -keys.shape[-1] % self.group_size
+        if pad:
+            keys, values = (mx.pad(x, [(0, 0)] * 3 + [(0, pad)]) for x in (keys, values))
         new = [mx.quantize(x, self.group_size, self.bits) for x in (keys, values)]
         if self.keys is None or end > self.keys[0].shape[2]:
             grow = ((n + self.step - 1) // self.step) * self.step
@@ -121,32 +143,15 @@ class QuantizedKVCache(KVCache):
 
     @property
     def nbytes(self) -> int:
-        if self.keys is None:
-            return 0
+        if not self.quantized or self.keys is None:
+            return super().nbytes
         return sum(a.nbytes for a in (*self.keys, *self.values)) * self.offset // self.keys[0].shape[2]
 
     @property
     def state(self) -> list[mx.array]:
-        return [] if self.keys is None else [*self.keys, *self.values]
-
-
-def quantized_attention(q: mx.array, keys: tuple, values: tuple, scale: float, mask: Mask, group_size: int,
-                        bits: int) -> mx.array:
-    """Attention of ``q [B, Hq, L, D]`` over quantized K/V ``[B, Hkv, S, ...]`` (GQA: each K/V head serves
-    ``Hq / Hkv`` query heads): scores and the value mix are quantized matmuls."""
-    B, Hq, L, D = q.shape
-    Hkv, S = keys[0].shape[1], keys[0].shape[2]
-    q = (q * scale).reshape(B, Hkv, Hq // Hkv, L, D)
-    k = tuple(a[:, :, None] for a in keys)
-    v = tuple(a[:, :, None] for a in values)
-    scores = mx.quantized_matmul(q, *k, transpose=True, group_size=group_size, bits=bits)
-    if isinstance(mask, str):  # "causal": the L queries are the last L of the S positions
-        mask = causal_mask(S - L, L, 0, S, None)
-    if mask is not None:
-        scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
-    probs = mx.softmax(scores, axis=-1, precise=True)
-    out = mx.quantized_matmul(probs, *v, transpose=False, group_size=group_size, bits=bits)
-    return out.reshape(B, Hq, L, -1)
+        if not self.quantized or self.keys is None:
+            return super().state
+        return [*self.keys, *self.values]
 
 
 class RotatingKVCache:

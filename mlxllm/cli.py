@@ -43,6 +43,8 @@ def _sampling_options(f):
         click.option("--prefill-step-size", type=click.IntRange(min=1), default=512, show_default=True),
         click.option("--kv-bits", type=int, default=None, help="Quantize the KV cache to this many bits (e.g. 4, 8)."),
         click.option("--kv-group-size", type=int, default=64, show_default=True),
+        click.option("--quantized-kv-start", type=int, default=0, show_default=True,
+                     help="Positions kept in 16-bit before the KV cache switches to --kv-bits."),
     ]):
         f = opt(f)
     return f
@@ -53,7 +55,7 @@ def _sampling_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
 
     check_sampling(kw["temp"], kw["top_p"], kw["top_k"], kw["min_p"], kw["repetition_penalty"])
     keys = ("temp", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop", "prefill_step_size", "kv_bits",
-            "kv_group_size")
+            "kv_group_size", "quantized_kv_start")
     return {k: kw[k] for k in keys}
 
 
@@ -133,7 +135,7 @@ def chat(model_spec, compute, verbose, system, **kw) -> None:
         raise UserError("this model has no chat template; use `mlxllm generate` instead")
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
-    kv = (sampling.pop("kv_bits"), sampling.pop("kv_group_size"))  # the kept cache carries them
+    kv = (sampling.pop("kv_bits"), sampling.pop("kv_group_size"), sampling.pop("quantized_kv_start"))  # the kept cache carries them
     kept = PromptCache(model, *kv)
     click.echo("Chat: /reset clears the history, /exit leaves. Ctrl-C stops a reply.", err=True)
     while True:
@@ -221,12 +223,14 @@ def _int_list(value: str | None, option: str) -> list[int]:
 @click.option("--sweep-gen", type=click.IntRange(min=2), default=16, show_default=True)
 @click.option("--kv-bits", type=int, default=None, help="Quantize the KV cache to this many bits (e.g. 4, 8).")
 @click.option("--kv-group-size", type=int, default=64, show_default=True)
+@click.option("--quantized-kv-start", type=int, default=0, show_default=True,
+              help="Positions kept in 16-bit before the KV cache switches to --kv-bits.")
 @click.option("--compare", "peers", default=None, help="Peers to run side by side: mlx-lm, llama.cpp.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write every number here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Draw the context sweep as a PNG (needs matplotlib: pip install 'mlxllm[plot]').")
 def bench(model_spec, compute, verbose, prompt_lengths, gen_tokens, trials, batch_size, sweep, sweep_gen, kv_bits,
-          kv_group_size, peers, json_path, plot_path) -> None:
+          kv_group_size, quantized_kv_start, peers, json_path, plot_path) -> None:
     """Time to first token, prefill and decode speed, and decode bandwidth against the device's peak."""
     from . import benchmark as bm
 
@@ -246,7 +250,7 @@ def bench(model_spec, compute, verbose, prompt_lengths, gen_tokens, trials, batc
     report = bm.run_bench(
         model_spec, compute=compute, lengths=lengths, gen_tokens=gen_tokens, trials=trials, batch=batch_size,
         sweep=sweep_lengths or (None if plot_path else []), sweep_gen=sweep_gen, peers=peer_list,
-        kv_bits=kv_bits, kv_group_size=kv_group_size,
+        kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start,
     )
     bm.print_report(report)
     if json_path:

@@ -125,9 +125,10 @@ class PromptCache:
     """A KV cache kept across calls (chat turns): each new prompt recomputes only what differs from
     the tokens already cached, after trimming the cache back to the common prefix."""
 
-    def __init__(self, model: Any, kv_bits: int | None = None, kv_group_size: int = 64) -> None:
-        check_kv_quantization(model.config, kv_bits, kv_group_size)
-        self.model, self.kv = model, (kv_bits, kv_group_size)
+    def __init__(self, model: Any, kv_bits: int | None = None, kv_group_size: int = 64,
+                 quantized_kv_start: int = 0) -> None:
+        check_kv_quantization(model.config, kv_bits, kv_group_size, quantized_kv_start)
+        self.model, self.kv = model, (kv_bits, kv_group_size, quantized_kv_start)
         self.cache = model.make_cache(*self.kv)
         self.tokens: list[int] = []  # the tokens whose K/V the cache holds, in order
 
@@ -179,6 +180,7 @@ def stream_generate(
     prefill_step_size: int = DEFAULT_PREFILL_STEP,
     kv_bits: int | None = None,
     kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
 ) -> Iterator[GenerationResponse]:
     """Stream ``GenerationResponse`` objects; ``text`` holds only newly completed UTF-8 text.
 
@@ -194,9 +196,10 @@ def stream_generate(
         logits_processors = make_logits_processors(repetition_penalty)
     if seed is not None:
         mx.random.seed(seed)
+    if kv_bits or quantized_kv_start:
+        check_kv_quantization(model.config, kv_bits, kv_group_size, quantized_kv_start)
     if prompt_cache is None and kv_bits:  # a fresh cache with the global layers' K/V quantized
-        check_kv_quantization(model.config, kv_bits, kv_group_size)
-        prompt_cache = model.make_cache(kv_bits, kv_group_size)
+        prompt_cache = model.make_cache(kv_bits, kv_group_size, quantized_kv_start)
     ids = _encode_prompt(tokenizer, prompt)
     n_prompt = ids.size
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)

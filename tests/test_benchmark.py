@@ -270,6 +270,6 @@ def test_bench_kv_bits(tiny_dir, tmp_path, capsys, monkeypatch):
     r = report["results"][0]
     assert r["kv_bytes_per_step"] == bm.kv_bytes(load_model(tiny_dir), 26, kv_bits=8, kv_group_size=32)
     code, _, err = run(["bench", "-m", str(tiny_dir), "--kv-bits", "8", "--kv-group-size", "64"], capsys, monkeypatch)
-    assert_one_line_error(code, err, "--kv-group-size must be 32, 64 or 128 and divide the head size 32, got 64")
+    assert_one_line_error(code, err, "--kv-group-size must be 32, 64 or 128 and at most the head size 32, got 64")
     code, _, err = run(["bench", "-m", str(tiny_dir), "--kv-bits", "7"], capsys, monkeypatch)
     assert_one_line_error(code, err, "--kv-bits takes 2, 3, 4, 5, 6 or 8, not 7")

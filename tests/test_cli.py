@@ -148,4 +148,9 @@ def test_generate_and_chat_with_quantized_kv_cache(capsys, monkeypatch, smollm2_
                        stdin="What is the capital of France?\n/exit\n")
     assert code == 0 and "Paris" in out
     code, _, err = run(["generate", "-p", "hi", "--kv-bits", "8", "--kv-group-size", "128"], capsys, monkeypatch)
-    assert_one_line_error(code, err, "--kv-group-size must be 32, 64 or 128 and divide the head size 64, got 128")
+    assert_one_line_error(code, err, "--kv-group-size must be 32, 64 or 128 and at most the head size 64, got 128")
+    code, out, _ = run(["generate", "-p", "What is the capital of France?", "-n", "12", "--kv-bits", "4", "--kv-group-size", "32",
+                        "--quantized-kv-start", "8"], capsys, monkeypatch)
+    assert code == 0 and "Paris" in out
+    code, _, err = run(["generate", "-p", "hi", "--quantized-kv-start", "8"], capsys, monkeypatch)
+    assert_one_line_error(code, err, "--quantized-kv-start needs --kv-bits")

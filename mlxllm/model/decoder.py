@@ -9,7 +9,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..cache import KVCache, QuantizedKVCache, RotatingKVCache, causal_mask, quantized_attention
+from ..cache import KVCache, QuantizedKVCache, RotatingKVCache, causal_mask
+from ..kernels import quantized_sdpa
 from .config import ModelConfig
 from .mla import LatentAttention
 from .moe import MoE
@@ -66,8 +67,8 @@ class Attention(nn.Module):
         q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        if isinstance(cache, QuantizedKVCache):
-            out = quantized_attention(q, k, v, self.scale, mask, cache.group_size, cache.bits)
+        if isinstance(k, tuple):  # a quantized cache hands back packed (weights, scales, biases)
+            out = quantized_sdpa(q, k, v, self.scale, mask, cache.group_size, cache.bits)
         else:
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
@@ -139,13 +140,13 @@ class Model(nn.Module):
     def layers(self) -> list[Block]:
         return self.model.layers
 
-    def make_cache(self, kv_bits: int | None = None, kv_group_size: int = 64) -> list:
-        """One cache per layer; ``kv_bits`` quantizes the global layers' K/V (sliding-window layers
-        keep their small float ring)."""
+    def make_cache(self, kv_bits: int | None = None, kv_group_size: int = 64, quantized_kv_start: int = 0) -> list:
+        """One cache per layer; ``kv_bits`` quantizes the global layers' K/V from position
+        ``quantized_kv_start`` on (sliding-window layers keep their small float ring)."""
         cfg = self.config
 
         def full() -> KVCache:
-            return QuantizedKVCache(kv_bits, kv_group_size) if kv_bits else KVCache()
+            return QuantizedKVCache(kv_bits, kv_group_size, quantized_kv_start) if kv_bits else KVCache()
 
         return [RotatingKVCache(cfg.sliding_window) if cfg.is_sliding(i) else full() for i in range(cfg.num_hidden_layers)]
 

@@ -1,0 +1,26 @@
+"""Attention kernels over quantized KV caches, one entry point for every backend.
+
+``quantized_sdpa`` runs the Metal kernels (``metal_kernels/``) when MLX's Metal backend is available,
+and everywhere else the reference path (``reference.py``): the same blockwise online-softmax
+algorithm in plain MLX ops, so the bounded working memory holds on the CPU backend too.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from . import reference
+
+
+def quantized_sdpa(q: mx.array, keys: tuple, values: tuple, scale: float, mask: str | None, group_size: int,
+                   bits: int, window: int | None = None) -> mx.array:
+    """Attention of ``q [B, Hq, L, D]`` over MLX-quantized K/V ``[B, Hkv, S, ...]``; ``mask`` is None or
+    "causal" (the queries are the last L positions), ``window`` limits how far back a query sees."""
+    if mask not in (None, "causal"):
+        raise ValueError(f"quantized attention takes mask None or 'causal', not {type(mask).__name__}")
+    D = q.shape[-1]
+    pad = keys[0].shape[-1] * 32 // bits - D  # the cache zero-pads heads to a whole number of groups
+    if pad:
+        q = mx.pad(q, [(0, 0)] * 3 + [(0, pad)])
+    out = reference.quantized_sdpa(q, keys, values, scale, mask == "causal", window, group_size, bits)
+    return out[..., :D] if pad else out

@@ -1,0 +1,132 @@
+"""Attention over a quantized KV cache: every backend path against a float64 definition on many
+shapes (head dims, GQA ratios, lengths off the block size, 4/8 bits, groups 32/64, windows), the
+cache's switch to quantized after ``quantized_kv_start``, and the working memory staying bounded."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+
+from mlxllm.cache import KVCache, QuantizedKVCache
+from mlxllm.kernels import quantized_sdpa, reference
+
+
+def definition(q, keys, values, scale, causal, window, group_size, bits) -> np.ndarray:
+    """softmax(q K^T scale + mask) V in float64 over the dequantized cache, head by head."""
+    k = np.array(mx.dequantize(*keys, group_size=group_size, bits=bits).astype(mx.float32), dtype=np.float64)
+    v = np.array(mx.dequantize(*values, group_size=group_size, bits=bits).astype(mx.float32), dtype=np.float64)
+    q = np.array(q.astype(mx.float32), dtype=np.float64)
+    B, Hq, L, _ = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    out = np.zeros((B, Hq, L, v.shape[-1]))
+    qpos, kpos = np.arange(S - L, S)[:, None], np.arange(S)[None]
+    visible = np.ones((L, S), bool)
+    if causal:
+        visible &= kpos <= qpos
+    if window is not None:
+        visible &= qpos - kpos < window
+    for b in range(B):
+        for h in range(Hq):
+            kh = h // (Hq // Hkv)
+            s = q[b, h] @ k[b, kh].T * scale
+            s = np.where(visible, s, -np.inf)
+            p = np.exp(s - s.max(-1, keepdims=True))
+            out[b, h] = (p / p.sum(-1, keepdims=True)) @ v[b, kh]
+    return out
+
+
+def packed(B, H, S, D, group_size, bits, seed):
+    x = mx.random.normal((B, H, S, D), key=mx.random.key(seed))
+    return mx.quantize(x, group_size, bits)
+
+
+CASES = [  # (head dim, q heads, kv heads, queries, keys, bits, group, causal, window)
+    (64, 4, 4, 1, 37, 8, 64, False, None),
+    (128, 8, 2, 1, 300, 4, 32, False, None),
+    (64, 8, 1, 8, 300, 4, 64, True, None),  # 8 speculative queries, GQA 8
+    (96, 8, 2, 33, 600, 8, 32, True, None),
+    (256, 4, 1, 3, 129, 4, 64, True, None),
+    (64, 4, 1, 40, 700, 8, 32, True, 100),  # sliding window, some blocks skipped entirely
+    (128, 4, 4, 1, 513, 4, 64, False, 64),
+]
+
+
+@pytest.mark.parametrize("D, Hq, Hkv, L, S, bits, group, causal, window", CASES)
+@pytest.mark.parametrize("block", [None, 256])
+def test_reference_path_equals_definition(D, Hq, Hkv, L, S, bits, group, causal, window, block):
+    q = mx.random.normal((1, Hq, L, D), key=mx.random.key(1))
+    keys, values = packed(1, Hkv, S, D, group, bits, 2), packed(1, Hkv, S, D, group, bits, 3)
+    scale = D**-0.5
+    got = reference.quantized_sdpa(q, keys, values, scale, causal, window, group, bits, block=block)
+    want = definition(q, keys, values, scale, causal, window, group, bits)
+    np.testing.assert_allclose(np.array(got), want, atol=2e-5, rtol=1e-4)
+
+
+def test_small_blocks_and_batches():
+    """Many blocks, including a last short one, and a batch of two."""
+    q = mx.random.normal((2, 4, 7, 64), key=mx.random.key(4))
+    keys, values = packed(2, 2, 1000, 64, 64, 8, 5), packed(2, 2, 1000, 64, 64, 8, 6)
+    got = reference.quantized_sdpa(q, keys, values, 0.125, True, None, 64, 8, block=64)
+    np.testing.assert_allclose(np.array(got), definition(q, keys, values, 0.125, True, None, 64, 8), atol=2e-5)
+
+
+def test_half_precision_cache():
+    """bf16 queries with bf16 scales (the default activation dtype on a GPU) stay close to the definition."""
+    q = mx.random.normal((1, 4, 4, 64), key=mx.random.key(7)).astype(mx.bfloat16)
+    x = mx.random.normal((1, 2, 300, 64), key=mx.random.key(8)).astype(mx.bfloat16)
+    keys = values = mx.quantize(x, 64, 8)
+    got = reference.quantized_sdpa(q, keys, values, 0.125, True, None, 64, 8, block=128)
+    assert got.dtype == mx.bfloat16
+    np.testing.assert_allclose(np.array(got.astype(mx.float32)), definition(q, keys, values, 0.125, True, None, 64, 8),
+                               atol=3e-2)
+
+
+def test_score_block_is_bounded():
+    """Prefill chunks over a long cache get blocks within the score budget; a decode step one block."""
+    assert reference.block_size(1, 8, 512, 32768) * 8 * 512 * 4 <= reference.SCORE_BUDGET_BYTES
+    assert reference.block_size(1, 32, 4096, 32768) == reference.MIN_BLOCK  # never below the floor
+    assert reference.block_size(1, 32, 1, 32768) == 32768
+
+
+def test_peak_memory_below_full_score_matrix():
+    """A 512-query chunk over 16K quantized keys: the full score matrix alone would be 256 MB."""
+    H, L, S, D = 8, 512, 16384, 64
+    q = mx.random.normal((1, H, L, D))
+    keys, values = packed(1, H, S, D, 64, 4, 9), packed(1, H, S, D, 64, 4, 10)
+    mx.eval(q, keys, values)
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    mx.eval(quantized_sdpa(q, keys, values, 0.125, "causal", 64, 4))
+    assert mx.get_peak_memory() - base < H * L * S * 4 / 2
+
+
+def test_head_dim_80_is_padded_to_whole_groups():
+    """80 = 2.5 groups of 32: the cache zero-pads keys/values to 96, attention pads q and trims the output."""
+    c = QuantizedKVCache(8, 32)
+    x = mx.random.normal((1, 2, 50, 80), key=mx.random.key(11))
+    k, v = c.update_and_fetch(x, x * 0.5)
+    q = mx.random.normal((1, 4, 3, 80), key=mx.random.key(12))
+    got = quantized_sdpa(q, k, v, 80**-0.5, "causal", 32, 8)
+    assert got.shape == (1, 4, 3, 80)
+    kd = mx.dequantize(*k, group_size=32, bits=8)
+    assert mx.abs(kd[..., 80:]).max().item() < 1e-6  # zeros, up to the affine rounding of a zero group
+    want = definition(mx.pad(q, [(0, 0)] * 3 + [(0, 16)]), k, v, 80**-0.5, True, None, 32, 8)[..., :80]
+    np.testing.assert_allclose(np.array(got), want, atol=2e-5)
+
+
+def test_cache_switches_to_quantized_after_start():
+    """The first ``start`` positions are held in float; the chunk crossing ``start`` quantizes them all."""
+    c, ref = QuantizedKVCache(8, 32, start=10), KVCache()
+    chunks = [mx.random.normal((1, 2, n, 64), key=mx.random.key(n)) for n in (4, 5, 6, 1)]
+    for i, x in enumerate(chunks):
+        k, v = c.update_and_fetch(x, -x)
+        rk, _ = ref.update_and_fetch(x, -x)
+        if i < 2:  # 9 positions so far: still float
+            assert not c.quantized and mx.array_equal(k, rk).item()
+        else:
+            assert c.quantized and isinstance(k, tuple) and k[0].shape[2] == rk.shape[2] == c.offset
+            deq = mx.dequantize(*k, group_size=32, bits=8)
+            assert mx.allclose(deq, rk, atol=0.05).item()
+    assert c.nbytes < ref.nbytes / 3
