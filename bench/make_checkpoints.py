@@ -45,6 +45,9 @@ SHAPES = {  # the public config.json values that set the cost of a step
                              norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], rope_theta=1e6,
                              max_position_embeddings=40960, tie_word_embeddings=False),
 }
+# Llama-3.2-1B's per-layer shapes with 4 of its 16 layers, float32 (2 GB), so both runtimes compute the
+# same way on the CPU backend at 8K-32K contexts (the KV-cache memory benchmark, bench/kv_memory.py).
+SHAPES["llama-3.2-1b-4l"] = {**SHAPES["llama-3.2-1b"], "num_hidden_layers": 4}
 
 
 
@@ -71,6 +74,11 @@ def write_random_4bit(name: str, out: Path, tokenizer_dir: Path) -> None:
     save_model(model, out, tokenizer_files=tokenizer_dir)
 
 
+def write_random_float32(name: str, out: Path, tokenizer_dir: Path) -> None:
+    mx.random.seed(0)
+    save_model(Model(ModelConfig.from_hf(SHAPES[name])), out, tokenizer_files=tokenizer_dir)
+
+
 def write_tokenizer_json(gguf: Path, out: Path, tokenizer) -> None:
     """A tokenizer.json for the peer (mlx-lm loads tokenizers through transformers), built with the
     `tokenizers` library from the GGUF vocabulary; the benchmark feeds token ids, so only loading matters."""
@@ -95,7 +103,8 @@ def write_tokenizer_json(gguf: Path, out: Path, tokenizer) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench/ckpt")
-    p.add_argument("--random", default="", help=f"comma list of {', '.join(SHAPES)}")
+    p.add_argument("--random", default="", help=f"comma list of {', '.join(SHAPES)} (4-bit)")
+    p.add_argument("--random-f32", default="", help="the same, float32")
     args = p.parse_args()
     out = Path(args.out)
     bf16, q4 = out / "smollm2-135m-bf16", out / "smollm2-135m-4bit"
@@ -108,6 +117,9 @@ def main() -> None:
     for name in filter(None, args.random.split(",")):
         if not (out / f"{name}-4bit-random").exists():
             write_random_4bit(name, out / f"{name}-4bit-random", bf16)
+    for name in filter(None, args.random_f32.split(",")):
+        if not (out / f"{name}-f32-random").exists():
+            write_random_float32(name, out / f"{name}-f32-random", bf16)
     print(f"checkpoints in {out}")
 
 

@@ -41,12 +41,34 @@ def _measure(stream: Iterable[Any], n_prompt: int) -> dict[str, Any]:
     }
 
 
-def _mlx_steps(generate_step, model, ids: list[int], n: int):
+def _mlx_steps(generate_step, model, ids: list[int], n: int, **kw):
     import mlx.core as mx
 
     for _ in generate_step(mx.array(ids[:16]), model, max_tokens=2):  # warm-up
         pass
-    return generate_step(mx.array(ids), model, max_tokens=n)
+    mx.synchronize()
+    mx.reset_peak_memory()
+    return generate_step(mx.array(ids), model, max_tokens=n, **kw)
+
+
+def _memory() -> dict[str, float]:
+    """Peak memory since the warm-up, in GB."""
+    import mlx.core as mx
+
+    return {"peak_memory_gb": mx.get_peak_memory() / 1e9}
+
+
+def _weights_gb(model) -> float:
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters())) / 1e9
+
+
+def _kv_args(args: argparse.Namespace) -> dict[str, Any]:
+    kw = {"prefill_step_size": args.prefill_step_size} if args.prefill_step_size else {}
+    if args.kv_bits:
+        kw.update(kv_bits=args.kv_bits, kv_group_size=args.kv_group_size)
+    return kw
 
 
 def run_mlxllm(args: argparse.Namespace) -> dict[str, Any]:
@@ -58,8 +80,13 @@ def run_mlxllm(args: argparse.Namespace) -> dict[str, Any]:
     model = load_model(args.model, compute=args.compute)
     load_s = time.perf_counter() - t
     ids = prompt_ids(args.prompt_tokens, model.config.vocab_size)
-    result = _measure(_mlx_steps(generate_step, model, ids, args.gen_tokens), len(ids))
-    return {**result, "load_s": load_s, "weights": model.load_report.target, "blas": backend.blas_library}
+    kw = _kv_args(args)
+    if args.kv_bits:
+        kw["prompt_cache"] = model.make_cache(kw.pop("kv_bits"), kw.pop("kv_group_size"))
+    weights_gb = _weights_gb(model)
+    result = _measure(_mlx_steps(generate_step, model, ids, args.gen_tokens, **kw), len(ids))
+    return {**result, **_memory(), "weights_gb": weights_gb, "load_s": load_s, "weights": model.load_report.target,
+            "blas": backend.blas_library}
 
 
 def run_mlx_lm(args: argparse.Namespace) -> dict[str, Any]:
@@ -77,8 +104,13 @@ def run_mlx_lm(args: argparse.Namespace) -> dict[str, Any]:
     load_s = time.perf_counter() - t
     vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size", 32000)
     ids = prompt_ids(args.prompt_tokens, vocab)
-    result = _measure(_mlx_steps(generate_step, model, ids, args.gen_tokens), len(ids))
-    return {**result, "load_s": load_s, "blas": "openblas" if args.openblas else "bundled"}
+    kw = _kv_args(args)
+    if args.kv_bits:
+        kw["quantized_kv_start"] = 0  # quantized from the first token, as mlxllm's cache
+    weights_gb = _weights_gb(model)
+    result = _measure(_mlx_steps(generate_step, model, ids, args.gen_tokens, **kw), len(ids))
+    return {**result, **_memory(), "weights_gb": weights_gb, "load_s": load_s,
+            "blas": "openblas" if args.openblas else "bundled"}
 
 
 def run_llama_cpp(args: argparse.Namespace) -> dict[str, Any]:
@@ -115,6 +147,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--compute", default="auto", help="mlxllm weight representation")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--openblas", action="store_true", help="mlx-lm: preload the system OpenBLAS as mlxllm does")
+    p.add_argument("--kv-bits", type=int, default=None, help="mlxllm, mlx-lm: quantized KV cache")
+    p.add_argument("--kv-group-size", type=int, default=64)
+    p.add_argument("--prefill-step-size", type=int, default=None, help="mlxllm, mlx-lm: prompt chunk (default: each one's own)")
     args = p.parse_args(argv)
     out = RUNNERS[args.runtime](args)
     out.update(runtime=args.runtime, model=args.model)

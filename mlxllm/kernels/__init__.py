@@ -1,15 +1,17 @@
 """Attention kernels over quantized KV caches, one entry point for every backend.
 
-``quantized_sdpa`` runs the Metal kernels (``metal_kernels/``) when MLX's Metal backend is available,
-and everywhere else the reference path (``reference.py``): the same blockwise online-softmax
-algorithm in plain MLX ops, so the bounded working memory holds on the CPU backend too.
+``quantized_sdpa`` runs the Metal kernels (``metal_kernels/``, launched by ``metal.py``) for decode
+steps (up to 8 queries) when MLX's Metal backend is available, and everywhere else the reference
+path (``reference.py``): the same blockwise online-softmax algorithm in plain MLX ops, so the
+bounded working memory holds on the CPU and CUDA backends too.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 
-from . import reference
+from .. import backend
+from . import metal, reference
 
 
 def quantized_sdpa(q: mx.array, keys: tuple, values: tuple, scale: float, mask: str | None, group_size: int,
@@ -22,5 +24,8 @@ def quantized_sdpa(q: mx.array, keys: tuple, values: tuple, scale: float, mask: 
     pad = keys[0].shape[-1] * 32 // bits - D  # the cache zero-pads heads to a whole number of groups
     if pad:
         q = mx.pad(q, [(0, 0)] * 3 + [(0, pad)])
-    out = reference.quantized_sdpa(q, keys, values, scale, mask == "causal", window, group_size, bits)
+    if backend.device_name() == "metal" and metal.supports(q, bits, group_size):
+        out = metal.decode_attention(q, keys, values, scale, mask == "causal", window, group_size, bits)
+    else:
+        out = reference.quantized_sdpa(q, keys, values, scale, mask == "causal", window, group_size, bits)
     return out[..., :D] if pad else out

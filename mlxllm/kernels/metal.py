@@ -1,0 +1,65 @@
+"""mlxllm's Metal attention kernels (sources in ``metal_kernels/``) and how they are launched.
+
+``decode_attention`` runs flash-decoding over a quantized KV cache in two passes: per (batch, K/V
+head, block of keys) partial softmax results, then one combine per query row. It takes the kernel
+factory as an argument: ``mx.fast.metal_kernel`` on a Mac, the Metal-on-CPU emulator in the tests,
+so both run exactly the same sources with the same launch parameters.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+import mlx.core as mx
+
+SOURCES = Path(__file__).with_name("metal_kernels")  # a symlink to the repository's metal_kernels/
+DECODE_BLOCK = 256  # keys per split: enough splits to fill the GPU at long contexts
+MAX_QUERIES = 8  # query positions per call (speculative decoding verifies up to 8)
+HEAD_DIMS = (64, 96, 128, 256)  # a lane holds head_dim / 32 features
+
+
+@lru_cache(maxsize=None)
+def source(name: str) -> str:
+    return (SOURCES / name).read_text()
+
+
+def specs() -> dict[str, dict[str, Any]]:
+    """The ``mx.fast.metal_kernel`` arguments of every kernel, by name."""
+    header = source("quantized_kv.h")
+    return {
+        "sdpa_decode_quantized": dict(
+            name="sdpa_decode_quantized", input_names=["q", "kw", "ks", "kb", "vw", "vs", "vb", "scale"],
+            output_names=["part_o", "part_m", "part_l"], source=source("sdpa_decode_quantized.metal"),
+            header=header),
+        "sdpa_combine": dict(
+            name="sdpa_combine", input_names=["part_o", "part_m", "part_l"], output_names=["out"],
+            source=source("sdpa_combine.metal")),
+    }
+
+
+def supports(q: mx.array, bits: int, group_size: int) -> bool:
+    """Whether the decode kernel takes this call (otherwise the reference path does)."""
+    return q.shape[2] <= MAX_QUERIES and q.shape[-1] in HEAD_DIMS and bits in (2, 4, 8) and q.shape[-1] % group_size == 0
+
+
+def decode_attention(q: Any, keys: tuple, values: tuple, scale: float, causal: bool, window: int | None,
+                     group_size: int, bits: int, kernel: Callable[..., Any] = mx.fast.metal_kernel,
+                     block: int = DECODE_BLOCK) -> Any:
+    """Attention of ``q [B, Hq, L <= 8, D]`` over packed K/V ``[B, Hkv, S, ...]`` (see ``reference``)."""
+    B, Hq, L, D = q.shape
+    Hkv, S = keys[0].shape[1], keys[0].shape[2]
+    nsplit = -(-S // block)
+    kernels = specs()
+    template = [("T", q.dtype), ("D", D), ("BITS", bits), ("GROUP", group_size), ("REP", Hq // Hkv), ("NQ", L),
+                ("BLOCK", block), ("CAUSAL", bool(causal)), ("WINDOW", window or 0)]
+    part_o, part_m, part_l = kernel(**kernels["sdpa_decode_quantized"])(
+        inputs=[q, *keys, *values, mx.array([scale], dtype=mx.float32)], template=template,
+        grid=(32, B * Hkv, nsplit), threadgroup=(32, 1, 1),
+        output_shapes=[(B, Hq, L, nsplit, D), (B, Hq, L, nsplit), (B, Hq, L, nsplit)],
+        output_dtypes=[mx.float32] * 3)
+    (out,) = kernel(**kernels["sdpa_combine"])(
+        inputs=[part_o, part_m, part_l], template=[("T", q.dtype), ("D", D)], grid=(D, B * Hq * L, 1),
+        threadgroup=(D, 1, 1), output_shapes=[(B, Hq, L, D)], output_dtypes=[q.dtype])
+    return out
