@@ -12,3 +12,12 @@ inline void dequantize_lane(const device uint32_t* words, const device T* scales
     out[e] = float(scales[j / GROUP]) * float(q) + float(biases[j / GROUP]);
   }
 }
+
+// Feature j of one cached row, dequantized (used when a threadgroup stages a block of rows).
+template <typename T, int BITS, int GROUP>
+inline float dequantize_one(const device uint32_t* words, const device T* scales, const device T* biases, int j) {
+  constexpr int PER_WORD = 32 / BITS;
+  constexpr uint MASK = (1u << BITS) - 1u;
+  uint q = (words[j / PER_WORD] >> ((j % PER_WORD) * BITS)) & MASK;
+  return float(scales[j / GROUP]) * float(q) + float(biases[j / GROUP]);
+}

@@ -106,10 +106,41 @@ def test_kernels_stay_inside_the_subset():
         check_subset(spec["header"] + spec["source"] if "header" in spec else spec["source"])
 
 
-@pytest.mark.skipif(not mx.metal.is_available(), reason="needs a Mac (Metal)")
-@pytest.mark.parametrize("D, Hq, Hkv, L, S, bits, group, causal, window", CASES)
-def test_real_metal_kernel_equals_definition(D, Hq, Hkv, L, S, bits, group, causal, window):
+PREFILL_CASES = [  # (head dim, q heads, kv heads, queries, keys, bits, group, causal, window)
+    (64, 4, 2, 40, 40, 8, 64, True, None),  # a fresh prompt, two query tiles (the second partial)
+    (128, 4, 1, 20, 150, 4, 32, True, None),  # a chunk over a cache, keys off the block size
+    (64, 2, 2, 33, 200, 4, 64, True, 48),  # sliding window: early blocks skipped
+    (96, 2, 1, 9, 61, 8, 32, False, None),
+]
+
+
+@pytest.mark.parametrize("D, Hq, Hkv, L, S, bits, group, causal, window", PREFILL_CASES)
+def test_prefill_kernel_equals_definition(D, Hq, Hkv, L, S, bits, group, causal, window):
     q, keys, values = _inputs(D, Hq, Hkv, L, S, bits, group)
-    got = metal.decode_attention(q, keys, values, D**-0.5, causal, window, group, bits, block=64)
+    got = metal.prefill_attention(q, keys, values, D**-0.5, causal, window, group, bits, kernel=MetalKernel)
+    np.testing.assert_allclose(got, definition(q, keys, values, D**-0.5, causal, window, group, bits),
+                               atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("old, new", [
+    ("  threadgroup_barrier(mem_flags::mem_threadgroup);\n  for (int r = 0;", "  for (int r = 0;"),  # no barrier after staging
+    ("int n = metal::min(BK, S - start);", "int n = metal::min(BK, S - start) - 1;"),  # a block's last row dropped
+])
+def test_broken_prefill_variants_fail(old, new):
+    q, keys, values = _inputs(64, 2, 2, 33, 200, 4, 64)
+    factory = _broken("sdpa_prefill_quantized", old, new)
+    try:
+        got = metal.prefill_attention(q, keys, values, 0.125, True, 48, 64, 4, kernel=factory)
+    except EmulationError as e:
+        assert "order threads run in" in str(e)
+        return
+    assert not np.allclose(got, definition(q, keys, values, 0.125, True, 48, 64, 4), atol=1e-3)
+
+
+@pytest.mark.skipif(not mx.metal.is_available(), reason="needs a Mac (Metal)")
+@pytest.mark.parametrize("D, Hq, Hkv, L, S, bits, group, causal, window", CASES + PREFILL_CASES)
+def test_real_metal_kernels_equal_definition(D, Hq, Hkv, L, S, bits, group, causal, window):
+    q, keys, values = _inputs(D, Hq, Hkv, L, S, bits, group)
+    got = metal.attention(q, keys, values, D**-0.5, causal, window, group, bits)
     np.testing.assert_allclose(np.array(got), definition(q, keys, values, D**-0.5, causal, window, group, bits),
                                atol=2e-5, rtol=1e-4)

@@ -1,8 +1,8 @@
 """Attention kernels over quantized KV caches, one entry point for every backend.
 
-``quantized_sdpa`` runs the Metal kernels (``metal_kernels/``, launched by ``metal.py``) for decode
-steps (up to 8 queries) when MLX's Metal backend is available, and everywhere else the reference
-path (``reference.py``): the same blockwise online-softmax algorithm in plain MLX ops, so the
+``quantized_sdpa`` runs the Metal kernels (``metal_kernels/``, launched by ``metal.py``: flash-decoding
+for up to 8 queries, the prefill kernel beyond) when MLX's Metal backend is available, and everywhere
+else the reference path (``reference.py``): the same blockwise online-softmax algorithm in plain MLX ops, so the
 bounded working memory holds on the CPU and CUDA backends too.
 """
 
@@ -25,7 +25,7 @@ def quantized_sdpa(q: mx.array, keys: tuple, values: tuple, scale: float, mask: 
     if pad:
         q = mx.pad(q, [(0, 0)] * 3 + [(0, pad)])
     if backend.device_name() == "metal" and metal.supports(q, bits, group_size):
-        out = metal.decode_attention(q, keys, values, scale, mask == "causal", window, group_size, bits)
+        out = metal.attention(q, keys, values, scale, mask == "causal", window, group_size, bits)
     else:
         out = reference.quantized_sdpa(q, keys, values, scale, mask == "causal", window, group_size, bits)
     return out[..., :D] if pad else out

@@ -33,6 +33,9 @@ def specs() -> dict[str, dict[str, Any]]:
             name="sdpa_decode_quantized", input_names=["q", "kw", "ks", "kb", "vw", "vs", "vb", "scale"],
             output_names=["part_o", "part_m", "part_l"], source=source("sdpa_decode_quantized.metal"),
             header=header),
+        "sdpa_prefill_quantized": dict(
+            name="sdpa_prefill_quantized", input_names=["q", "kw", "ks", "kb", "vw", "vs", "vb", "scale"],
+            output_names=["out"], source=source("sdpa_prefill_quantized.metal"), header=header),
         "sdpa_combine": dict(
             name="sdpa_combine", input_names=["part_o", "part_m", "part_l"], output_names=["out"],
             source=source("sdpa_combine.metal")),
@@ -40,8 +43,30 @@ def specs() -> dict[str, dict[str, Any]]:
 
 
 def supports(q: mx.array, bits: int, group_size: int) -> bool:
-    """Whether the decode kernel takes this call (otherwise the reference path does)."""
-    return q.shape[2] <= MAX_QUERIES and q.shape[-1] in HEAD_DIMS and bits in (2, 4, 8) and q.shape[-1] % group_size == 0
+    """Whether the kernels take this call (otherwise the reference path does)."""
+    return q.shape[-1] in HEAD_DIMS and bits in (2, 4, 8) and q.shape[-1] % group_size == 0
+
+
+def attention(q: Any, keys: tuple, values: tuple, scale: float, causal: bool, window: int | None, group_size: int,
+              bits: int, kernel: Callable[..., Any] = mx.fast.metal_kernel) -> Any:
+    """Decode steps (up to 8 queries) by flash-decoding, longer chunks by the prefill kernel."""
+    run = decode_attention if q.shape[2] <= MAX_QUERIES else prefill_attention
+    return run(q, keys, values, scale, causal, window, group_size, bits, kernel=kernel)
+
+
+def prefill_attention(q: Any, keys: tuple, values: tuple, scale: float, causal: bool, window: int | None,
+                      group_size: int, bits: int, kernel: Callable[..., Any] = mx.fast.metal_kernel,
+                      tile: int = 32) -> Any:
+    """Attention of ``q [B, Hq, L, D]`` over packed K/V: tiles of ``tile`` queries, key blocks staged
+    in threadgroup memory (32 KB for K and V at every head dim)."""
+    B, Hq, L, D = q.shape
+    template = [("T", q.dtype), ("D", D), ("BITS", bits), ("GROUP", group_size), ("REP", Hq // keys[0].shape[1]),
+                ("TQ", tile), ("BK", 4096 // D), ("CAUSAL", bool(causal)), ("WINDOW", window or 0)]
+    (out,) = kernel(**specs()["sdpa_prefill_quantized"])(
+        inputs=[q, *keys, *values, mx.array([scale], dtype=mx.float32)], template=template,
+        grid=(tile * -(-L // tile), B * Hq, 1), threadgroup=(tile, 1, 1), output_shapes=[q.shape],
+        output_dtypes=[q.dtype])
+    return out
 
 
 def decode_attention(q: Any, keys: tuple, values: tuple, scale: float, causal: bool, window: int | None,
