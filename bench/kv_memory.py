@@ -1,7 +1,7 @@
 """KV-cache memory at long context: float vs 8-bit vs 4-bit cache, mlxllm and mlx-lm side by side.
 
     python bench/kv_memory.py --model bench/ckpt/llama-3.2-1b-4l-f32-random \\
-        --lengths 8192,16384,32768 --peer-lengths 4096,8192 --out bench/results/kv_memory.json
+        --lengths 8192,16384,32768 --peer-lengths 4096 --out bench/results/kv_memory.json
 
 Every (runtime, cache, length) point is one fresh process (bench/peer_trial.py): the prompt in
 chunks of 512, then 64 greedy tokens; peak memory is MLX's, from after a short warm-up. "cache +
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,8 +30,13 @@ def trial(runtime: str, model: str, length: int, bits: int | None, group: int, g
         cmd += ["--kv-bits", str(bits), "--kv-group-size", str(group)]
     if runtime == "mlx-lm":
         cmd.append("--openblas")
+    env = dict(os.environ)
+    if runtime == "mlx-lm":
+        # mlx-lm computes on its own generation stream; with a threaded OpenBLAS underneath, two MLX
+        # threads calling BLAS at once deadlocked its process here twice (all threads in futex waits).
+        env["OPENBLAS_NUM_THREADS"] = "1"
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout} s"}
     if proc.returncode:
@@ -42,7 +48,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
     p.add_argument("--lengths", default="8192,16384,32768")
-    p.add_argument("--peer-lengths", default="4096,8192", help="lengths also run with mlx-lm")
+    p.add_argument("--peer-lengths", default="4096", help="lengths also run with mlx-lm")
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--gen-tokens", type=int, default=64)
     p.add_argument("--timeout", type=int, default=1800)

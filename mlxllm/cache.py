@@ -9,8 +9,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
+import numpy as np
 
 from .errors import UserError
+from .kernels import quantized_sdpa
 
 if TYPE_CHECKING:
     from .model.config import ModelConfig
@@ -93,6 +95,15 @@ class KVCache:
         return [] if self.keys is None else [self.keys, self.values]
 
 
+def hadamard(n: int) -> mx.array:
+    """Orthonormal ``[n, n]``: blocks of the largest power-of-two Hadamard matrix dividing ``n``."""
+    size = n & -n
+    h = np.ones((1, 1))
+    while h.shape[0] < size:
+        h = np.block([[h, h], [h, -h]])
+    return mx.array(np.kron(np.eye(n // size), h) / np.sqrt(size), dtype=mx.float32)
+
+
 class QuantizedKVCache(KVCache):
     """Keys and values stored MLX-quantized (``bits`` per element, groups of ``group_size`` along the
     head dimension), appended in place like ``KVCache``; attention reads them packed
@@ -102,12 +113,42 @@ class QuantizedKVCache(KVCache):
     full precision, as mlx-lm's ``quantized_kv_start``); the chunk that crosses ``start`` quantizes
     everything held, and from then on ``update_and_fetch`` returns packed triples (``quantized``).
     A head size that is not a multiple of ``group_size`` (80 with groups of 32) is zero-padded up to
-    one; attention pads the queries alike and drops the padded output features."""
+    one; attention pads the queries alike and drops the padded output features.
+
+    What is stored is transformed so that rounding costs less, without changing attention: keys minus
+    a per-channel centre ``c`` (the mean of the first quantized chunk; ``q.(k - c)`` differs from
+    ``q.k`` by the same amount for every key of a query, which softmax ignores), then keys and values
+    times an orthonormal Hadamard matrix ``R`` that spreads outlier channels over the group
+    (``(qR).(kR) = q.k`` and ``P (V R) R^T = P V``). On SmolLM2 this takes the 4-bit cache's
+    perplexity cost from +8 % to about +3 % (bench/kv_quality.py)."""
 
     def __init__(self, bits: int = 8, group_size: int = 64, start: int = 0) -> None:
         super().__init__()
         self.bits, self.group_size, self.start = bits, group_size, start
         self.quantized = start == 0
+        self.center: mx.array | None = None  # [B, kv_heads, 1, D], fixed at the first quantized chunk
+        self.rotation: mx.array | None = None  # [D, D] orthonormal
+
+    def _stored_form(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        pad = -keys.shape[-1] % self.group_size
+        if pad:
+            keys, values = (mx.pad(x, [(0, 0)] * 3 + [(0, pad)]) for x in (keys, values))
+        if self.rotation is None:
+            self.rotation = hadamard(keys.shape[-1])
+            self.center = keys.astype(mx.float32).mean(axis=2, keepdims=True)
+        k = ((keys.astype(mx.float32) - self.center) @ self.rotation).astype(keys.dtype)
+        return k, (values.astype(mx.float32) @ self.rotation).astype(values.dtype)
+
+    def attend(self, q: mx.array, keys: tuple, values: tuple, scale: float, mask: Mask) -> mx.array:
+        """Attention of ``q [B, Hq, L, D]`` over what ``update_and_fetch`` returned once quantized."""
+        D = q.shape[-1]
+        pad = self.rotation.shape[0] - D
+        if pad:
+            q = mx.pad(q, [(0, 0)] * 3 + [(0, pad)])
+        q = (q.astype(mx.float32) @ self.rotation).astype(q.dtype)
+        out = quantized_sdpa(q, keys, values, scale, mask, self.group_size, self.bits)
+        out = (out.astype(mx.float32) @ self.rotation.T).astype(q.dtype)
+        return out[..., :D] if pad else out
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple:
         n = keys.shape[2]
@@ -121,10 +162,7 @@ class QuantizedKVCache(KVCache):
             self.keys = self.values = None
             self.offset, self.quantized = 0, True
         end = self.offset + n
-        pad = -keys.shape[-1] % self.group_size
-        if pad:
-            keys, values = (mx.pad(x, [(0, 0)] * 3 + [(0, pad)]) for x in (keys, values))
-        new = [mx.quantize(x, self.group_size, self.bits) for x in (keys, values)]
+        new = [mx.quantize(x, self.group_size, self.bits) for x in self._stored_form(keys, values)]
         if self.keys is None or end > self.keys[0].shape[2]:
             grow = ((n + self.step - 1) // self.step) * self.step
 

@@ -303,8 +303,12 @@ def convert(model_spec, out, quantize, q_bits, q_group_size, q_mode, recipe, dty
 @click.option("--stride", type=int, default=None, help="Window step (default: --seq-len, non-overlapping).")
 @click.option("--max-tokens", type=click.IntRange(min=2), default=None, help="Score only the first N tokens.")
 @click.option("--batch-size", "-b", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--kv-bits", type=int, default=None, help="Score through a KV cache quantized to this many bits.")
+@click.option("--kv-group-size", type=int, default=64, show_default=True)
+@click.option("--quantized-kv-start", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def perplexity(model_spec, compute, verbose, data, seq_len, stride, max_tokens, batch_size, as_json) -> None:
+def perplexity(model_spec, compute, verbose, data, seq_len, stride, max_tokens, batch_size, kv_bits, kv_group_size,
+               quantized_kv_start, as_json) -> None:
     """Perplexity (with its standard error) of a model on a text."""
     from rich.progress import Progress
 
@@ -322,11 +326,16 @@ def perplexity(model_spec, compute, verbose, data, seq_len, stride, max_tokens, 
         text = pp.default_text()
     step = pp.check_window(seq_len, stride)
     model, tokenizer = _load(model_spec, compute, verbose)
+    from .cache import check_kv_quantization
+
+    check_kv_quantization(model.config, kv_bits, kv_group_size, quantized_kv_start)
+    kv = {"kv_bits": kv_bits, "kv_group_size": kv_group_size, "quantized_kv_start": quantized_kv_start} if kv_bits else None
     tokens = tokenizer.encode(text)[:max_tokens]
     with Progress(transient=True, disable=as_json) as progress:
         task = progress.add_task("scoring", total=len(pp.windows(len(tokens), seq_len, step)) or None)
-        nll = pp.token_nll(model, tokens, seq_len, stride, batch_size, on_window=lambda: progress.advance(task))
-    result = {**pp.summarize(nll), "seq_len": seq_len, "stride": step,
+        nll = pp.token_nll(model, tokens, seq_len, stride, batch_size, on_window=lambda: progress.advance(task), kv=kv)
+    result = {**pp.summarize(nll), "seq_len": seq_len, "stride": step, "kv_bits": kv_bits,
+              "kv_group_size": kv_group_size if kv_bits else None,
               "model": str(model.load_report.path), "weights": model.load_report.target}
     if as_json:
         click.echo(json.dumps(result))

@@ -50,8 +50,11 @@ def windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, in
 
 
 def token_nll(model: Any, tokens: list[int], seq_len: int = 512, stride: int | None = None, batch: int = 4,
-              on_window: Callable[[], None] | None = None) -> np.ndarray:
-    """Negative log-likelihood (nats) of each scored token."""
+              on_window: Callable[[], None] | None = None, kv: dict[str, int] | None = None,
+              chunk: int = 512) -> np.ndarray:
+    """Negative log-likelihood (nats) of each scored token. With ``kv`` (``make_cache`` arguments:
+    kv_bits, kv_group_size, quantized_kv_start) each window goes through a quantized KV cache in
+    chunks of ``chunk`` tokens, as generation would, so the score includes the cache's rounding."""
     stride = check_window(seq_len, stride)
     spans = windows(len(tokens), seq_len, stride)
     if not spans:
@@ -64,7 +67,12 @@ def token_nll(model: Any, tokens: list[int], seq_len: int = 512, stride: int | N
         x = np.zeros((len(group), width), np.int32)
         for row, (begin, end, _) in enumerate(group):
             x[row, : end - begin] = ids[begin:end]
-        logits = model(mx.array(x)).astype(mx.float32)
+        if kv:
+            cache = model.make_cache(**kv)
+            logits = mx.concatenate([model(mx.array(x[:, s : s + chunk]), cache=cache).astype(mx.float32)
+                                     for s in range(0, width, chunk)], axis=1)
+        else:
+            logits = model(mx.array(x)).astype(mx.float32)
         nll = mx.logsumexp(logits[:, :-1], axis=-1) - mx.take_along_axis(
             logits[:, :-1], mx.array(x[:, 1:])[..., None], axis=-1)[..., 0]
         nll = np.array(nll)

@@ -102,18 +102,32 @@ def test_peak_memory_below_full_score_matrix():
     assert mx.get_peak_memory() - base < H * L * S * 4 / 2
 
 
-def test_head_dim_80_is_padded_to_whole_groups():
-    """80 = 2.5 groups of 32: the cache zero-pads keys/values to 96, attention pads q and trims the output."""
-    c = QuantizedKVCache(8, 32)
-    x = mx.random.normal((1, 2, 50, 80), key=mx.random.key(11))
-    k, v = c.update_and_fetch(x, x * 0.5)
-    q = mx.random.normal((1, 4, 3, 80), key=mx.random.key(12))
-    got = quantized_sdpa(q, k, v, 80**-0.5, "causal", 32, 8)
-    assert got.shape == (1, 4, 3, 80)
-    kd = mx.dequantize(*k, group_size=32, bits=8)
-    assert mx.abs(kd[..., 80:]).max().item() < 1e-6  # zeros, up to the affine rounding of a zero group
-    want = definition(mx.pad(q, [(0, 0)] * 3 + [(0, 16)]), k, v, 80**-0.5, True, None, 32, 8)[..., :80]
-    np.testing.assert_allclose(np.array(got), want, atol=2e-5)
+def test_cache_attend_equals_float_attention():
+    """Through the cache (centre, Hadamard rotation, padding of head dim 80 to whole groups of 32): the
+    8-bit cache's attention is the float attention up to 8-bit rounding, and the padding never shows."""
+    for D in (64, 80, 96):
+        c = QuantizedKVCache(8, 32)
+        k = mx.random.normal((1, 2, 50, D), key=mx.random.key(11)) + 3.0  # an offset the centre removes
+        v = mx.random.normal((1, 2, 50, D), key=mx.random.key(13))
+        packed_k, packed_v = c.update_and_fetch(k, v)
+        q = mx.random.normal((1, 4, 3, D), key=mx.random.key(12))
+        got = c.attend(q, packed_k, packed_v, D**-0.5, "causal")
+        want = mx.fast.scaled_dot_product_attention(q, mx.repeat(k, 2, axis=1), mx.repeat(v, 2, axis=1),
+                                                    scale=D**-0.5, mask="causal")
+        assert got.shape == (1, 4, 3, D)
+        assert mx.abs(got - want).max().item() < 0.02, D
+
+
+def test_stored_form_is_exact_before_rounding():
+    """Centring and rotating change no score and no output: checked without quantization error."""
+    c = QuantizedKVCache(8, 64)
+    k, v = mx.random.normal((1, 1, 20, 64)) + 1.5, mx.random.normal((1, 1, 20, 64))
+    ks, vs = c._stored_form(k, v)
+    q = mx.random.normal((1, 1, 4, 64))
+    qs = q @ c.rotation
+    s, s_stored = q @ k.swapaxes(-1, -2), qs @ ks.swapaxes(-1, -2)
+    assert mx.allclose(mx.softmax(s, -1), mx.softmax(s_stored, -1), atol=1e-5).item()
+    assert mx.allclose(mx.softmax(s, -1) @ v, (mx.softmax(s_stored, -1) @ vs) @ c.rotation.T, atol=1e-5).item()
 
 
 def test_cache_switches_to_quantized_after_start():
@@ -127,6 +141,6 @@ def test_cache_switches_to_quantized_after_start():
             assert not c.quantized and mx.array_equal(k, rk).item()
         else:
             assert c.quantized and isinstance(k, tuple) and k[0].shape[2] == rk.shape[2] == c.offset
-            deq = mx.dequantize(*k, group_size=32, bits=8)
+            deq = mx.dequantize(*k, group_size=32, bits=8) @ c.rotation.T + c.center  # undo the stored form
             assert mx.allclose(deq, rk, atol=0.05).item()
     assert c.nbytes < ref.nbytes / 3

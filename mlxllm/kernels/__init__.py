@@ -20,12 +20,6 @@ def quantized_sdpa(q: mx.array, keys: tuple, values: tuple, scale: float, mask: 
     "causal" (the queries are the last L positions), ``window`` limits how far back a query sees."""
     if mask not in (None, "causal"):
         raise ValueError(f"quantized attention takes mask None or 'causal', not {type(mask).__name__}")
-    D = q.shape[-1]
-    pad = keys[0].shape[-1] * 32 // bits - D  # the cache zero-pads heads to a whole number of groups
-    if pad:
-        q = mx.pad(q, [(0, 0)] * 3 + [(0, pad)])
     if backend.device_name() == "metal" and metal.supports(q, bits, group_size):
-        out = metal.attention(q, keys, values, scale, mask == "causal", window, group_size, bits)
-    else:
-        out = reference.quantized_sdpa(q, keys, values, scale, mask == "causal", window, group_size, bits)
-    return out[..., :D] if pad else out
+        return metal.attention(q, keys, values, scale, mask == "causal", window, group_size, bits)
+    return reference.quantized_sdpa(q, keys, values, scale, mask == "causal", window, group_size, bits)

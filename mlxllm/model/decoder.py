@@ -10,7 +10,6 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..cache import KVCache, QuantizedKVCache, RotatingKVCache, causal_mask
-from ..kernels import quantized_sdpa
 from .config import ModelConfig
 from .mla import LatentAttention
 from .moe import MoE
@@ -68,7 +67,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         if isinstance(k, tuple):  # a quantized cache hands back packed (weights, scales, biases)
-            out = quantized_sdpa(q, k, v, self.scale, mask, cache.group_size, cache.bits)
+            out = cache.attend(q, k, v, self.scale, mask)
         else:
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
