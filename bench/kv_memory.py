@@ -44,6 +44,20 @@ def trial(runtime: str, model: str, length: int, bits: int | None, group: int, g
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def table(rows: list[dict]) -> str:
+    """Markdown: per length and runtime, each cache's peak, cache + attention and its share of the float cache's."""
+    ok = [r for r in rows if "error" not in r or not r["error"]]
+    base = {(r["runtime"], r["length"]): r["cache_attention_gb"] for r in ok if r["cache"] == "float"}
+    lines = ["| prompt | runtime | KV cache | peak GB | cache + attention GB | vs float cache | prefill tok/s | decode tok/s |",
+             "|---:|---|---|---:|---:|---:|---:|---:|"]
+    for r in sorted(ok, key=lambda r: (r["length"], r["runtime"] != "mlxllm", list(MODES).index(r["cache"]))):
+        ref = base.get((r["runtime"], r["length"]))
+        share = f"{r['cache_attention_gb'] / ref:.2f}x" if ref else "-"
+        lines.append(f"| {r['length']} | {r['runtime']} | {r['cache']} | {r['peak_memory_gb']:.2f} | "
+                     f"{r['cache_attention_gb']:.3f} | {share} | {r['prefill_tps']:.1f} | {r['decode_tps']:.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
@@ -53,7 +67,11 @@ def main() -> None:
     p.add_argument("--gen-tokens", type=int, default=64)
     p.add_argument("--timeout", type=int, default=1800)
     p.add_argument("--out", default="bench/results/kv_memory.json")
+    p.add_argument("--table", action="store_true", help="print the results already in --out as markdown")
     args = p.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.out).read_text())["rows"]))
+        return
     lengths = sorted({int(x) for x in (args.lengths + "," + args.peer_lengths).split(",") if x})
     peer_lengths = {int(x) for x in args.peer_lengths.split(",") if x}
     out_path = Path(args.out)

@@ -17,7 +17,8 @@ from pathlib import Path
 import mlxllm  # noqa: F401  (BLAS preload before mlx.core)
 import mlx.core as mx
 
-from mlxllm import load, perplexity as pp, stream_generate
+from mlxllm import perplexity as pp, stream_generate
+from mlxllm.load import load
 from mlxllm.load.hub import default_model_path
 
 PROMPTS = [

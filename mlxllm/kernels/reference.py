@@ -19,6 +19,7 @@ from .. import backend
 # Lazy evaluation keeps about six block-sized temporaries alive (scores, mask, exponentials...).
 SCORE_BUDGET_BYTES = 8 * 2**20
 MIN_BLOCK = 256
+CPU_PACKED_ROWS = 8  # up to this many query rows per K/V head, the CPU reads the packed cache directly
 _MASKED = -1e30  # finite, so a row with nothing visible yet gives exp(0) terms that a later real maximum wipes out
 
 
@@ -38,9 +39,11 @@ def quantized_sdpa(q: mx.array, keys: tuple, values: tuple, scale: float, causal
     Hkv, S = keys[0].shape[1], keys[0].shape[2]
     rep = Hq // Hkv
     block = block or block_size(B, Hq, L, S)
-    # On the CPU backend a block is dequantized and multiplied in float32 (BLAS; MLX's CPU quantized
-    # matmul is ~16x slower here); elsewhere the quantized matmuls read the packed block directly.
-    unpack = backend.device_name() == "cpu"
+    # On the CPU backend a block of a prefill chunk is dequantized and multiplied in float32 (BLAS;
+    # MLX's CPU quantized matmul is 2-4x slower from 16 query rows on, 16x at 512 rows); a decode
+    # step's few rows (query heads x queries <= 8) read the packed block directly, as on the GPU,
+    # where that is ~2x faster than unpacking the whole cache (measured at 8K keys).
+    unpack = backend.device_name() == "cpu" and rep * L > CPU_PACKED_ROWS
     dtype = mx.float32 if unpack else keys[1].dtype
     qs = (q.astype(mx.float32) * scale).astype(dtype).reshape(B, Hkv, rep * L, D)  # query heads folded into rows
     q_pos = mx.arange(S - L, S)[:, None]
