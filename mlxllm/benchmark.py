@@ -20,7 +20,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import backend
-from .cache import check_kv_quantization
+from .cache import kv_settings
 from .errors import UserError
 from .generate import generate_tokens, wired_limit
 
@@ -329,14 +329,6 @@ def sweep_lengths(model: Any, batch: int = 1, top: int = 32768, kv: dict[str, An
     return lengths
 
 
-def check_kv(model: Any, kv_bits: int | None, kv_group_size: int, quantized_kv_start: int = 0) -> dict[str, Any]:
-    """Validate a quantized-KV request against MLX and the model's head size; the settings to pass on."""
-    check_kv_quantization(model.config, kv_bits, kv_group_size, quantized_kv_start)
-    if not kv_bits:
-        return {}
-    return {"kv_bits": kv_bits, "kv_group_size": kv_group_size, "quantized_kv_start": quantized_kv_start}
-
-
 def check_lengths(model: Any, lengths: list[int], gen_tokens: int, batch: int, kv: dict[str, Any] | None = None) -> None:
     """Refuse prompt lengths the model's context or the memory cannot take, in one line."""
     cfg = model.config
@@ -372,7 +364,7 @@ def run_bench(model_spec: str | None, *, compute: str = "auto", lengths: list[in
     path = resolve(model_spec)
     model, tokenizer = load(path, compute=compute)
     report_line = model.load_report
-    kv = check_kv(model, kv_bits, kv_group_size, quantized_kv_start)
+    kv = kv_settings(model.config, kv_bits, kv_group_size, quantized_kv_start)
     check_lengths(model, lengths, gen_tokens, batch, kv)
     sweep = sweep_lengths(model, batch, kv=kv) if sweep is None else list(sweep)
     check_lengths(model, sweep, sweep_gen, batch, kv)

@@ -135,7 +135,8 @@ def chat(model_spec, compute, verbose, system, **kw) -> None:
         raise UserError("this model has no chat template; use `mlxllm generate` instead")
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
-    kv = (sampling.pop("kv_bits"), sampling.pop("kv_group_size"), sampling.pop("quantized_kv_start"))  # the kept cache carries them
+    # the kept cache carries the KV settings
+    kv = (sampling.pop("kv_bits"), sampling.pop("kv_group_size"), sampling.pop("quantized_kv_start"))
     kept = PromptCache(model, *kv)
     click.echo("Chat: /reset clears the history, /exit leaves. Ctrl-C stops a reply.", err=True)
     while True:
@@ -326,10 +327,9 @@ def perplexity(model_spec, compute, verbose, data, seq_len, stride, max_tokens, 
         text = pp.default_text()
     step = pp.check_window(seq_len, stride)
     model, tokenizer = _load(model_spec, compute, verbose)
-    from .cache import check_kv_quantization
+    from .cache import kv_settings
 
-    check_kv_quantization(model.config, kv_bits, kv_group_size, quantized_kv_start)
-    kv = {"kv_bits": kv_bits, "kv_group_size": kv_group_size, "quantized_kv_start": quantized_kv_start} if kv_bits else None
+    kv = kv_settings(model.config, kv_bits, kv_group_size, quantized_kv_start)
     tokens = tokenizer.encode(text)[:max_tokens]
     with Progress(transient=True, disable=as_json) as progress:
         task = progress.add_task("scoring", total=len(pp.windows(len(tokens), seq_len, step)) or None)

@@ -21,7 +21,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import UserError
-from .model.config import ModelConfig
+from .model.config import ModelConfig, layer_index
 from .model.decoder import Model
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -122,9 +122,7 @@ def quantize_model(model: Model, bits: int, group_size: int, mode: str = "affine
         cols = m.weight.shape[-1]
         if cols % group_size:
             raise UserError(f"'{path}' has {cols} input columns, not a multiple of the group size {group_size}")
-        parts = path.split(".")
-        layer = int(parts[2]) if parts[:2] == ["model", "layers"] else None
-        b = choose(path, layer, n_layers)
+        b = choose(path, layer_index(path), n_layers)
         check_quantization(b, group_size, mode)
         plan[path] = {"group_size": group_size, "bits": b, "mode": mode}
     nn.quantize(model, class_predicate=lambda path, m: plan.get(path, False))

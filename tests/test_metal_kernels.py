@@ -14,7 +14,7 @@ import mlx.core as mx
 
 from metal_emu import EmulationError, MetalKernel, check_subset
 from mlxllm.kernels import metal
-from test_kernels import definition, packed
+from test_kernels import definition
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="the Metal emulator needs g++")
 

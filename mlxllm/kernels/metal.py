@@ -54,17 +54,24 @@ def attention(q: Any, keys: tuple, values: tuple, scale: float, causal: bool, wi
     return run(q, keys, values, scale, causal, window, group_size, bits, kernel=kernel)
 
 
+def _shared(q: Any, keys: tuple, values: tuple, scale: float, causal: bool, window: int | None, group_size: int,
+            bits: int) -> tuple[list, list]:
+    """The inputs and template values both attention kernels take."""
+    template = [("T", q.dtype), ("D", q.shape[-1]), ("BITS", bits), ("GROUP", group_size),
+                ("REP", q.shape[1] // keys[0].shape[1]), ("CAUSAL", bool(causal)), ("WINDOW", window or 0)]
+    return [q, *keys, *values, mx.array([scale], dtype=mx.float32)], template
+
+
 def prefill_attention(q: Any, keys: tuple, values: tuple, scale: float, causal: bool, window: int | None,
                       group_size: int, bits: int, kernel: Callable[..., Any] = mx.fast.metal_kernel,
                       tile: int = 32) -> Any:
     """Attention of ``q [B, Hq, L, D]`` over packed K/V: tiles of ``tile`` queries, key blocks staged
     in threadgroup memory (32 KB for K and V at every head dim)."""
     B, Hq, L, D = q.shape
-    template = [("T", q.dtype), ("D", D), ("BITS", bits), ("GROUP", group_size), ("REP", Hq // keys[0].shape[1]),
-                ("TQ", tile), ("BK", 4096 // D), ("CAUSAL", bool(causal)), ("WINDOW", window or 0)]
+    inputs, template = _shared(q, keys, values, scale, causal, window, group_size, bits)
     (out,) = kernel(**specs()["sdpa_prefill_quantized"])(
-        inputs=[q, *keys, *values, mx.array([scale], dtype=mx.float32)], template=template,
-        grid=(tile * -(-L // tile), B * Hq, 1), threadgroup=(tile, 1, 1), output_shapes=[q.shape],
+        inputs=inputs, template=[*template, ("TQ", tile), ("BK", 4096 // D)], grid=(tile * -(-L // tile), B * Hq, 1),
+        threadgroup=(tile, 1, 1), output_shapes=[q.shape],
         output_dtypes=[q.dtype])
     return out
 
@@ -77,11 +84,10 @@ def decode_attention(q: Any, keys: tuple, values: tuple, scale: float, causal: b
     Hkv, S = keys[0].shape[1], keys[0].shape[2]
     nsplit = -(-S // block)
     kernels = specs()
-    template = [("T", q.dtype), ("D", D), ("BITS", bits), ("GROUP", group_size), ("REP", Hq // Hkv), ("NQ", L),
-                ("BLOCK", block), ("CAUSAL", bool(causal)), ("WINDOW", window or 0)]
+    inputs, template = _shared(q, keys, values, scale, causal, window, group_size, bits)
     part_o, part_m, part_l = kernel(**kernels["sdpa_decode_quantized"])(
-        inputs=[q, *keys, *values, mx.array([scale], dtype=mx.float32)], template=template,
-        grid=(32, B * Hkv, nsplit), threadgroup=(32, 1, 1),
+        inputs=inputs, template=[*template, ("NQ", L), ("BLOCK", block)], grid=(32, B * Hkv, nsplit),
+        threadgroup=(32, 1, 1),
         output_shapes=[(B, Hq, L, nsplit, D), (B, Hq, L, nsplit), (B, Hq, L, nsplit)],
         output_dtypes=[mx.float32] * 3)
     (out,) = kernel(**kernels["sdpa_combine"])(

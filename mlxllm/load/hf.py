@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import mlx.core as mx
 
 from ..errors import UserError
-from ..model.config import ModelConfig
+from ..model.config import ModelConfig, layer_index
 from .weights import Quantized, Tensor, TensorSpec, finish
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
@@ -50,11 +50,6 @@ def expert_stacks(names: list[str], stack: str = "switch_mlp") -> dict[str, list
         if sorted(members) != list(range(len(members))):
             raise UserError(f"experts for '{stacked}' are not numbered 0..{len(members) - 1}")
     return {stacked: [members[e] for e in range(len(members))] for stacked, members in groups.items()}
-
-
-def _layer_of(name: str) -> int:
-    m = re.match(r"^model\.layers\.(\d+)\.", name)
-    return int(m.group(1)) if m else -1
 
 
 def _fold_latent_maps(held: dict[str, Tensor], name: str, cfg: ModelConfig, target: str,
@@ -154,7 +149,7 @@ class HFSource:
                     continue
                 if self.config.tie_word_embeddings and ours.startswith("lm_head."):
                     continue
-                if mtp_layers and _layer_of(ours) >= self.config.num_hidden_layers:
+                if mtp_layers and (layer_index(ours) or 0) >= self.config.num_hidden_layers:
                     continue  # DeepSeek-V3's multi-token-prediction layers (speculative heads, not the decoder)
                 self.index[ours] = (file, name, info)
         self.quant = self._quantized_modules(raw)

@@ -50,6 +50,12 @@ class UnsupportedArchitecture(UserError):
         super().__init__(f"unsupported architecture '{name}' (supported: {supported})")
 
 
+def layer_index(name: str) -> int | None:
+    """The decoder layer a parameter name (``model.layers.N. ...``) belongs to, or None."""
+    parts = name.split(".")
+    return int(parts[2]) if parts[:2] == ["model", "layers"] and len(parts) > 2 and parts[2].isdigit() else None
+
+
 def family_of(name: str) -> str:
     """Map a model_type / GGUF architecture name to a supported family, or raise a clear error."""
     family = ALIASES.get(name, name)
@@ -94,7 +100,7 @@ class ModelConfig:
     shared_expert_intermediate_size: int | None = None  # an always-on, sigmoid-gated shared expert
     norm_topk_prob: bool = False
     router: str = "softmax_topk"  # or "topk_softmax" (Mixtral), "sigmoid_group" (DeepSeek-V3 style)
-    n_group: int = 1  # sigmoid_group: experts fall in n_group groups; only the topk_group best are eligible
+    n_group: int = 1  # experts fall in n_group groups; only the topk_group best groups are eligible
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
     expert_stack_name: str = "switch_mlp"  # parameter name of the stacked experts

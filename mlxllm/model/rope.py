@@ -82,21 +82,23 @@ def make_rope(dims: int, base: float, scaling: dict[str, Any] | None, traditiona
     """Build the RoPE a config asks for; unknown scaling types are a clear error, not a silent default."""
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind == "default":
-        return RoPE(dims, base, traditional=traditional)
-    if kind == "linear":
-        return RoPE(dims, base, scale=1.0 / scaling["factor"], traditional=traditional)
-    if kind == "llama3":
-        return RoPE(dims, base, freqs=llama3_freqs(dims, base, scaling), traditional=traditional)
-    if kind == "yarn":
+        kw = {}
+    elif kind == "linear":
+        kw = {"scale": 1.0 / scaling["factor"]}
+    elif kind == "llama3":
+        kw = {"freqs": llama3_freqs(dims, base, scaling)}
+    elif kind == "yarn":
         factor = scaling["factor"]
         mscale = scaling.get("attention_factor") or (
             yarn_mscale(factor, scaling.get("mscale") or 1.0) / yarn_mscale(factor, scaling.get("mscale_all_dim") or 0.0)
         )
-        return RoPE(dims, base, freqs=yarn_freqs(dims, base, scaling), traditional=traditional, mscale=mscale)
-    if kind == "freq_factors":  # GGUF's rope_freqs tensor: per-frequency divisors, already computed
+        kw = {"freqs": yarn_freqs(dims, base, scaling), "mscale": mscale}
+    elif kind == "freq_factors":  # GGUF's rope_freqs tensor: per-frequency divisors, already computed
         factors = scaling["factors"]
         if len(factors) != dims // 2:
             raise UserError(f"rope_freqs has {len(factors)} values, expected {dims // 2}")
         periods = [base ** (i / dims) * f for i, f in zip(range(0, dims, 2), factors)]
-        return RoPE(dims, base, freqs=mx.array(periods, dtype=mx.float32), traditional=traditional)
-    raise UserError(f"unsupported rope_scaling type '{kind}' (supported: default, linear, llama3, yarn, freq_factors)")
+        kw = {"freqs": mx.array(periods, dtype=mx.float32)}
+    else:
+        raise UserError(f"unsupported rope_scaling type '{kind}' (supported: default, linear, llama3, yarn, freq_factors)")
+    return RoPE(dims, base, traditional=traditional, **kw)
