@@ -15,7 +15,7 @@ from typing import Any, Iterator, Sequence
 import mlx.core as mx
 
 from . import backend
-from .cache import check_kv_quantization
+from .cache import kv_settings
 from .errors import UserError
 from .sample import LogitsProcessor, Sampler, apply_processors, make_logits_processors, make_sampler
 
@@ -127,9 +127,8 @@ class PromptCache:
 
     def __init__(self, model: Any, kv_bits: int | None = None, kv_group_size: int = 64,
                  quantized_kv_start: int = 0) -> None:
-        check_kv_quantization(model.config, kv_bits, kv_group_size, quantized_kv_start)
-        self.model, self.kv = model, (kv_bits, kv_group_size, quantized_kv_start)
-        self.cache = model.make_cache(*self.kv)
+        self.model, self.kv = model, kv_settings(model.config, kv_bits, kv_group_size, quantized_kv_start)
+        self.cache = model.make_cache(**self.kv)
         self.tokens: list[int] = []  # the tokens whose K/V the cache holds, in order
 
     def suffix(self, ids: list[int]) -> list[int]:
@@ -141,7 +140,7 @@ class PromptCache:
             n += 1
         n = min(n, len(ids) - 1)  # at least one token must go through the model to get logits
         if not all(c.trim(len(self.tokens) - n) for c in self.cache):
-            self.cache, n = self.model.make_cache(*self.kv), 0  # a sliding window wrapped: start over
+            self.cache, n = self.model.make_cache(**self.kv), 0  # a sliding window wrapped: start over
         self.tokens = self.tokens[:n]
         return ids[n:]
 
@@ -196,10 +195,9 @@ def stream_generate(
         logits_processors = make_logits_processors(repetition_penalty)
     if seed is not None:
         mx.random.seed(seed)
-    if kv_bits or quantized_kv_start:
-        check_kv_quantization(model.config, kv_bits, kv_group_size, quantized_kv_start)
-    if prompt_cache is None and kv_bits:  # a fresh cache with the global layers' K/V quantized
-        prompt_cache = model.make_cache(kv_bits, kv_group_size, quantized_kv_start)
+    kv = kv_settings(model.config, kv_bits, kv_group_size, quantized_kv_start) if kv_bits or quantized_kv_start else {}
+    if prompt_cache is None and kv:  # a fresh cache with the global layers' K/V quantized
+        prompt_cache = model.make_cache(**kv)
     ids = _encode_prompt(tokenizer, prompt)
     n_prompt = ids.size
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
