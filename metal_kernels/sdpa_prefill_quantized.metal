@@ -3,6 +3,7 @@
 // row t. Key blocks of BK rows are dequantized once into threadgroup memory by all threads together,
 // then every thread scores its query against the block and folds it into its running max, normaliser
 // and output. Working memory is the two staged blocks (2 x BK x D floats), never an L x S matrix.
+// Also writes each row's log-sum-exp; a row that saw no key gets output 0 and lse lowest.
 // Template: T, D, BITS, GROUP, REP (query heads per K/V head), TQ, BK, CAUSAL, WINDOW (0: none).
 constexpr int WPR = D * BITS / 32;
 constexpr int GPR = D / GROUP;
@@ -71,6 +72,7 @@ for (int start = first / BK * BK; start <= last; start += BK) {
 if (live) {
   device T* orow = out + (size_t(bh) * L + qi) * D;
   for (int j = 0; j < D; j++) {
-    orow[j] = T(acc[j] / l);
+    orow[j] = T(l > 0.0f ? acc[j] / l : 0.0f);
   }
+  lse[size_t(bh) * L + qi] = l > 0.0f ? m + metal::log(l) : metal::numeric_limits<float>::lowest();
 }

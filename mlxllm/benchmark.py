@@ -20,7 +20,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import backend
-from .cache import kv_settings
+from .cache import FLOAT_PREFIX, kv_settings
 from .errors import UserError
 from .generate import generate_tokens, wired_limit
 
@@ -71,7 +71,8 @@ def kv_bytes(model: nn.Module, context: int, batch: int = 1, dtype: mx.Dtype | N
              kv_bits: int | None = None, kv_group_size: int = 64, quantized_kv_start: int = 0) -> int:
     """Bytes of K and V a decode step at ``context`` positions reads (sliding layers hold their window
     in ``dtype``, default the model's activation dtype; with ``kv_bits`` the global layers hold packed
-    values plus a scale and bias per group)."""
+    values plus a scale and bias per group, past a float prefix; everything is float until
+    ``quantized_kv_start`` is crossed)."""
     cfg = model.config
     dtype = dtype or activation_dtype(model)
     heads, width = cfg.kv_cache_width
@@ -83,7 +84,7 @@ def kv_bytes(model: nn.Module, context: int, batch: int = 1, dtype: mx.Dtype | N
         if cfg.is_sliding(i):
             total += min(context, cfg.sliding_window) * per_token
         else:
-            held_float = min(context, quantized_kv_start) if kv_bits else 0
+            held_float = (context if context <= quantized_kv_start else min(context, FLOAT_PREFIX)) if kv_bits else 0
             total += held_float * per_token + (context - held_float) * quantized
     return batch * total
 

@@ -216,11 +216,11 @@ _LOADED: dict[str, ctypes.CDLL] = {}
 
 def _compile(cpp: str) -> ctypes.CDLL:
     """Compile once per distinct source (cached on disk by hash); g++ errors become EmulationError."""
-    key = hashlib.sha256((cpp + SHIM.read_text()).encode()).hexdigest()[:20]
+    key = hashlib.sha256((cpp + "".join(h.read_text() for h in sorted(SHIM.parent.glob("*.h")))).encode()).hexdigest()[:20]
     if key in _LOADED:
         return _LOADED[key]
     if shutil.which("g++") is None:
-        raise EmulationError("g++ is needed to emulate Metal kernels")
+        raise EmulationError("g++ is needed to emulate GPU kernels")
     CACHE.mkdir(parents=True, exist_ok=True)
     so = CACHE / f"{key}.so"
     if not so.exists():
@@ -230,7 +230,7 @@ def _compile(cpp: str) -> ctypes.CDLL:
         proc = subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-w", "-o", str(tmp), str(src)],
                               capture_output=True, text=True)
         if proc.returncode:
-            raise EmulationError("kernel does not compile against the Metal shim:\n" + proc.stderr[-4000:])
+            raise EmulationError("kernel does not compile against the emulation shim:\n" + proc.stderr[-4000:])
         tmp.replace(so)
     lib = ctypes.CDLL(str(so))
     lib.run.restype = ctypes.c_char_p

@@ -13,14 +13,15 @@ from mlxllm.cache import KVCache, QuantizedKVCache
 from mlxllm.kernels import quantized_sdpa, reference
 
 
-def definition(q, keys, values, scale, causal, window, group_size, bits) -> np.ndarray:
-    """softmax(q K^T scale + mask) V in float64 over the dequantized cache, head by head."""
+def definition(q, keys, values, scale, causal, window, group_size, bits) -> tuple[np.ndarray, np.ndarray]:
+    """softmax(q K^T scale + mask) V in float64 over the dequantized cache, head by head, and each row's
+    log-sum-exp of scores (-inf, with output 0, for a row that sees no key)."""
     k = np.array(mx.dequantize(*keys, group_size=group_size, bits=bits).astype(mx.float32), dtype=np.float64)
     v = np.array(mx.dequantize(*values, group_size=group_size, bits=bits).astype(mx.float32), dtype=np.float64)
     q = np.array(q.astype(mx.float32), dtype=np.float64)
     B, Hq, L, _ = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    out = np.zeros((B, Hq, L, v.shape[-1]))
+    out, lse = np.zeros((B, Hq, L, v.shape[-1])), np.full((B, Hq, L), -np.inf)
     qpos, kpos = np.arange(S - L, S)[:, None], np.arange(S)[None]
     visible = np.ones((L, S), bool)
     if causal:
@@ -31,10 +32,23 @@ def definition(q, keys, values, scale, causal, window, group_size, bits) -> np.n
         for h in range(Hq):
             kh = h // (Hq // Hkv)
             s = q[b, h] @ k[b, kh].T * scale
-            s = np.where(visible, s, -np.inf)
-            p = np.exp(s - s.max(-1, keepdims=True))
-            out[b, h] = (p / p.sum(-1, keepdims=True)) @ v[b, kh]
-    return out
+            seen = visible.any(-1)
+            s = np.where(visible, s, -np.inf)[seen]
+            m = s.max(-1, keepdims=True)
+            p = np.exp(s - m)
+            out[b, h, seen] = (p / p.sum(-1, keepdims=True)) @ v[b, kh]
+            lse[b, h, seen] = (m + np.log(p.sum(-1, keepdims=True)))[:, 0]
+    return out, lse
+
+
+def assert_attention(got, want, atol=2e-5, rtol=1e-4):
+    """Outputs and log-sum-exps agree; a row that sees nothing has output 0 and an lse below -1e29."""
+    (out, lse), (want_out, want_lse) = (np.array(x.astype(mx.float32) if isinstance(x, mx.array) else x, np.float64)
+                                        for x in got), want
+    np.testing.assert_allclose(out, want_out, atol=atol, rtol=rtol)
+    none = np.isinf(want_lse)
+    assert (lse[none] < -1e29).all()
+    np.testing.assert_allclose(lse[~none], want_lse[~none], atol=atol, rtol=rtol)
 
 
 def packed(B, H, S, D, group_size, bits, seed):
@@ -50,6 +64,7 @@ CASES = [  # (head dim, q heads, kv heads, queries, keys, bits, group, causal, w
     (256, 4, 1, 3, 129, 4, 64, True, None),
     (64, 4, 1, 40, 700, 8, 32, True, 100),  # sliding window, some blocks skipped entirely
     (128, 4, 4, 1, 513, 4, 64, False, 64),
+    (64, 4, 2, 20, 12, 8, 64, True, None),  # more queries than keys: the first 8 see none
 ]
 
 
@@ -60,8 +75,7 @@ def test_reference_path_equals_definition(D, Hq, Hkv, L, S, bits, group, causal,
     keys, values = packed(1, Hkv, S, D, group, bits, 2), packed(1, Hkv, S, D, group, bits, 3)
     scale = D**-0.5
     got = reference.quantized_sdpa(q, keys, values, scale, causal, window, group, bits, block=block)
-    want = definition(q, keys, values, scale, causal, window, group, bits)
-    np.testing.assert_allclose(np.array(got), want, atol=2e-5, rtol=1e-4)
+    assert_attention(got, definition(q, keys, values, scale, causal, window, group, bits))
 
 
 def test_small_blocks_and_batches():
@@ -69,7 +83,7 @@ def test_small_blocks_and_batches():
     q = mx.random.normal((2, 4, 7, 64), key=mx.random.key(4))
     keys, values = packed(2, 2, 1000, 64, 64, 8, 5), packed(2, 2, 1000, 64, 64, 8, 6)
     got = reference.quantized_sdpa(q, keys, values, 0.125, True, None, 64, 8, block=64)
-    np.testing.assert_allclose(np.array(got), definition(q, keys, values, 0.125, True, None, 64, 8), atol=2e-5)
+    assert_attention(got, definition(q, keys, values, 0.125, True, None, 64, 8))
 
 
 def test_half_precision_cache():
@@ -78,9 +92,8 @@ def test_half_precision_cache():
     x = mx.random.normal((1, 2, 300, 64), key=mx.random.key(8)).astype(mx.bfloat16)
     keys = values = mx.quantize(x, 64, 8)
     got = reference.quantized_sdpa(q, keys, values, 0.125, True, None, 64, 8, block=128)
-    assert got.dtype == mx.bfloat16
-    np.testing.assert_allclose(np.array(got.astype(mx.float32)), definition(q, keys, values, 0.125, True, None, 64, 8),
-                               atol=3e-2)
+    assert got[0].dtype == mx.bfloat16
+    assert_attention(got, definition(q, keys, values, 0.125, True, None, 64, 8), atol=3e-2)
 
 
 def test_score_block_is_bounded():
@@ -131,8 +144,9 @@ def test_stored_form_is_exact_before_rounding():
 
 
 def test_cache_switches_to_quantized_after_start():
-    """The first ``start`` positions are held in float; the chunk crossing ``start`` quantizes them all."""
-    c, ref = QuantizedKVCache(8, 32, start=10), KVCache()
+    """The first ``start`` positions are held in float; the chunk crossing ``start`` packs all but the
+    float prefix, which keeps the first positions exactly."""
+    c, ref = QuantizedKVCache(8, 32, start=10, float_prefix=4), KVCache()
     chunks = [mx.random.normal((1, 2, n, 64), key=mx.random.key(n)) for n in (4, 5, 6, 1)]
     for i, x in enumerate(chunks):
         k, v = c.update_and_fetch(x, -x)
@@ -140,7 +154,53 @@ def test_cache_switches_to_quantized_after_start():
         if i < 2:  # 9 positions so far: still float
             assert not c.quantized and mx.array_equal(k, rk).item()
         else:
-            assert c.quantized and isinstance(k, tuple) and k[0].shape[2] == rk.shape[2] == c.offset
+            assert c.quantized and isinstance(k, tuple) and k[0].shape[2] == rk.shape[2] - 4 and c.offset == rk.shape[2]
+            assert mx.array_equal(c.prefix[0], rk[:, :, :4]).item()
             deq = mx.dequantize(*k, group_size=32, bits=8) @ c.rotation.T + c.center  # undo the stored form
-            assert mx.allclose(deq, rk, atol=0.05).item()
-    assert c.nbytes < ref.nbytes / 3
+            assert mx.allclose(deq, rk[:, :, 4:], atol=0.05).item()
+    assert c.nbytes < ref.nbytes / 2
+
+
+def _float_reference(q, k, v, scale):
+    rep = q.shape[1] // k.shape[1]
+    return mx.fast.scaled_dot_product_attention(q, mx.repeat(k, rep, axis=1), mx.repeat(v, rep, axis=1), scale=scale,
+                                                mask="causal" if q.shape[2] > 1 else None)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_float_prefix_attention_through_the_decoder_path(bits):
+    """Chunks that end inside the prefix, one that crosses it, decode steps and a trim back into the
+    prefix: each step's attention equals float attention over everything so far (exactly while all of it
+    is in the prefix), and the first keys, made outliers here, are never rounded."""
+    D, scale = 64, 0.125
+    c = QuantizedKVCache(bits, 32, float_prefix=6)
+    k_all = mx.random.normal((1, 2, 40, D), key=mx.random.key(21))
+    k_all[:, :, 0] = k_all[:, :, 0] * 20  # an attention sink: outlier key
+    v_all = mx.random.normal((1, 2, 40, D), key=mx.random.key(22))
+    q_all = mx.random.normal((1, 4, 40, D), key=mx.random.key(23))
+    errors = []
+
+    def step(lo, hi):
+        k, v = c.update_and_fetch(k_all[:, :, lo:hi], v_all[:, :, lo:hi])
+        q = q_all[:, :, lo:hi]
+        mask = c.mask(hi - lo)
+        if isinstance(k, tuple):
+            got = c.attend(q, k, v, scale, mask)
+        else:
+            assert hi <= 6 and k.shape[2] == hi  # still all float: the plain path
+            got = mx.fast.scaled_dot_product_attention(q, mx.repeat(k, 2, axis=1), mx.repeat(v, 2, axis=1), scale=scale,
+                                                       mask=mask)
+        want = _float_reference(q_all[:, :, :hi], k_all[:, :, :hi], v_all[:, :, :hi], scale)[:, :, lo:hi]
+        errors.append(mx.abs(got - want).max().item())
+
+    for lo, hi in [(0, 3), (3, 5), (5, 20), (20, 21), (21, 29)]:
+        step(lo, hi)
+    assert errors[0] < 1e-6 and errors[1] < 1e-6
+    assert max(errors) < (0.03 if bits == 8 else 0.3)
+    assert mx.array_equal(c.prefix[0], k_all[:, :, :6]).item()
+    assert c.trim(25) and c.offset == 4 and c.n_prefix == 4  # back into the prefix
+    errors.clear()
+    for lo, hi in [(4, 5), (5, 12), (12, 13)]:
+        step(lo, hi)
+    assert errors[0] < 1e-6 and max(errors) < (0.03 if bits == 8 else 0.3)
+    assert c.n_prefix == 6 and c.offset == 13 and c.nbytes > 0

@@ -33,8 +33,11 @@ def quantized_sdpa(q: mx.array, keys: tuple, values: tuple, scale: float, causal
                    group_size: int, bits: int, block: int | None = None) -> mx.array:
     """``softmax(q K^T * scale + mask) V`` for ``q [B, Hq, L, D]`` over packed K/V ``[B, Hkv, S, ...]``
     (MLX affine triples). GQA: each K/V head serves ``Hq / Hkv`` query heads and is read once for them.
-    ``causal``: the L queries are the last L of the S positions; ``window``: a key is visible only when
-    fewer than ``window`` positions back. Accumulates in float32; returns ``q``'s dtype."""
+    ``causal``: the L queries are the last L of the S positions (L > S: the first L - S queries come
+    before every key); ``window``: a key is visible only when fewer than ``window`` positions back.
+    Accumulates in float32. Returns the output in ``q``'s dtype and each row's float32 log-sum-exp of
+    scores ``[B, Hq, L]``, which lets a caller merge attention over other keys; a row that sees no key
+    gets output 0 and an lse of about -1e30."""
     B, Hq, L, D = q.shape
     Hkv, S = keys[0].shape[1], keys[0].shape[2]
     rep = Hq // Hkv
@@ -88,4 +91,6 @@ def quantized_sdpa(q: mx.array, keys: tuple, values: tuple, scale: float, causal
             l = l * corr + p.sum(axis=-1, keepdims=True)
             acc = acc * corr + pv
         m = m_new
-    return (acc / l).astype(q.dtype).reshape(B, Hq, L, -1)
+    seen = m > _MASKED / 2
+    out = mx.where(seen, acc / l, 0.0).astype(q.dtype).reshape(B, Hq, L, -1)
+    return out, (m + mx.log(l)).reshape(B, Hq, L)

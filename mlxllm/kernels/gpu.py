@@ -1,9 +1,11 @@
-"""mlxllm's Metal attention kernels (sources in ``metal_kernels/``) and how they are launched.
+"""mlxllm's GPU attention kernels and how they are launched: the Metal sources in ``metal_kernels/``
+and their CUDA twins in ``metal_kernels/cuda/`` (same algorithm, same launch, line for line).
 
 ``decode_attention`` runs flash-decoding over a quantized KV cache in two passes: per (batch, K/V
-head, block of keys) partial softmax results, then one combine per query row. It takes the kernel
-factory as an argument: ``mx.fast.metal_kernel`` on a Mac, the Metal-on-CPU emulator in the tests,
-so both run exactly the same sources with the same launch parameters.
+head, block of keys) partial softmax results, then one combine per query row; ``prefill_attention``
+tiles the queries and stages key blocks. Both take the dialect and the kernel factory as arguments:
+``mx.fast.metal_kernel`` / ``mx.fast.cuda_kernel`` on a GPU, the CPU emulators in the tests, so all
+run exactly the same sources with the same launch parameters.
 """
 
 from __future__ import annotations
@@ -20,26 +22,36 @@ MAX_QUERIES = 8  # query positions per call (speculative decoding verifies up to
 HEAD_DIMS = (64, 96, 128, 256)  # a lane holds head_dim / 32 features
 
 
+# Where each dialect's sources live and what they are called.
+DIALECTS = {"metal": ("", ".metal", "quantized_kv.h"), "cuda": ("cuda/", ".cu", "cuda/quantized_kv.cuh")}
+
+
 @lru_cache(maxsize=None)
 def source(name: str) -> str:
     return (SOURCES / name).read_text()
 
 
-def specs() -> dict[str, dict[str, Any]]:
-    """The ``mx.fast.metal_kernel`` arguments of every kernel, by name."""
-    header = source("quantized_kv.h")
+def specs(dialect: str = "metal") -> dict[str, dict[str, Any]]:
+    """The ``mx.fast.metal_kernel`` / ``mx.fast.cuda_kernel`` arguments of every kernel, by name."""
+    folder, ext, header_file = DIALECTS[dialect]
+    header = source(header_file)
     return {
         "sdpa_decode_quantized": dict(
             name="sdpa_decode_quantized", input_names=["q", "kw", "ks", "kb", "vw", "vs", "vb", "scale"],
-            output_names=["part_o", "part_m", "part_l"], source=source("sdpa_decode_quantized.metal"),
+            output_names=["part_o", "part_m", "part_l"], source=source(f"{folder}sdpa_decode_quantized{ext}"),
             header=header),
         "sdpa_prefill_quantized": dict(
             name="sdpa_prefill_quantized", input_names=["q", "kw", "ks", "kb", "vw", "vs", "vb", "scale"],
-            output_names=["out"], source=source("sdpa_prefill_quantized.metal"), header=header),
+            output_names=["out", "lse"], source=source(f"{folder}sdpa_prefill_quantized{ext}"), header=header),
         "sdpa_combine": dict(
-            name="sdpa_combine", input_names=["part_o", "part_m", "part_l"], output_names=["out"],
-            source=source("sdpa_combine.metal")),
+            name="sdpa_combine", input_names=["part_o", "part_m", "part_l"], output_names=["out", "lse"],
+            source=source(f"{folder}sdpa_combine{ext}"), header=header),
     }
+
+
+def factory(dialect: str) -> Callable[..., Any]:
+    """MLX's kernel constructor for a dialect."""
+    return mx.fast.metal_kernel if dialect == "metal" else mx.fast.cuda_kernel
 
 
 def supports(q: mx.array, bits: int, group_size: int) -> bool:
@@ -48,10 +60,11 @@ def supports(q: mx.array, bits: int, group_size: int) -> bool:
 
 
 def attention(q: Any, keys: tuple, values: tuple, scale: float, causal: bool, window: int | None, group_size: int,
-              bits: int, kernel: Callable[..., Any] = mx.fast.metal_kernel) -> Any:
-    """Decode steps (up to 8 queries) by flash-decoding, longer chunks by the prefill kernel."""
+              bits: int, dialect: str = "metal", kernel: Callable[..., Any] | None = None) -> Any:
+    """``(out, lse)`` as ``reference.quantized_sdpa``: decode steps (up to 8 queries) by flash-decoding,
+    longer chunks by the prefill kernel."""
     run = decode_attention if q.shape[2] <= MAX_QUERIES else prefill_attention
-    return run(q, keys, values, scale, causal, window, group_size, bits, kernel=kernel)
+    return run(q, keys, values, scale, causal, window, group_size, bits, dialect=dialect, kernel=kernel)
 
 
 def _shared(q: Any, keys: tuple, values: tuple, scale: float, causal: bool, window: int | None, group_size: int,
@@ -63,34 +76,34 @@ def _shared(q: Any, keys: tuple, values: tuple, scale: float, causal: bool, wind
 
 
 def prefill_attention(q: Any, keys: tuple, values: tuple, scale: float, causal: bool, window: int | None,
-                      group_size: int, bits: int, kernel: Callable[..., Any] = mx.fast.metal_kernel,
+                      group_size: int, bits: int, dialect: str = "metal", kernel: Callable[..., Any] | None = None,
                       tile: int = 32) -> Any:
     """Attention of ``q [B, Hq, L, D]`` over packed K/V: tiles of ``tile`` queries, key blocks staged
     in threadgroup memory (32 KB for K and V at every head dim)."""
     B, Hq, L, D = q.shape
     inputs, template = _shared(q, keys, values, scale, causal, window, group_size, bits)
-    (out,) = kernel(**specs()["sdpa_prefill_quantized"])(
+    out, lse = (kernel or factory(dialect))(**specs(dialect)["sdpa_prefill_quantized"])(
         inputs=inputs, template=[*template, ("TQ", tile), ("BK", 4096 // D)], grid=(tile * -(-L // tile), B * Hq, 1),
-        threadgroup=(tile, 1, 1), output_shapes=[q.shape],
-        output_dtypes=[q.dtype])
-    return out
+        threadgroup=(tile, 1, 1), output_shapes=[q.shape, (B, Hq, L)], output_dtypes=[q.dtype, mx.float32])
+    return out, lse
 
 
 def decode_attention(q: Any, keys: tuple, values: tuple, scale: float, causal: bool, window: int | None,
-                     group_size: int, bits: int, kernel: Callable[..., Any] = mx.fast.metal_kernel,
+                     group_size: int, bits: int, dialect: str = "metal", kernel: Callable[..., Any] | None = None,
                      block: int = DECODE_BLOCK) -> Any:
     """Attention of ``q [B, Hq, L <= 8, D]`` over packed K/V ``[B, Hkv, S, ...]`` (see ``reference``)."""
     B, Hq, L, D = q.shape
     Hkv, S = keys[0].shape[1], keys[0].shape[2]
     nsplit = -(-S // block)
-    kernels = specs()
+    kernels = specs(dialect)
+    kernel = kernel or factory(dialect)
     inputs, template = _shared(q, keys, values, scale, causal, window, group_size, bits)
     part_o, part_m, part_l = kernel(**kernels["sdpa_decode_quantized"])(
         inputs=inputs, template=[*template, ("NQ", L), ("BLOCK", block)], grid=(32, B * Hkv, nsplit),
         threadgroup=(32, 1, 1),
         output_shapes=[(B, Hq, L, nsplit, D), (B, Hq, L, nsplit), (B, Hq, L, nsplit)],
         output_dtypes=[mx.float32] * 3)
-    (out,) = kernel(**kernels["sdpa_combine"])(
+    out, lse = kernel(**kernels["sdpa_combine"])(
         inputs=[part_o, part_m, part_l], template=[("T", q.dtype), ("D", D)], grid=(D, B * Hq * L, 1),
-        threadgroup=(D, 1, 1), output_shapes=[(B, Hq, L, D)], output_dtypes=[q.dtype])
-    return out
+        threadgroup=(D, 1, 1), output_shapes=[(B, Hq, L, D), (B, Hq, L)], output_dtypes=[q.dtype, mx.float32])
+    return out, lse
