@@ -1,4 +1,4 @@
-"""The ``mlxllm`` command line: generate, chat, info, bench, convert, perplexity.
+"""The ``mlxllm`` command line: generate, chat, info, bench, convert, perplexity, lora, fuse.
 
 Every user mistake ends as one ``error: ...`` line on stderr and a nonzero exit; tracebacks only with
 ``--verbose``.
@@ -59,10 +59,15 @@ def _sampling_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
     return {k: kw[k] for k in keys}
 
 
-def _load(model_spec: str | None, compute: str, verbose: bool):
+def _adapter_option(f):
+    return click.option("--adapter-path", default=None, type=click.Path(file_okay=False),
+                        help="Apply the LoRA/DoRA adapters in this folder (mlxllm lora or mlx_lm.lora output).")(f)
+
+
+def _load(model_spec: str | None, compute: str, verbose: bool, adapter_path: str | None = None):
     from .load import load
 
-    model, tokenizer = load(model_spec, compute=compute)
+    model, tokenizer = load(model_spec, compute=compute, adapter_path=adapter_path)
     if verbose:
         facts = backend.describe()
         path = getattr(model, "compute_path", compute)
@@ -90,19 +95,20 @@ def cli() -> None:
 
 @cli.command()
 @_model_options
+@_adapter_option
 @_sampling_options
 @click.option("--prompt", "-p", default="hello", show_default=True, help="Prompt text, or - to read stdin.")
 @click.option("--system", default=None, help="System message (chat models).")
 @click.option("--chat/--no-chat", default=None, help="Apply the model's chat template (default: when it has one).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the text and the timings.")
-def generate(model_spec, compute, verbose, prompt, system, chat, as_json, **kw) -> None:
+def generate(model_spec, compute, verbose, adapter_path, prompt, system, chat, as_json, **kw) -> None:
     """Generate a completion for a prompt."""
     from .generate import format_stats, stream_generate
 
     sampling = _sampling_kwargs(kw)
     if prompt == "-":
         prompt = sys.stdin.read()
-    model, tokenizer = _load(model_spec, compute, verbose)
+    model, tokenizer = _load(model_spec, compute, verbose, adapter_path)
     text = _build_prompt(tokenizer, prompt, system, chat)
     out, last = [], None
     for last in stream_generate(model, tokenizer, text, kw["max_tokens"], **sampling):
@@ -122,15 +128,16 @@ def generate(model_spec, compute, verbose, prompt, system, chat, as_json, **kw) 
 
 @cli.command()
 @_model_options
+@_adapter_option
 @_sampling_options
 @click.option("--system", default=None, help="System message.")
-def chat(model_spec, compute, verbose, system, **kw) -> None:
+def chat(model_spec, compute, verbose, adapter_path, system, **kw) -> None:
     """Multi-turn chat. /reset clears the history, /exit (or Ctrl-D) leaves; Ctrl-C stops a reply.
     The KV cache is kept between turns, so a turn computes only the new messages."""
     from .generate import PromptCache, _encode_prompt, format_stats, stream_generate
 
     sampling = _sampling_kwargs(kw)
-    model, tokenizer = _load(model_spec, compute, verbose)
+    model, tokenizer = _load(model_spec, compute, verbose, adapter_path)
     if not tokenizer.has_chat_template:
         raise UserError("this model has no chat template; use `mlxllm generate` instead")
     start = [{"role": "system", "content": system}] if system else []
@@ -299,6 +306,7 @@ def convert(model_spec, out, quantize, q_bits, q_group_size, q_mode, recipe, dty
 
 @cli.command()
 @_model_options
+@_adapter_option
 @click.option("--data", default=None, help="Text file, or - for stdin (default: Python's pydoc topics, offline).")
 @click.option("--seq-len", type=int, default=512, show_default=True, help="Window length in tokens.")
 @click.option("--stride", type=int, default=None, help="Window step (default: --seq-len, non-overlapping).")
@@ -308,8 +316,8 @@ def convert(model_spec, out, quantize, q_bits, q_group_size, q_mode, recipe, dty
 @click.option("--kv-group-size", type=int, default=64, show_default=True)
 @click.option("--quantized-kv-start", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def perplexity(model_spec, compute, verbose, data, seq_len, stride, max_tokens, batch_size, kv_bits, kv_group_size,
-               quantized_kv_start, as_json) -> None:
+def perplexity(model_spec, compute, verbose, adapter_path, data, seq_len, stride, max_tokens, batch_size, kv_bits,
+               kv_group_size, quantized_kv_start, as_json) -> None:
     """Perplexity (with its standard error) of a model on a text."""
     from rich.progress import Progress
 
@@ -326,7 +334,7 @@ def perplexity(model_spec, compute, verbose, data, seq_len, stride, max_tokens, 
     else:
         text = pp.default_text()
     step = pp.check_window(seq_len, stride)
-    model, tokenizer = _load(model_spec, compute, verbose)
+    model, tokenizer = _load(model_spec, compute, verbose, adapter_path)
     from .cache import kv_settings
 
     kv = kv_settings(model.config, kv_bits, kv_group_size, quantized_kv_start)
@@ -342,6 +350,144 @@ def perplexity(model_spec, compute, verbose, data, seq_len, stride, max_tokens, 
         return
     click.echo(f"perplexity {result['perplexity']:.3f} ± {result['perplexity_stderr']:.3f} over "
                f"{result['tokens']} tokens (windows of {seq_len}, stride {result['stride']})")
+
+
+def _apply_config_file(ctx: click.Context, path: str | None, params: dict[str, Any]) -> None:
+    """Fill options left at their defaults from a YAML file whose keys are the option names
+    (``lora_rank`` or ``lora-rank``); options given on the command line win."""
+    if not path:
+        return
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"cannot read --config {path}: {e}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path}: expected a mapping of option names to values")
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in params or name == "config":
+            raise UserError(f"--config {path}: unknown option {key!r}")
+        if ctx.get_parameter_source(name) == click.core.ParameterSource.DEFAULT:
+            params[name] = value
+
+
+@cli.command()
+@_model_options
+@click.option("--data", required=True, type=click.Path(), help="Folder with train.jsonl, valid.jsonl, test.jsonl.")
+@click.option("--train", "do_train", is_flag=True, help="Train adapters.")
+@click.option("--test", "do_test", is_flag=True, help="Report loss and perplexity on test.jsonl (after training, or of --adapter-path).")
+@click.option("--adapter-path", default="adapters", show_default=True, type=click.Path(file_okay=False),
+              help="Where adapters and checkpoints are written (and read by --test alone).")
+@click.option("--iters", type=int, default=1000, show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--grad-accumulation", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--max-seq-length", type=int, default=2048, show_default=True)
+@click.option("--learning-rate", type=float, default=1e-4, show_default=True)
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True)
+@click.option("--warmup", type=int, default=0, show_default=True, help="Linear warm-up steps.")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Gradient clipping (0: off).")
+@click.option("--lora-rank", type=int, default=8, show_default=True)
+@click.option("--lora-alpha", type=float, default=16.0, show_default=True, help="Update scale = alpha / rank.")
+@click.option("--lora-dropout", type=float, default=0.0, show_default=True)
+@click.option("--lora-layers", default="16", show_default=True, help="Adapt the last N blocks, or all.")
+@click.option("--lora-targets", default="q,k,v,o,gate,up,down", show_default=True, help="Layers to adapt.")
+@click.option("--dora", is_flag=True, help="DoRA: also learn each output row's magnitude.")
+@click.option("--mask-prompt/--no-mask-prompt", default=None,
+              help="Score only completions / assistant turns (default: on for chat data, off otherwise).")
+@click.option("--grad-checkpoint", is_flag=True, help="Recompute activations in the backward pass (less memory).")
+@click.option("--save-every", type=int, default=100, show_default=True)
+@click.option("--steps-per-report", type=int, default=10, show_default=True)
+@click.option("--steps-per-eval", type=int, default=200, show_default=True)
+@click.option("--val-batches", type=int, default=25, show_default=True, help="-1: the whole validation split.")
+@click.option("--test-batches", type=int, default=-1, show_default=True, help="-1: the whole test split.")
+@click.option("--resume-adapter-file", default=None, type=click.Path(dir_okay=False),
+              help="Continue from these adapter weights (and the optimizer state saved beside them).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--config", default=None, type=click.Path(dir_okay=False), help="YAML file of option values.")
+@click.option("--json", "as_json", is_flag=True, help="Print the reports and results as JSON.")
+@click.pass_context
+def lora(ctx, **params) -> None:
+    """Fine-tune LoRA / DoRA adapters (QLoRA on a quantized base); --test evaluates them."""
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .train.finetune import LoraOptions, run
+    from .train.loop import TrainConfig
+
+    _apply_config_file(ctx, params["config"], params)
+    p = params
+    layers = p["lora_layers"]
+    if str(layers) != "all" and not str(layers).lstrip("-").isdigit():
+        raise UserError(f"--lora-layers takes a number or all, got {layers}")
+    cfg = TrainConfig(iters=p["iters"], batch_size=p["batch_size"], grad_accumulation=p["grad_accumulation"],
+                      learning_rate=p["learning_rate"], lr_schedule=p["lr_schedule"], warmup=p["warmup"],
+                      weight_decay=p["weight_decay"], max_grad_norm=p["max_grad_norm"],
+                      steps_per_report=p["steps_per_report"], steps_per_eval=p["steps_per_eval"],
+                      val_batches=p["val_batches"], save_every=p["save_every"], seed=p["seed"],
+                      grad_checkpoint=p["grad_checkpoint"])
+    targets = [t.strip() for t in str(p["lora_targets"]).split(",") if t.strip()]
+    opts = LoraOptions(data=Path(p["data"]), adapter_path=Path(p["adapter_path"]), train=p["do_train"],
+                       test=p["do_test"], max_seq_length=p["max_seq_length"], mask_prompt=p["mask_prompt"],
+                       rank=p["lora_rank"], alpha=p["lora_alpha"], dropout=p["lora_dropout"],
+                       layers=None if str(layers) == "all" else int(layers), targets=targets, dora=p["dora"],
+                       resume_adapter_file=p["resume_adapter_file"], test_batches=p["test_batches"], train_config=cfg)
+    model, tokenizer = _load(p["model_spec"], p["compute"], p["verbose"])
+    console = Console(stderr=True)
+    columns = [TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeRemainingColumn(), TextColumn("{task.fields[stats]}")]
+    with Progress(*columns, console=console, disable=p["as_json"]) as progress:
+        task = progress.add_task("training" if p["do_train"] else "testing", total=cfg.iters if p["do_train"] else None,
+                                 stats="")
+
+        def report(r: dict[str, Any]) -> None:
+            if "val_loss" in r:
+                progress.console.print(f"step {r['step']}: validation loss {r['val_loss']:.3f}")
+                return
+            progress.update(task, completed=r["step"], stats=(
+                f"loss {r['train_loss']:.3f} | lr {r['learning_rate']:.1e} | {r['tokens_per_s']:.0f} tok/s | "
+                f"{r['iters_per_s']:.2f} it/s | peak {r['peak_memory_gb']:.2f} GB"))
+
+        result = run(model, tokenizer, opts, str(model.load_report.path), report,
+                     warn=lambda s: console.print(f"warning: {s}"))
+    if p["as_json"]:
+        click.echo(json.dumps(result))
+        return
+    if p["do_train"]:
+        click.echo(f"saved adapters to {opts.adapter_path} after {result['steps']} steps "
+                   f"({result['trainable_parameters']:,} trainable parameters in {result['adapted_layers']} layers)")
+    if p["do_test"]:
+        click.echo(f"test loss {result['test_loss']:.3f}, perplexity {result['test_perplexity']:.3f}")
+
+
+@cli.command()
+@click.option("--model", "-m", "model_spec", required=True, help="The base model the adapters were trained on.")
+@click.option("--adapter-path", required=True, type=click.Path(file_okay=False), help="Adapter folder.")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--dequantize", is_flag=True, help="Write float weights even where the base was quantized.")
+@click.option("--q-bits", type=int, default=None, help="Quantize the fused model to this many bits.")
+@click.option("--q-group-size", type=int, default=64, show_default=True)
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON.")
+@click.option("--verbose", "-v", is_flag=True)
+def fuse(model_spec, adapter_path, out, dequantize, q_bits, q_group_size, force, as_json, verbose) -> None:
+    """Merge adapters into the base weights: a standalone model in the mlx-community layout."""
+    from rich.console import Console
+
+    from .convert import convert as run
+
+    with Console(stderr=True).status(f"fusing {adapter_path} into {model_spec} ..."):
+        report = run(model_spec, out, quantize=q_bits is not None, bits=q_bits or 4, group_size=q_group_size,
+                     force=force, adapter_path=adapter_path, dequantize=dequantize)
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    click.echo(f"wrote {report['out']}: {report['weights']}, {report['bytes'] / 2**20:.0f} MiB")
 
 
 def main(argv: list[str] | None = None) -> None:

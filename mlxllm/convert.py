@@ -239,13 +239,15 @@ def gguf_import_report(path: Path, kquant: str, quantize: bool, errors: dict[str
 
 def convert(source: str, out: str | Path, *, quantize: bool = False, bits: int = 4, group_size: int = 64,
             mode: str = "affine", dtype: str | None = None, recipe: str | None = None, requantize: str = "q8",
-            force: bool = False) -> dict[str, Any]:
+            force: bool = False, adapter_path: str | Path | None = None, dequantize: bool = False) -> dict[str, Any]:
     """Load ``source`` (HF / mlx-community directory, Hub id or GGUF file), optionally cast and
     quantize it, and write it to ``out`` in the mlx-community layout; returns what was done.
 
     GGUF: Q4_0/Q4_1/Q8_0 are kept bit for bit; block types MLX lacks are re-quantized per
     ``requantize`` ('q8', 'q4' or 'float'); with ``quantize`` everything is dequantized first. The
-    tokenizer is written as Hugging Face files (``mlxllm.tokenize.export``)."""
+    tokenizer is written as Hugging Face files (``mlxllm.tokenize.export``). With ``adapter_path`` the
+    adapters are fused into the weights first (``mlxllm fuse``): a quantized layer stays quantized with
+    its own bits and groups unless ``dequantize``."""
     import tempfile
 
     from .load import describe_model, load_model, resolve
@@ -276,6 +278,11 @@ def convert(source: str, out: str | Path, *, quantize: bool = False, bits: int =
         model = load_model(path, compute="float32" if gguf and quantize else "native", kquant=requantize, lazy=True)
         if gguf:
             report["gguf_tensors"] = gguf_import_report(path, requantize, quantize, model.load_report.requant_errors)
+        if adapter_path is not None:
+            from .train.adapters import fuse, load_adapters
+
+            fuse(load_adapters(model, adapter_path), dequantize=dequantize or quantize)
+            report["adapters"] = str(adapter_path)
         if dtype:
             cast_floats(model, getattr(mx, dtype))
         if quantize:

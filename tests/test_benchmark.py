@@ -252,12 +252,12 @@ def test_quantized_kv_cache_decodes_like_the_float_cache(bits, atol):
 def test_quantized_kv_bytes_hand_computed_and_measured():
     model = random_model({**CONFIG, "head_dim": 64}, mx.float32)
     cache = model.make_cache(kv_bits=4, kv_group_size=32)
-    model.hidden(mx.zeros((1, 40), mx.int32), cache)
+    model.hidden(mx.zeros((1, 100), mx.int32), cache)
     mx.eval([c.state for c in cache])
     # per layer, position and K/V head: 64 values at 4 bits + a float32 scale and bias per group of 32,
-    # past the 16 positions held in float32
-    hand = 2 * 2 * 2 * (24 * (64 * 4 // 8 + 2 * 2 * 4) + 16 * 64 * 4)  # layers x (K, V) x kv heads x bytes
-    assert bm.kv_bytes(model, 40, dtype=mx.float32, kv_bits=4, kv_group_size=32) == hand
+    # past the 64 positions held in float32
+    hand = 2 * 2 * 2 * (36 * (64 * 4 // 8 + 2 * 2 * 4) + 64 * 64 * 4)  # layers x (K, V) x kv heads x bytes
+    assert bm.kv_bytes(model, 100, dtype=mx.float32, kv_bits=4, kv_group_size=32) == hand
     assert sum(c.nbytes for c in cache) == hand
     # everything float until ``quantized_kv_start`` is crossed
     assert bm.kv_bytes(model, 30, dtype=mx.float32, kv_bits=4, kv_group_size=32, quantized_kv_start=30) == 2 * 2 * 2 * 30 * 64 * 4

@@ -115,11 +115,13 @@ def test_peak_memory_below_full_score_matrix():
     assert mx.get_peak_memory() - base < H * L * S * 4 / 2
 
 
-def test_cache_attend_equals_float_attention():
-    """Through the cache (centre, Hadamard rotation, padding of head dim 80 to whole groups of 32): the
-    8-bit cache's attention is the float attention up to 8-bit rounding, and the padding never shows."""
+@pytest.mark.parametrize("float_prefix", [0, 16])
+def test_cache_attend_equals_float_attention(float_prefix):
+    """Through the cache (centre, Hadamard rotation, padding of head dim 80 to whole groups of 32, the
+    float prefix merged in): the 8-bit cache's attention is the float attention up to 8-bit rounding,
+    and the padding never shows."""
     for D in (64, 80, 96):
-        c = QuantizedKVCache(8, 32)
+        c = QuantizedKVCache(8, 32, float_prefix=float_prefix)
         k = mx.random.normal((1, 2, 50, D), key=mx.random.key(11)) + 3.0  # an offset the centre removes
         v = mx.random.normal((1, 2, 50, D), key=mx.random.key(13))
         packed_k, packed_v = c.update_and_fetch(k, v)

@@ -119,7 +119,8 @@ def load_model(
 
 
 def load(
-    path_or_repo: str | Path | None = None, *, compute: str = "auto", kquant: str = "q8", lazy: bool = True
+    path_or_repo: str | Path | None = None, *, compute: str = "auto", kquant: str = "q8", lazy: bool = True,
+    adapter_path: str | Path | None = None,
 ) -> tuple[Model, Tokenizer]:
     """Load a model and its tokenizer: ``(model, tokenizer)``, like ``mlx_lm.load``.
 
@@ -131,10 +132,16 @@ def load(
         'q8' (MLX 8-bit, default), 'q4' (MLX 4-bit) or 'float' (16-bit).
     lazy: safetensors weights kept in their own representation ('native') are read on first use
         unless False; converted weights and GGUF tensors are materialized at load.
+    adapter_path: a folder of LoRA/DoRA adapters (``mlxllm lora`` or ``mlx_lm.lora`` output) to apply.
     """
     from ..tokenize import Tokenizer
 
     model = load_model(path_or_repo, compute=compute, kquant=kquant, lazy=lazy)
+    if adapter_path is not None:
+        from ..train.adapters import load_adapters
+
+        load_adapters(model, adapter_path)
+        model.eval()
     report = model.load_report
     if report.format == "gguf":
         from ..tokenize.gguf_vocab import read_gguf_tokenizer_metadata
