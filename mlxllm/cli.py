@@ -378,7 +378,8 @@ def _apply_config_file(ctx: click.Context, path: str | None, params: dict[str, A
 @_model_options
 @click.option("--data", required=True, type=click.Path(), help="Folder with train.jsonl, valid.jsonl, test.jsonl.")
 @click.option("--train", "do_train", is_flag=True, help="Train adapters.")
-@click.option("--test", "do_test", is_flag=True, help="Report loss and perplexity on test.jsonl (after training, or of --adapter-path).")
+@click.option("--test", "do_test", is_flag=True,
+              help="Report loss and perplexity on test.jsonl (after training, or of --adapter-path).")
 @click.option("--adapter-path", default="adapters", show_default=True, type=click.Path(file_okay=False),
               help="Where adapters and checkpoints are written (and read by --test alone).")
 @click.option("--iters", type=int, default=1000, show_default=True)

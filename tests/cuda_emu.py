@@ -123,7 +123,8 @@ class CudaKernel(MetalKernel):
         sig = ",\n    ".join(params)
         cpp = (f'#include "{CUDA_SHIM}"\n{self.header}\nnamespace mlx::core::cu {{\n\n'
                + f"__global__ void {self.name}(\n    {sig}) {{\n" + "\n".join(consts) + f"\n\n{body}\n}}\n\n}}\n"
-               + 'extern "C" const char* run(void** bufs, unsigned gx, unsigned gy, unsigned gz, unsigned tx, unsigned ty, unsigned tz, int reverse) {\n'
+               + 'extern "C" const char* run(void** bufs, unsigned gx, unsigned gy, unsigned gz, '
+               + 'unsigned tx, unsigned ty, unsigned tz, int reverse) {\n'
                + "  static std::string error;\n  try {\n"
                + f"    emu::launch(uint3(gx, gy, gz), uint3(tx, ty, tz), {n_shared}, reverse, [&](emu::Thread&) {{\n"
                + f"      mlx::core::cu::{self.name}({', '.join(call_args)});\n    }}, true);\n"

@@ -139,7 +139,7 @@ def load_split(folder: Path, split: str, tokenizer: Any, max_seq_length: int, ma
     return Dataset(split, examples, truncated)
 
 
-def _pad(exs: list[Example], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+def _pad(exs: list[Example], width: int, pad_id: int) -> Batch:
     tokens = np.full((len(exs), width), pad_id, np.int32)
     scored = np.zeros((len(exs), width), bool)
     for row, e in enumerate(exs):
@@ -148,7 +148,10 @@ def _pad(exs: list[Example], width: int, pad_id: int) -> tuple[np.ndarray, np.nd
     return tokens, scored
 
 
-def batches(data: Dataset, batch_size: int, seed: int, pad_id: int = 0, multiple: int = 32) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+Batch = tuple[np.ndarray, np.ndarray]
+
+
+def batches(data: Dataset, batch_size: int, seed: int, pad_id: int = 0, multiple: int = 32) -> Iterator[Batch]:
     """Endless padded batches ``(tokens [B, T], scored [B, T])``: examples sorted by length and cut
     into batches (little padding), the batch order reshuffled each epoch from ``seed``. T is rounded
     up to ``multiple`` so a compiled step sees few distinct shapes. Too few examples for one batch is
@@ -158,7 +161,7 @@ def batches(data: Dataset, batch_size: int, seed: int, pad_id: int = 0, multiple
     order = sorted(range(len(data)), key=lambda i: len(data.examples[i].tokens))
     groups = [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
 
-    def endless() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def endless() -> Iterator[Batch]:
         epoch = 0
         while True:
             for g in np.random.default_rng([seed, epoch]).permutation(len(groups)):
@@ -169,7 +172,7 @@ def batches(data: Dataset, batch_size: int, seed: int, pad_id: int = 0, multiple
     return endless()
 
 
-def eval_batches(data: Dataset, batch_size: int, limit: int | None = None, pad_id: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+def eval_batches(data: Dataset, batch_size: int, limit: int | None = None, pad_id: int = 0) -> list[Batch]:
     """A fixed list of batches covering the split in order (the first ``limit`` batches when given), for
     validation and test loss; the last batch may be smaller."""
     out = []

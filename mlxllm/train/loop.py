@@ -21,15 +21,14 @@ from typing import Any, Callable, Iterator
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..errors import UserError
 from .adapters import write_atomic
+from .data import Batch
 
 STATE_FILE = "training_state.safetensors"
 STATE_INFO = "training_state.json"
-Batch = tuple[np.ndarray, np.ndarray]
 
 
 @dataclass
@@ -126,7 +125,8 @@ class Trainer:
     def _update(self, batches: list[Batch]) -> tuple[float, int]:
         """One optimizer step over ``batches`` (gradient accumulation): token-weighted mean loss and tokens."""
         total, count, acc = 0.0, 0, None
-        mx.random.seed(self.cfg.seed * 1_000_003 + self.step)  # dropout: a function of (seed, step), so a resumed run redraws the same
+        # dropout draws: a function of (seed, step), so a resumed run redraws the same ones
+        mx.random.seed(self.cfg.seed * 1_000_003 + self.step)
         for tokens, scored in batches:
             value, n, grads = self._micro(mx.array(tokens), mx.array(scored))
             acc = grads if acc is None else tree_map(mx.add, acc, grads)
