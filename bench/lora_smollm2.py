@@ -115,10 +115,10 @@ def main() -> None:
         data_dir, adapters = Path(tmp) / "data", Path(tmp) / "adapters"
         data_dir.mkdir()
         if args.task == "extract":
-            splits = extract_data(data_dir, 400, 50, 100)
+            splits = extract_data(data_dir, 400, 50, 60)
             result["base_accuracy"] = accuracy(model, tok, splits["test"])
             print(f"base model: {result['base_accuracy']:.0%} exact answers on held-out prompts", flush=True)
-            iters, lr = args.iters or 150, args.learning_rate or 2e-4
+            iters, lr = args.iters or 80, args.learning_rate or 3e-4
             opts = dict(mask_prompt=True, max_seq_length=256)
         else:
             splits = pydoc_data(data_dir, tok, 256, 10)

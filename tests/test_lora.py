@@ -165,9 +165,10 @@ def test_text_examples_truncation_and_batches(tmp_path, smol_tokenizer):
     assert ds.truncated == 1 and max(len(e.tokens) for e in ds.examples) == 64
     it = D.batches(ds, 2, seed=0, pad_id=0, multiple=16)
     first = [next(it) for _ in range(3)]
-    assert all(t.shape[1] % 16 == 0 and t.shape == s.shape for t, s in first)
+    assert all(t.shape[1] % 16 == 0 and t.shape == s.shape for t, s, _ in first)
     lengths = sorted(len(e.tokens) for e in ds.examples)
-    assert sorted(int(s.sum(1).max()) + 1 for _, s in first) == sorted(max(lengths[i:i + 2]) for i in (0, 2, 4))
+    assert sorted(int(n.max()) for _, _, n in first) == sorted(max(lengths[i:i + 2]) for i in (0, 2, 4))
+    assert all(int(s.sum(1).max()) + 1 == int(n.max()) for _, s, n in first)  # text: every token after the first
     again = [next(D.batches(ds, 2, seed=0, pad_id=0, multiple=16)) for _ in range(1)]
     assert np.array_equal(again[0][0], first[0][0])  # the same seed, the same order
 

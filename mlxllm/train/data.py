@@ -145,14 +145,14 @@ def _pad(exs: list[Example], width: int, pad_id: int) -> Batch:
     for row, e in enumerate(exs):
         tokens[row, : len(e.tokens)] = e.tokens
         scored[row, : len(e.scored)] = e.scored
-    return tokens, scored
+    return tokens, scored, np.array([len(e.tokens) for e in exs])
 
 
-Batch = tuple[np.ndarray, np.ndarray]
+Batch = tuple[np.ndarray, np.ndarray, np.ndarray]  # tokens [B, T], scored [B, T], lengths [B]
 
 
 def batches(data: Dataset, batch_size: int, seed: int, pad_id: int = 0, multiple: int = 32) -> Iterator[Batch]:
-    """Endless padded batches ``(tokens [B, T], scored [B, T])``: examples sorted by length and cut
+    """Endless padded batches ``(tokens [B, T], scored [B, T], lengths [B])``: examples sorted by length and cut
     into batches (little padding), the batch order reshuffled each epoch from ``seed``. T is rounded
     up to ``multiple`` so a compiled step sees few distinct shapes. Too few examples for one batch is
     a ``UserError`` here, before any batch is drawn."""

@@ -127,26 +127,26 @@ class Trainer:
         total, count, acc = 0.0, 0, None
         # dropout draws: a function of (seed, step), so a resumed run redraws the same ones
         mx.random.seed(self.cfg.seed * 1_000_003 + self.step)
-        for tokens, scored in batches:
+        for tokens, scored, lengths in batches:
             value, n, grads = self._micro(mx.array(tokens), mx.array(scored))
             acc = grads if acc is None else tree_map(mx.add, acc, grads)
             mx.eval(value, n, acc)
             total += value.item() * n.item()
             count += int(n.item())
+            self.tokens_seen += int(lengths.sum())
         grads = tree_map(lambda g: g / max(count, 1), acc)
         if self.cfg.max_grad_norm > 0:
             grads, _ = optim.clip_grad_norm(grads, self.cfg.max_grad_norm)
         self.optimizer.update(self.model, grads)
         mx.eval(self.model.trainable_parameters(), self.optimizer.state)
         self.step += 1
-        self.tokens_seen += count
         return total / max(count, 1), count
 
     def evaluate(self, batches: list[Batch]) -> float:
         """Token-weighted mean loss over ``batches`` (no gradients, dropout off)."""
         self.model.eval()
         total, count = 0.0, 0
-        for tokens, scored in batches:
+        for tokens, scored, _ in batches:
             value, n = self.loss(self.model, mx.array(tokens), mx.array(scored))
             mx.eval(value, n)
             total += value.item() * n.item()
@@ -163,8 +163,8 @@ class Trainer:
         for _ in range(self.step * cfg.grad_accumulation):
             next(train)
         self.model.train()
-        window_loss = window_tokens = 0.0
-        window_start = time.perf_counter()
+        window_loss = window_scored = 0.0
+        window_start, window_tokens = time.perf_counter(), self.tokens_seen
         mx.reset_peak_memory()
         try:
             with checkpointed_blocks(self.model) if cfg.grad_checkpoint else nullcontext():
@@ -173,18 +173,21 @@ class Trainer:
                 while self.step < cfg.iters:
                     loss, n = self._update([next(train) for _ in range(cfg.grad_accumulation)])
                     window_loss += loss * n
-                    window_tokens += n
-                    if self.step % cfg.steps_per_report == 0 or self.step == cfg.iters:
+                    window_scored += n
+                    reported = self.step % cfg.steps_per_report == 0 or self.step == cfg.iters
+                    if reported:  # tokens/s counts every input token (padding excluded), as mlx-lm does
                         dt = time.perf_counter() - window_start
                         steps = (self.step - 1) % cfg.steps_per_report + 1
-                        reports.append(self._report(report, train_loss=window_loss / max(window_tokens, 1),
-                                                    tokens_per_s=window_tokens / dt, iters_per_s=steps / dt))
-                        window_loss = window_tokens = 0.0
-                        window_start = time.perf_counter()
+                        reports.append(self._report(report, train_loss=window_loss / max(window_scored, 1),
+                                                    tokens_per_s=(self.tokens_seen - window_tokens) / dt,
+                                                    iters_per_s=steps / dt))
                     if val is not None and (self.step % cfg.steps_per_eval == 0 or self.step == cfg.iters):
                         reports.append(self._report(report, val_loss=self.evaluate(val)))
                     if self.step % cfg.save_every == 0 and self.step < cfg.iters:
                         save()
+                    if reported:  # the next window starts after validation and saving
+                        window_loss = window_scored = 0.0
+                        window_start, window_tokens = time.perf_counter(), self.tokens_seen
         except KeyboardInterrupt:
             save()
             raise
