@@ -394,7 +394,8 @@ def _apply_config_file(ctx: click.Context, path: str | None, params: dict[str, A
 @click.option("--lora-rank", type=int, default=8, show_default=True)
 @click.option("--lora-alpha", type=float, default=16.0, show_default=True, help="Update scale = alpha / rank.")
 @click.option("--lora-dropout", type=float, default=0.0, show_default=True)
-@click.option("--lora-layers", default="16", show_default=True, help="Adapt the last N blocks, or all.")
+@click.option("--lora-layers", default="16", show_default=True,
+              help="Adapt the last N blocks (all when the model has fewer), or all.")
 @click.option("--lora-targets", default="q,k,v,o,gate,up,down", show_default=True, help="Layers to adapt.")
 @click.option("--dora", is_flag=True, help="DoRA: also learn each output row's magnitude.")
 @click.option("--mask-prompt/--no-mask-prompt", default=None,

@@ -319,6 +319,7 @@ def test_cli_resume_matches_and_bad_input_keeps_saved(tiny_dir, data_dir, tmp_pa
         (["--data", str(bad_data)], "train.jsonl:2: not valid JSON"),
         (["--data", str(empty)], "valid.jsonl has no examples"),
         (["--lora-rank", "0"], "--lora-rank must be positive"),
+        (["--lora-layers", "0"], "--lora-layers must be positive"),
         (["--lora-targets", "gate_up"], "--lora-targets: unknown gate_up"),
         (["--lora-rank", "8", "--resume-adapter-file", str(part / A.ADAPTER_FILE)], "does not fit these adapters"),
     ]

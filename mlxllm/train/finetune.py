@@ -73,9 +73,9 @@ def run(model: nn.Module, tokenizer: Any, opts: LoraOptions, model_name: str,
     pad = _pad_id(tokenizer)
     out: dict[str, Any] = {"adapter_path": str(opts.adapter_path)}
     if opts.train:
-        layers = len(model.layers) if opts.layers is None else opts.layers
-        if not 0 < layers <= len(model.layers):
-            raise UserError(f"--lora-layers must be in 1..{len(model.layers)} or all, got {layers}")
+        if opts.layers is not None and opts.layers <= 0:
+            raise UserError(f"--lora-layers must be positive or all, got {opts.layers}")
+        layers = len(model.layers) if opts.layers is None else min(opts.layers, len(model.layers))  # as mlx-lm
         keys = A.target_keys(model, opts.targets, layers)
         scale = opts.alpha / opts.rank
         mx.random.seed(cfg.seed)  # the adapters' initial A matrices, reproducible from --seed
