@@ -121,28 +121,24 @@ def test_cuda_blocks_are_full_size():
     assert (out == 32).all()
 
 
-@pytest.mark.parametrize("src, message", [
-    ("simdgroup_float8x8 a;", "simdgroup_float8x8"),
-    ("atomic_fetch_add_explicit(p, 1, memory_order_relaxed);", "atomic"),
-    ("float y = exp(x[0]);", "metal::exp"),
-    ("float y = metal::tanh(x[0]);", "metal::tanh"),
-    ("[[unroll]] for (;;) {}", "attributes"),
-])
-def test_outside_the_subset_is_refused(src, message):
-    with pytest.raises(EmulationError, match=message):
-        check_subset(src)
+SUBSET_CHECKS = {"metal": check_subset, "cuda": check_cuda_subset}
 
 
-@pytest.mark.parametrize("src, message", [
-    ("atomicAdd(out, 1.0f);", "atomic"),
-    ("extern __shared__ float buf[];", "dynamic shared memory"),
-    ("auto g = cg::this_grid();", "cooperative groups"),
-    ("v += __shfl_xor_sync(0x0000ffff, v, 1);", "full-warp"),
-    ("unsigned b = __ballot_sync(0xffffffff, v > 0);", "warp votes"),
+@pytest.mark.parametrize("dialect, src, message", [
+    ("metal", "simdgroup_float8x8 a;", "simdgroup_float8x8"),
+    ("metal", "atomic_fetch_add_explicit(p, 1, memory_order_relaxed);", "atomic"),
+    ("metal", "float y = exp(x[0]);", "metal::exp"),
+    ("metal", "float y = metal::tanh(x[0]);", "metal::tanh"),
+    ("metal", "[[unroll]] for (;;) {}", "attributes"),
+    ("cuda", "atomicAdd(out, 1.0f);", "atomic"),
+    ("cuda", "extern __shared__ float buf[];", "dynamic shared memory"),
+    ("cuda", "auto g = cg::this_grid();", "cooperative groups"),
+    ("cuda", "v += __shfl_xor_sync(0x0000ffff, v, 1);", "full-warp"),
+    ("cuda", "unsigned b = __ballot_sync(0xffffffff, v > 0);", "warp votes"),
 ])
-def test_outside_the_cuda_subset_is_refused(src, message):
+def test_outside_the_subset_is_refused(dialect, src, message):
     with pytest.raises(EmulationError, match=message):
-        check_cuda_subset(src)
+        SUBSET_CHECKS[dialect](src)
 
 
 @pytest.mark.skipif(nvrtc() is None, reason="NVRTC (pip nvidia-cuda-nvrtc-cu12) not installed")
@@ -173,7 +169,7 @@ def test_nvrtc_check_can_fail():
 
 
 def test_kernels_stay_inside_the_subsets():
-    for dialect, check in (("metal", check_subset), ("cuda", check_cuda_subset)):
+    for dialect, check in SUBSET_CHECKS.items():
         for spec in gpu.specs(dialect).values():
             check(spec["header"] + spec["source"])
 

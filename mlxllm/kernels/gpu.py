@@ -3,9 +3,9 @@ and their CUDA twins in ``metal_kernels/cuda/`` (same algorithm, same launch, li
 
 ``decode_attention`` runs flash-decoding over a quantized KV cache in two passes: per (batch, K/V
 head, block of keys) partial softmax results, then one combine per query row; ``prefill_attention``
-tiles the queries and stages key blocks. Both take the dialect and the kernel factory as arguments:
-``mx.fast.metal_kernel`` / ``mx.fast.cuda_kernel`` on a GPU, the CPU emulators in the tests, so all
-run exactly the same sources with the same launch parameters.
+tiles the queries and stages key blocks. Both take the dialect and optionally a kernel factory: by
+default ``mx.fast.metal_kernel`` / ``mx.fast.cuda_kernel`` (each kernel built once), the CPU emulators
+in the tests, so all run exactly the same sources with the same launch parameters.
 """
 
 from __future__ import annotations
@@ -49,9 +49,16 @@ def specs(dialect: str = "metal") -> dict[str, dict[str, Any]]:
     }
 
 
-def factory(dialect: str) -> Callable[..., Any]:
-    """MLX's kernel constructor for a dialect."""
-    return mx.fast.metal_kernel if dialect == "metal" else mx.fast.cuda_kernel
+@lru_cache(maxsize=None)
+def _mlx_kernel(dialect: str, name: str) -> Any:
+    factory = mx.fast.metal_kernel if dialect == "metal" else mx.fast.cuda_kernel
+    return factory(**specs(dialect)[name])
+
+
+def kernel_for(dialect: str, name: str, make: Callable[..., Any] | None) -> Any:
+    """The kernel ``name``: MLX's, built once per process (not per decode step), or ``make``'s (the
+    tests' emulators) from the same arguments."""
+    return _mlx_kernel(dialect, name) if make is None else make(**specs(dialect)[name])
 
 
 def supports(q: mx.array, bits: int, group_size: int) -> bool:
@@ -82,7 +89,7 @@ def prefill_attention(q: Any, keys: tuple, values: tuple, scale: float, causal: 
     in threadgroup memory (32 KB for K and V at every head dim)."""
     B, Hq, L, D = q.shape
     inputs, template = _shared(q, keys, values, scale, causal, window, group_size, bits)
-    out, lse = (kernel or factory(dialect))(**specs(dialect)["sdpa_prefill_quantized"])(
+    out, lse = kernel_for(dialect, "sdpa_prefill_quantized", kernel)(
         inputs=inputs, template=[*template, ("TQ", tile), ("BK", 4096 // D)], grid=(tile * -(-L // tile), B * Hq, 1),
         threadgroup=(tile, 1, 1), output_shapes=[q.shape, (B, Hq, L)], output_dtypes=[q.dtype, mx.float32])
     return out, lse
@@ -95,15 +102,13 @@ def decode_attention(q: Any, keys: tuple, values: tuple, scale: float, causal: b
     B, Hq, L, D = q.shape
     Hkv, S = keys[0].shape[1], keys[0].shape[2]
     nsplit = -(-S // block)
-    kernels = specs(dialect)
-    kernel = kernel or factory(dialect)
     inputs, template = _shared(q, keys, values, scale, causal, window, group_size, bits)
-    part_o, part_m, part_l = kernel(**kernels["sdpa_decode_quantized"])(
+    part_o, part_m, part_l = kernel_for(dialect, "sdpa_decode_quantized", kernel)(
         inputs=inputs, template=[*template, ("NQ", L), ("BLOCK", block)], grid=(32, B * Hkv, nsplit),
         threadgroup=(32, 1, 1),
         output_shapes=[(B, Hq, L, nsplit, D), (B, Hq, L, nsplit), (B, Hq, L, nsplit)],
         output_dtypes=[mx.float32] * 3)
-    out, lse = kernel(**kernels["sdpa_combine"])(
+    out, lse = kernel_for(dialect, "sdpa_combine", kernel)(
         inputs=[part_o, part_m, part_l], template=[("T", q.dtype), ("D", D)], grid=(D, B * Hq * L, 1),
         threadgroup=(D, 1, 1), output_shapes=[(B, Hq, L, D), (B, Hq, L)], output_dtypes=[q.dtype, mx.float32])
     return out, lse

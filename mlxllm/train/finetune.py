@@ -15,7 +15,7 @@ import mlx.nn as nn
 from ..errors import UserError
 from . import adapters as A
 from .data import eval_batches, batches, load_split
-from .loop import TrainConfig, Trainer
+from .loop import TrainConfig, Trainer, evaluate
 
 
 @dataclass
@@ -44,7 +44,7 @@ def _check(opts: LoraOptions) -> None:
         raise UserError(f"--data {opts.data} is not a folder (it needs train.jsonl, valid.jsonl, test.jsonl)")
     if opts.max_seq_length < 2:
         raise UserError(f"--max-seq-length must be at least 2, got {opts.max_seq_length}")
-    if opts.rank <= 0:
+    if opts.rank <= 0:  # before alpha / rank is taken (apply_adapters checks it for every caller)
         raise UserError(f"--lora-rank must be positive, got {opts.rank}")
     if opts.alpha <= 0:
         raise UserError(f"--lora-alpha must be positive, got {opts.alpha}")
@@ -102,10 +102,8 @@ def run(model: nn.Module, tokenizer: Any, opts: LoraOptions, model_name: str,
     elif opts.test:
         A.load_adapters(model, opts.adapter_path)
     if opts.test:
-        model.eval()
-        trainer = Trainer(model, TrainConfig(iters=1, batch_size=cfg.batch_size))
         limit = None if opts.test_batches < 0 else opts.test_batches
-        loss = trainer.evaluate(eval_batches(data["test"], cfg.batch_size, limit, pad))
+        loss = evaluate(model, eval_batches(data["test"], cfg.batch_size, limit, pad))
         out.update(test_loss=loss, test_perplexity=math.exp(loss))
     return out
 

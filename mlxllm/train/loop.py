@@ -80,6 +80,20 @@ def schedule(cfg: TrainConfig) -> Callable[[mx.array], mx.array] | float:
                                  main], [cfg.warmup])
 
 
+def evaluate(model: nn.Module, batches: list[Batch],
+             loss: Callable[..., tuple[mx.array, mx.array]] = token_loss) -> float:
+    """Token-weighted mean loss over ``batches``, without gradients and with dropout off (the model
+    is left in eval mode)."""
+    model.eval()
+    total, count = 0.0, 0
+    for tokens, scored, _ in batches:
+        value, n = loss(model, mx.array(tokens), mx.array(scored))
+        mx.eval(value, n)
+        total += value.item() * n.item()
+        count += int(n.item())
+    return total / max(count, 1)
+
+
 @contextmanager
 def checkpointed_blocks(model: nn.Module) -> Iterator[None]:
     """Recompute each block's activations in the backward pass instead of keeping them (less memory,
@@ -143,16 +157,9 @@ class Trainer:
         return total / max(count, 1), count
 
     def evaluate(self, batches: list[Batch]) -> float:
-        """Token-weighted mean loss over ``batches`` (no gradients, dropout off)."""
-        self.model.eval()
-        total, count = 0.0, 0
-        for tokens, scored, _ in batches:
-            value, n = self.loss(self.model, mx.array(tokens), mx.array(scored))
-            mx.eval(value, n)
-            total += value.item() * n.item()
-            count += int(n.item())
+        loss = evaluate(self.model, batches, self.loss)
         self.model.train()
-        return total / max(count, 1)
+        return loss
 
     def run(self, train: Iterator[Batch], val: list[Batch] | None, save: Callable[[], None],
             report: Callable[[dict[str, Any]], None] = lambda r: None) -> list[dict[str, Any]]:
