@@ -75,6 +75,17 @@ def _load(model_spec: str | None, compute: str, verbose: bool, adapter_path: str
     return model, tokenizer
 
 
+def _load_draft(spec: str, compute: str, tokenizer: Any):
+    """The draft model for speculative decoding; its tokenizer must be the model's."""
+    from .load import load
+
+    draft, draft_tokenizer = load(spec, compute=compute)
+    if draft_tokenizer.fingerprint != tokenizer.fingerprint:
+        raise UserError(f"--draft-model {spec} has a different tokenizer than the model; speculative decoding needs "
+                        "the same vocabulary")
+    return draft
+
+
 def _build_prompt(tokenizer, prompt: str, system: str | None, chat: bool | None) -> str:
     use_chat = tokenizer.has_chat_template if chat is None else chat
     if use_chat and not tokenizer.has_chat_template:
@@ -100,8 +111,13 @@ def cli() -> None:
 @click.option("--prompt", "-p", default="hello", show_default=True, help="Prompt text, or - to read stdin.")
 @click.option("--system", default=None, help="System message (chat models).")
 @click.option("--chat/--no-chat", default=None, help="Apply the model's chat template (default: when it has one).")
+@click.option("--draft-model", default=None,
+              help="Speculative decoding: a small model with the same tokenizer drafts tokens the model verifies.")
+@click.option("--num-draft-tokens", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Tokens the draft model proposes per round.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the text and the timings.")
-def generate(model_spec, compute, verbose, adapter_path, prompt, system, chat, as_json, **kw) -> None:
+def generate(model_spec, compute, verbose, adapter_path, prompt, system, chat, draft_model, num_draft_tokens, as_json,
+             **kw) -> None:
     """Generate a completion for a prompt."""
     from .generate import format_stats, stream_generate
 
@@ -109,6 +125,8 @@ def generate(model_spec, compute, verbose, adapter_path, prompt, system, chat, a
     if prompt == "-":
         prompt = sys.stdin.read()
     model, tokenizer = _load(model_spec, compute, verbose, adapter_path)
+    if draft_model is not None:
+        sampling.update(draft_model=_load_draft(draft_model, compute, tokenizer), num_draft_tokens=num_draft_tokens)
     text = _build_prompt(tokenizer, prompt, system, chat)
     out, last = [], None
     for last in stream_generate(model, tokenizer, text, kw["max_tokens"], **sampling):
@@ -117,7 +135,7 @@ def generate(model_spec, compute, verbose, adapter_path, prompt, system, chat, a
             click.echo(last.text, nl=False)
     if as_json:
         fields = ("prompt_tokens", "prompt_tps", "generation_tokens", "generation_tps", "peak_memory",
-                  "finish_reason", "ttft")
+                  "finish_reason", "ttft") + (("draft_acceptance",) if draft_model else ())
         record = {"text": "".join(out), **({k: getattr(last, k) for k in fields} if last else {})}
         click.echo(json.dumps(record))
         return

@@ -9,12 +9,14 @@ directory that is renamed at the end, so an interrupted or failed conversion lea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -237,6 +239,21 @@ def gguf_import_report(path: Path, kquant: str, quantize: bool, errors: dict[str
     return list(rows.values())
 
 
+@contextlib.contextmanager
+def tokenizer_files_of(path: Path) -> Iterator[Path]:
+    """A folder with ``path``'s tokenizer as Hugging Face files: the model folder itself, or for a GGUF
+    file a temporary one written from its metadata (``mlxllm.tokenize.export``)."""
+    if not path.is_file():
+        yield path
+        return
+    from .tokenize import read_gguf_tokenizer_metadata
+    from .tokenize.export import write_hf_tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="mlxllm-tokenizer-") as tok_dir:
+        write_hf_tokenizer(read_gguf_tokenizer_metadata(path), Path(tok_dir))
+        yield Path(tok_dir)
+
+
 def convert(source: str, out: str | Path, *, quantize: bool = False, bits: int = 4, group_size: int = 64,
             mode: str = "affine", dtype: str | None = None, recipe: str | None = None, requantize: str = "q8",
             force: bool = False, adapter_path: str | Path | None = None, dequantize: bool = False) -> dict[str, Any]:
@@ -248,12 +265,8 @@ def convert(source: str, out: str | Path, *, quantize: bool = False, bits: int =
     tokenizer is written as Hugging Face files (``mlxllm.tokenize.export``). With ``adapter_path`` the
     adapters are fused into the weights first (``mlxllm fuse``): a quantized layer stays quantized with
     its own bits and groups unless ``dequantize``."""
-    import tempfile
-
     from .load import describe_model, load_model, resolve
     from .load.weights import KQUANT_CHOICES
-    from .tokenize import read_gguf_tokenizer_metadata
-    from .tokenize.export import write_hf_tokenizer
 
     out = Path(out)
     if out.exists() and not force:
@@ -269,11 +282,8 @@ def convert(source: str, out: str | Path, *, quantize: bool = False, bits: int =
     gguf = path.is_file()
     elements = describe_model(path)["parameters"]
     report: dict[str, Any] = {"source": str(path), "out": str(out)}
-    with tempfile.TemporaryDirectory(prefix="mlxllm-tokenizer-") as tok_dir:
-        tokenizer_files = path
+    with tokenizer_files_of(path) as tokenizer_files:
         if gguf:
-            tokenizer_files = Path(tok_dir)
-            write_hf_tokenizer(read_gguf_tokenizer_metadata(path), tokenizer_files)
             dtype = dtype or ("bfloat16" if quantize else None)  # float32 decode -> a 16-bit store
         model = load_model(path, compute="float32" if gguf and quantize else "native", kquant=requantize, lazy=True)
         if gguf:

@@ -17,7 +17,8 @@ import mlx.core as mx
 from . import backend
 from .cache import kv_settings
 from .errors import UserError
-from .sample import LogitsProcessor, Sampler, apply_processors, make_logits_processors, make_sampler
+from .sample import (LogitsProcessor, Sampler, apply_processors, make_distribution, make_logits_processors,
+                     make_sampler)
 
 DEFAULT_PREFILL_STEP = 512
 
@@ -36,6 +37,8 @@ class GenerationResponse:
     peak_memory: float  # GB
     finish_reason: str | None = None  # "stop" (EOS or stop string), "length", or None while streaming
     ttft: float = 0.0  # seconds from the call to the first token, tokenization included
+    from_draft: bool = False  # speculative decoding: a draft token the target kept
+    draft_acceptance: float | None = None  # speculative decoding: draft tokens kept / proposed so far
 
 
 @contextlib.contextmanager
@@ -54,6 +57,19 @@ def wired_limit(model: Any) -> Iterator[None]:
     finally:
         mx.synchronize()
         mx.set_wired_limit(old)
+
+
+def prefill(model: Any, prompt: mx.array, cache: list, step: int = DEFAULT_PREFILL_STEP) -> mx.array:
+    """Run all but the last ``step`` or fewer tokens of ``prompt [B, L]`` through ``model`` into
+    ``cache`` in chunks of ``step`` (evaluated one by one, so memory stays bounded); return the rest."""
+    if prompt.size == 0:
+        raise UserError("the prompt is empty")
+    while prompt.shape[1] > step:
+        model.hidden(prompt[:, :step], cache)
+        mx.eval([c.state for c in cache])
+        prompt = prompt[:, step:]
+        mx.clear_cache()
+    return prompt
 
 
 def generate_tokens(
@@ -86,15 +102,7 @@ def generate_tokens(
             history = mx.concatenate([history, token[:, None]], axis=1)
         return token, logprobs
 
-    if prompt.size == 0:
-        raise UserError("the prompt is empty")
-    while prompt.shape[1] > prefill_step_size:
-        model.hidden(prompt[:, :prefill_step_size], cache)
-        mx.eval([c.state for c in cache])
-        prompt = prompt[:, prefill_step_size:]
-        mx.clear_cache()
-
-    token, logprobs = _step(prompt)
+    token, logprobs = _step(prefill(model, prompt, cache, prefill_step_size))
     mx.async_eval(token, logprobs)
     for n in range(max_tokens):
         if n + 1 < max_tokens:
@@ -180,16 +188,22 @@ def stream_generate(
     kv_bits: int | None = None,
     kv_group_size: int = 64,
     quantized_kv_start: int = 0,
+    draft_model: Any | None = None,
+    num_draft_tokens: int = 3,
 ) -> Iterator[GenerationResponse]:
     """Stream ``GenerationResponse`` objects; ``text`` holds only newly completed UTF-8 text.
 
     ``sampler``/``logits_processors`` take precedence over the convenience arguments (temp, top_p,
     top_k, min_p, repetition_penalty). Generation ends at any EOS id, a stop string (not included in
-    the text), ``max_tokens``, or the model's context length.
+    the text), ``max_tokens``, or the model's context length. With ``draft_model`` (same tokenizer)
+    tokens come from speculative decoding with ``num_draft_tokens`` drafted per round: the same output
+    distribution (greedy: the same text), fewer target passes.
     """
     start = time.perf_counter()
     if max_tokens < 0:
         raise UserError(f"max_tokens must be >= 0, got {max_tokens}")
+    if draft_model is not None and sampler is not None:
+        raise UserError("speculative decoding needs the sampling settings (temp, top_p, ...), not a sampler function")
     sampler = sampler or make_sampler(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
     if logits_processors is None:
         logits_processors = make_logits_processors(repetition_penalty)
@@ -214,11 +228,22 @@ def stream_generate(
     pending = ""  # text held back because it may be the start of a stop string
     with wired_limit(model):
         prefill_start = time.perf_counter()
-        steps = generate_step(
-            ids, model, max_tokens=max_tokens, sampler=sampler, logits_processors=logits_processors,
-            prompt_cache=prompt_cache, prefill_step_size=prefill_step_size,
-        )
-        for n, (token, logprobs) in enumerate(steps):
+        stats: dict[str, int] = {}
+        if draft_model is not None:
+            from .speculative import speculative_generate_step
+
+            steps = speculative_generate_step(
+                ids, model, draft_model, num_draft_tokens=num_draft_tokens, max_tokens=max_tokens,
+                distribution=make_distribution(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p),
+                logits_processors=logits_processors, prompt_cache=prompt_cache,
+                prefill_step_size=prefill_step_size, stats=stats,
+            )
+        else:
+            steps = ((t, lp, False) for t, lp in generate_step(
+                ids, model, max_tokens=max_tokens, sampler=sampler, logits_processors=logits_processors,
+                prompt_cache=prompt_cache, prefill_step_size=prefill_step_size,
+            ))
+        for n, (token, logprobs, from_draft) in enumerate(steps):
             now = time.perf_counter()
             if n == 0:
                 ttft = now - start
@@ -242,7 +267,8 @@ def stream_generate(
             yield GenerationResponse(
                 text=text, token=token, logprobs=logprobs, prompt_tokens=n_prompt, prompt_tps=prompt_tps,
                 generation_tokens=n + 1, generation_tps=gen_tps, peak_memory=mx.get_peak_memory() / 1e9,
-                finish_reason=finish, ttft=ttft,
+                finish_reason=finish, ttft=ttft, from_draft=from_draft,
+                draft_acceptance=stats["accepted"] / stats["proposed"] if stats.get("proposed") else None,
             )
             if finish is not None:
                 break
@@ -272,5 +298,6 @@ def format_stats(r: GenerationResponse) -> str:
     return (
         f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tokens-per-sec (TTFT {r.ttft * 1000:.0f} ms)\n"
         f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tokens-per-sec\n"
+        + (f"Draft tokens accepted: {r.draft_acceptance:.1%}\n" if r.draft_acceptance is not None else "") +
         f"Peak memory: {r.peak_memory:.3f} GB"
     )

@@ -56,14 +56,16 @@ def _keep_min_p(logprobs: mx.array, min_p: float) -> mx.array:
     return mx.where(logprobs >= threshold, logprobs, -mx.inf)
 
 
-def make_sampler(temp: float = 0.0, top_p: float = 1.0, min_p: float = 0.0, top_k: int = 0) -> Sampler:
-    """Greedy at ``temp == 0``; otherwise the temperature-scaled distribution filtered by top-k, then
-    top-p, then min-p (as Hugging Face orders them), and a categorical draw from what is left."""
+def make_distribution(temp: float = 0.0, top_p: float = 1.0, min_p: float = 0.0,
+                      top_k: int = 0) -> Callable[[mx.array], mx.array] | None:
+    """The distribution a sampler draws from, as a map from log-probabilities to filtered, renormalized
+    log-probabilities (temperature, then top-k, top-p, min-p, as Hugging Face orders them); None for
+    greedy. Speculative decoding needs these distributions themselves, not only draws from them."""
     check_sampling(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
     if temp == 0:
-        return lambda logprobs: mx.argmax(logprobs, axis=-1)
+        return None
 
-    def sample(logprobs: mx.array) -> mx.array:
+    def distribution(logprobs: mx.array) -> mx.array:
         logprobs = logprobs * (1.0 / temp)
         logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
         if top_k > 0:
@@ -72,9 +74,17 @@ def make_sampler(temp: float = 0.0, top_p: float = 1.0, min_p: float = 0.0, top_
             logprobs = _keep_top_p(logprobs, top_p)
         if min_p > 0.0:
             logprobs = _keep_min_p(logprobs, min_p)
-        return mx.random.categorical(logprobs, axis=-1)
+        return logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
 
-    return sample
+    return distribution
+
+
+def make_sampler(temp: float = 0.0, top_p: float = 1.0, min_p: float = 0.0, top_k: int = 0) -> Sampler:
+    """Greedy at ``temp == 0``; otherwise a categorical draw from ``make_distribution``."""
+    distribution = make_distribution(temp, top_p, min_p, top_k)
+    if distribution is None:
+        return lambda logprobs: mx.argmax(logprobs, axis=-1)
+    return lambda logprobs: mx.random.categorical(distribution(logprobs), axis=-1)
 
 
 def make_repetition_penalty(penalty: float, context_size: int = 20) -> LogitsProcessor:

@@ -266,6 +266,17 @@ class Tokenizer:
         return len(self._pieces)
 
     @property
+    def fingerprint(self) -> str:
+        """A hash of what each id decodes to: two tokenizers with equal fingerprints agree on the meaning
+        of every id (what a draft model and its target, or a student and its teacher, must share)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for piece in self._pieces:
+            h.update(len(piece).to_bytes(4, "little") + piece)
+        return h.hexdigest()[:16]
+
+    @property
     def bos_token_id(self) -> int | None:
         return self._bos
 
