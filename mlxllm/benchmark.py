@@ -247,6 +247,46 @@ def run_trial(model: Any, tokenizer: Any, text: str, gen_tokens: int, batch: int
     )
 
 
+def speculative_trial(model: Any, draft: Any, tokenizer: Any, text: str, gen_tokens: int,
+                      num_draft_tokens: int) -> dict[str, float]:
+    """One greedy speculative generation of ``gen_tokens`` (EOS ignored): decode tok/s from the first
+    token to the last, and the share of draft tokens the model kept."""
+    from .speculative import speculative_generate_step
+
+    mx.synchronize()
+    start = time.perf_counter()
+    stats: dict[str, int] = {}
+    stamps = []
+    with wired_limit(model):
+        for _ in speculative_generate_step(mx.array(tokenizer.encode(text), dtype=mx.int32), model, draft,
+                                           num_draft_tokens=num_draft_tokens, max_tokens=gen_tokens, stats=stats):
+            stamps.append(time.perf_counter())
+    return {"ttft_s": stamps[0] - start, "decode_tps": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+            "acceptance": stats["accepted"] / max(stats["proposed"], 1)}
+
+
+def bench_speculative(model: Any, draft: Any, tokenizer: Any, lengths: list[int], gen_tokens: int, trials: int,
+                      num_draft_tokens: int, on_trial: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+    """Decode speed with and without the draft model, alternated trial by trial (medians), per prompt."""
+    rows = []
+    for p in lengths:
+        text = prompt_text(tokenizer, p)
+        run_trial(model, tokenizer, text, 2)
+        speculative_trial(model, draft, tokenizer, text, 2, num_draft_tokens)  # warm-up
+        plain, spec = [], []
+        for _ in range(trials):
+            plain.append(run_trial(model, tokenizer, text, gen_tokens).decode_tps)
+            spec.append(speculative_trial(model, draft, tokenizer, text, gen_tokens, num_draft_tokens))
+            if on_trial:
+                on_trial()
+        base = statistics.median(plain)
+        fast = statistics.median(t["decode_tps"] for t in spec)
+        rows.append({"prompt_tokens": p, "decode_tps": base, "speculative_decode_tps": fast, "speedup": fast / base,
+                     "acceptance": statistics.median(t["acceptance"] for t in spec),
+                     "num_draft_tokens": num_draft_tokens})
+    return rows
+
+
 def summary(values: Iterable[float | None]) -> dict[str, float] | None:
     vals = [v for v in values if v is not None]
     if not vals:
@@ -352,11 +392,13 @@ def check_lengths(model: Any, lengths: list[int], gen_tokens: int, batch: int, k
 def run_bench(model_spec: str | None, *, compute: str = "auto", lengths: list[int], gen_tokens: int = 128,
               trials: int = 5, batch: int = 1, sweep: list[int] | None = (), sweep_gen: int = 16,
               peers: Sequence[str] = (), kv_bits: int | None = None, kv_group_size: int = 64,
-              quantized_kv_start: int = 0) -> dict[str, Any]:
+              quantized_kv_start: int = 0, draft_model: str | None = None,
+              num_draft_tokens: int = 3) -> dict[str, Any]:
     """Load the model, measure the device's peaks, time every prompt length, the context sweep
     (``None``: the default lengths) and the peers; return every number with the machine.
     ``kv_bits`` quantizes the KV cache of the global attention layers (groups of ``kv_group_size``)
-    from position ``quantized_kv_start`` on."""
+    from position ``quantized_kv_start`` on. ``draft_model`` adds speculative decoding's speed and
+    acceptance next to the plain decode, alternated trial by trial."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .load import load, resolve
@@ -364,6 +406,14 @@ def run_bench(model_spec: str | None, *, compute: str = "auto", lengths: list[in
 
     path = resolve(model_spec)
     model, tokenizer = load(path, compute=compute)
+    draft = None
+    if draft_model is not None:
+        draft, draft_tokenizer = load(draft_model, compute=compute)
+        if draft_tokenizer.fingerprint != tokenizer.fingerprint:
+            raise UserError(f"--draft-model {draft_model} has a different tokenizer than the model")
+        from .speculative import check_draft
+
+        check_draft(model, draft, max(lengths) + gen_tokens)
     report_line = model.load_report
     kv = kv_settings(model.config, kv_bits, kv_group_size, quantized_kv_start)
     check_lengths(model, lengths, gen_tokens, batch, kv)
@@ -372,7 +422,7 @@ def run_bench(model_spec: str | None, *, compute: str = "auto", lengths: list[in
     weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     step_weights = decode_weight_bytes(model, batch)
     n_peers = len(peers) + 1 if peers else 0
-    total = len(lengths) * trials * (1 + n_peers) + len(sweep) + 1
+    total = len(lengths) * trials * (1 + n_peers + (draft is not None)) + len(sweep) + 1
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, transient=True) as progress:
         task = progress.add_task("measuring peaks", total=total)
@@ -392,6 +442,12 @@ def run_bench(model_spec: str | None, *, compute: str = "auto", lengths: list[in
             points.append({**asdict(t), "context": t.prompt_tokens,
                            "decode_gbps": step_bytes * t.decode_tps / batch / 1e9 if t.decode_tps else None})
             progress.advance(task)
+        speculative = None
+        if draft is not None:
+            progress.update(task, description="speculative")
+            speculative = bench_speculative(model, draft, tokenizer, lengths, gen_tokens, trials, num_draft_tokens,
+                                            on_trial=lambda: progress.advance(task))
+            del draft
         peer_report = None
         if peers:
             del model  # the peers' processes need the memory
@@ -411,6 +467,7 @@ def run_bench(model_spec: str | None, *, compute: str = "auto", lengths: list[in
         "results": [asdict(r) for r in results],
         "sweep": points,
         "compare": peer_report,
+        "speculative": speculative and {"draft_model": str(draft_model), "rows": speculative},
     }
 
 
@@ -457,6 +514,15 @@ def print_report(report: dict[str, Any]) -> None:
             sweep.add_row(str(pt["context"]), f"{pt['ttft_s']:.2f}", f"{pt['decode_tps']:.1f}",
                           f"{pt['decode_gbps']:.2f}", f"{pt['peak_memory_gb']:.2f}")
         console.print(sweep)
+    spec = report.get("speculative")
+    if spec:
+        t = Table(title=f"speculative decoding with {spec['draft_model']} (greedy; alternated, medians)")
+        for col in ("prompt", "draft tokens", "acceptance", "decode tok/s", "with draft tok/s", "speedup"):
+            t.add_column(col, justify="right")
+        for r in spec["rows"]:
+            t.add_row(str(r["prompt_tokens"]), str(r["num_draft_tokens"]), f"{r['acceptance']:.0%}",
+                      f"{r['decode_tps']:.1f}", f"{r['speculative_decode_tps']:.1f}", f"{r['speedup']:.2f}x")
+        console.print(t)
     peers = report.get("compare")
     if peers:
         cmp = Table(title=f"side by side: separate processes, alternated, median of {peers['trials']} "

@@ -1,4 +1,4 @@
-"""The ``mlxllm`` command line: generate, chat, info, bench, convert, perplexity, lora, fuse.
+"""The ``mlxllm`` command line: generate, chat, info, bench, convert, perplexity, lora, fuse, distill.
 
 Every user mistake ends as one ``error: ...`` line on stderr and a nonzero exit; tracebacks only with
 ``--verbose``.
@@ -6,7 +6,9 @@ Every user mistake ends as one ``error: ...`` line on stderr and a nonzero exit;
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import sys
 import traceback
 from typing import Any
@@ -253,10 +255,13 @@ def _int_list(value: str | None, option: str) -> list[int]:
               help="Positions kept in 16-bit before the KV cache switches to --kv-bits.")
 @click.option("--compare", "peers", default=None, help="Peers to run side by side: mlx-lm, llama.cpp.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write every number here.")
+@click.option("--draft-model", default=None,
+              help="Also time speculative decoding with this draft model (acceptance rate and speedup).")
+@click.option("--num-draft-tokens", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Draw the context sweep as a PNG (needs matplotlib: pip install 'mlxllm[plot]').")
 def bench(model_spec, compute, verbose, prompt_lengths, gen_tokens, trials, batch_size, sweep, sweep_gen, kv_bits,
-          kv_group_size, quantized_kv_start, peers, json_path, plot_path) -> None:
+          kv_group_size, quantized_kv_start, peers, json_path, draft_model, num_draft_tokens, plot_path) -> None:
     """Time to first token, prefill and decode speed, and decode bandwidth against the device's peak."""
     from . import benchmark as bm
 
@@ -277,6 +282,7 @@ def bench(model_spec, compute, verbose, prompt_lengths, gen_tokens, trials, batc
         model_spec, compute=compute, lengths=lengths, gen_tokens=gen_tokens, trials=trials, batch=batch_size,
         sweep=sweep_lengths or (None if plot_path else []), sweep_gen=sweep_gen, peers=peer_list,
         kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start,
+        draft_model=draft_model, num_draft_tokens=num_draft_tokens,
     )
     bm.print_report(report)
     if json_path:
@@ -392,6 +398,78 @@ def _apply_config_file(ctx: click.Context, path: str | None, params: dict[str, A
             params[name] = value
 
 
+def _training_options(f):
+    """The options every training command shares (the loop's settings, data shaping, output)."""
+    for opt in reversed([
+        click.option("--iters", type=int, default=1000, show_default=True),
+        click.option("--batch-size", type=int, default=4, show_default=True),
+        click.option("--grad-accumulation", type=int, default=1, show_default=True, help="Micro-batches per optimizer step."),
+        click.option("--max-seq-length", type=int, default=2048, show_default=True),
+        click.option("--learning-rate", type=float, default=1e-4, show_default=True),
+        click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True),
+        click.option("--warmup", type=int, default=0, show_default=True, help="Linear warm-up steps."),
+        click.option("--weight-decay", type=float, default=0.0, show_default=True),
+        click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Gradient clipping (0: off)."),
+        click.option("--mask-prompt/--no-mask-prompt", default=None,
+                  help="Score only completions / assistant turns (default: on for chat data, off otherwise)."),
+        click.option("--grad-checkpoint", is_flag=True, help="Recompute activations in the backward pass (less memory)."),
+        click.option("--save-every", type=int, default=100, show_default=True),
+        click.option("--steps-per-report", type=int, default=10, show_default=True),
+        click.option("--steps-per-eval", type=int, default=200, show_default=True),
+        click.option("--val-batches", type=int, default=25, show_default=True, help="-1: the whole validation split."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--config", default=None, type=click.Path(dir_okay=False), help="YAML file of option values."),
+        click.option("--json", "as_json", is_flag=True, help="Print the reports and results as JSON."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _train_config(p: dict[str, Any]):
+    from .train.loop import TrainConfig
+
+    return TrainConfig(iters=p["iters"], batch_size=p["batch_size"], grad_accumulation=p["grad_accumulation"],
+                       learning_rate=p["learning_rate"], lr_schedule=p["lr_schedule"], warmup=p["warmup"],
+                       weight_decay=p["weight_decay"], max_grad_norm=p["max_grad_norm"],
+                       steps_per_report=p["steps_per_report"], steps_per_eval=p["steps_per_eval"],
+                       val_batches=p["val_batches"], save_every=p["save_every"], seed=p["seed"],
+                       grad_checkpoint=p["grad_checkpoint"])
+
+
+@contextlib.contextmanager
+def _training_progress(what: str, total: int | None, quiet: bool):
+    """A rich progress bar on stderr; yields ``(report, progress, console)``: ``report`` takes the loop's
+    reports (loss, learning rate, tokens/s, iterations/s, peak memory; validation lines printed above
+    the bar), ``progress(what, done, total)`` shows other long steps (a teacher pass)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    columns = [TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeRemainingColumn(), TextColumn("{task.fields[stats]}")]
+    with Progress(*columns, console=console, disable=quiet) as bars:
+        task = bars.add_task(what, total=total, stats="", start=False)
+        others: dict[str, Any] = {}
+
+        def report(r: dict[str, Any]) -> None:
+            if "val_loss" in r:
+                bars.console.print(f"step {r['step']}: validation loss {r['val_loss']:.3f}")
+            elif "eval" in r:
+                bars.console.print(f"{r['eval']}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items() if k != "eval"))
+            else:
+                bars.start_task(task)
+                bars.update(task, completed=r["step"], stats=(
+                    f"loss {r['train_loss']:.3f} | lr {r['learning_rate']:.1e} | {r['tokens_per_s']:.0f} tok/s | "
+                    f"{r['iters_per_s']:.2f} it/s | peak {r['peak_memory_gb']:.2f} GB"))
+
+        def progress(what: str, done: int, total: int) -> None:
+            if what not in others:
+                others[what] = bars.add_task(what, total=total, stats="")
+            bars.update(others[what], completed=done)
+
+        yield report, progress, console
+
+
 @cli.command()
 @_model_options
 @click.option("--data", required=True, type=click.Path(), help="Folder with train.jsonl, valid.jsonl, test.jsonl.")
@@ -400,15 +478,6 @@ def _apply_config_file(ctx: click.Context, path: str | None, params: dict[str, A
               help="Report loss and perplexity on test.jsonl (after training, or of --adapter-path).")
 @click.option("--adapter-path", default="adapters", show_default=True, type=click.Path(file_okay=False),
               help="Where adapters and checkpoints are written (and read by --test alone).")
-@click.option("--iters", type=int, default=1000, show_default=True)
-@click.option("--batch-size", type=int, default=4, show_default=True)
-@click.option("--grad-accumulation", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
-@click.option("--max-seq-length", type=int, default=2048, show_default=True)
-@click.option("--learning-rate", type=float, default=1e-4, show_default=True)
-@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True)
-@click.option("--warmup", type=int, default=0, show_default=True, help="Linear warm-up steps.")
-@click.option("--weight-decay", type=float, default=0.0, show_default=True)
-@click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Gradient clipping (0: off).")
 @click.option("--lora-rank", type=int, default=8, show_default=True)
 @click.option("--lora-alpha", type=float, default=16.0, show_default=True, help="Update scale = alpha / rank.")
 @click.option("--lora-dropout", type=float, default=0.0, show_default=True)
@@ -416,41 +485,23 @@ def _apply_config_file(ctx: click.Context, path: str | None, params: dict[str, A
               help="Adapt the last N blocks (all when the model has fewer), or all.")
 @click.option("--lora-targets", default="q,k,v,o,gate,up,down", show_default=True, help="Layers to adapt.")
 @click.option("--dora", is_flag=True, help="DoRA: also learn each output row's magnitude.")
-@click.option("--mask-prompt/--no-mask-prompt", default=None,
-              help="Score only completions / assistant turns (default: on for chat data, off otherwise).")
-@click.option("--grad-checkpoint", is_flag=True, help="Recompute activations in the backward pass (less memory).")
-@click.option("--save-every", type=int, default=100, show_default=True)
-@click.option("--steps-per-report", type=int, default=10, show_default=True)
-@click.option("--steps-per-eval", type=int, default=200, show_default=True)
-@click.option("--val-batches", type=int, default=25, show_default=True, help="-1: the whole validation split.")
 @click.option("--test-batches", type=int, default=-1, show_default=True, help="-1: the whole test split.")
 @click.option("--resume-adapter-file", default=None, type=click.Path(dir_okay=False),
               help="Continue from these adapter weights (and the optimizer state saved beside them).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--config", default=None, type=click.Path(dir_okay=False), help="YAML file of option values.")
-@click.option("--json", "as_json", is_flag=True, help="Print the reports and results as JSON.")
+@_training_options
 @click.pass_context
 def lora(ctx, **params) -> None:
     """Fine-tune LoRA / DoRA adapters (QLoRA on a quantized base); --test evaluates them."""
     from pathlib import Path
 
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from .train.finetune import LoraOptions, run
-    from .train.loop import TrainConfig
 
     _apply_config_file(ctx, params["config"], params)
     p = params
     layers = p["lora_layers"]
     if str(layers) != "all" and not str(layers).lstrip("-").isdigit():
         raise UserError(f"--lora-layers takes a number or all, got {layers}")
-    cfg = TrainConfig(iters=p["iters"], batch_size=p["batch_size"], grad_accumulation=p["grad_accumulation"],
-                      learning_rate=p["learning_rate"], lr_schedule=p["lr_schedule"], warmup=p["warmup"],
-                      weight_decay=p["weight_decay"], max_grad_norm=p["max_grad_norm"],
-                      steps_per_report=p["steps_per_report"], steps_per_eval=p["steps_per_eval"],
-                      val_batches=p["val_batches"], save_every=p["save_every"], seed=p["seed"],
-                      grad_checkpoint=p["grad_checkpoint"])
+    cfg = _train_config(p)
     targets = [t.strip() for t in str(p["lora_targets"]).split(",") if t.strip()]
     opts = LoraOptions(data=Path(p["data"]), adapter_path=Path(p["adapter_path"]), train=p["do_train"],
                        test=p["do_test"], max_seq_length=p["max_seq_length"], mask_prompt=p["mask_prompt"],
@@ -458,21 +509,8 @@ def lora(ctx, **params) -> None:
                        layers=None if str(layers) == "all" else int(layers), targets=targets, dora=p["dora"],
                        resume_adapter_file=p["resume_adapter_file"], test_batches=p["test_batches"], train_config=cfg)
     model, tokenizer = _load(p["model_spec"], p["compute"], p["verbose"])
-    console = Console(stderr=True)
-    columns = [TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeRemainingColumn(), TextColumn("{task.fields[stats]}")]
-    with Progress(*columns, console=console, disable=p["as_json"]) as progress:
-        task = progress.add_task("training" if p["do_train"] else "testing", total=cfg.iters if p["do_train"] else None,
-                                 stats="")
-
-        def report(r: dict[str, Any]) -> None:
-            if "val_loss" in r:
-                progress.console.print(f"step {r['step']}: validation loss {r['val_loss']:.3f}")
-                return
-            progress.update(task, completed=r["step"], stats=(
-                f"loss {r['train_loss']:.3f} | lr {r['learning_rate']:.1e} | {r['tokens_per_s']:.0f} tok/s | "
-                f"{r['iters_per_s']:.2f} it/s | peak {r['peak_memory_gb']:.2f} GB"))
-
+    with _training_progress("training" if p["do_train"] else "testing", cfg.iters if p["do_train"] else None,
+                            p["as_json"]) as (report, _, console):
         result = run(model, tokenizer, opts, str(model.load_report.path), report,
                      warn=lambda s: console.print(f"warning: {s}"))
     if p["as_json"]:
@@ -483,6 +521,112 @@ def lora(ctx, **params) -> None:
                    f"({result['trainable_parameters']:,} trainable parameters in {result['adapted_layers']} layers)")
     if p["do_test"]:
         click.echo(f"test loss {result['test_loss']:.3f}, perplexity {result['test_perplexity']:.3f}")
+
+
+@cli.command()
+@click.option("--teacher", required=True, help="The model to imitate (GGUF file, model folder or Hub id).")
+@click.option("--out", "-o", default=None, type=click.Path(file_okay=False),
+              help="Where the student is written (a model folder; checkpoints in OUT/checkpoint). Without it, "
+              "--eval only compares --student with the teacher.")
+@click.option("--student", default=None, help="An existing student model (same tokenizer as the teacher).")
+@click.option("--student-init", default=None,
+              help="Build the student from the teacher: prune:every-2nd-layer, prune:layers=0,2,..., "
+              "quantize:BITS[:GROUP] (train only the quantization scales and biases), or config:FILE (random init).")
+@click.option("--data", required=True, type=click.Path(), help="Folder with train/valid(/test).jsonl, or one jsonl file.")
+@click.option("--temperature", type=float, default=2.0, show_default=True, help="Softening of both distributions.")
+@click.option("--alpha", type=float, default=0.5, show_default=True,
+              help="Weight of the cross-entropy on the data; the KL term gets 1 - alpha.")
+@click.option("--top-k", type=int, default=64, show_default=True, help="Teacher tokens kept per position (sparse KL).")
+@click.option("--teacher-cache", default=None, type=click.Path(file_okay=False),
+              help="Folder of cached teacher outputs (default ~/.cache/mlxllm/teacher-cache).")
+@click.option("--feature-loss", default=None, help="hidden:mse[:WEIGHT]: also match the final hidden states.")
+@click.option("--seq-level", type=int, default=0, show_default=True,
+              help="Sequence-level distillation: the teacher writes this many tokens per training prompt; "
+              "the student also trains on them (0: off).")
+@click.option("--lora-rank", type=int, default=0, show_default=True,
+              help="Train rank-r LoRA adapters on the student (fused at the end) instead of all its weights.")
+@click.option("--eval", "do_eval", is_flag=True,
+              help="Top-1 agreement, KL and perplexity of student vs teacher on held-out data (before and after).")
+@click.option("--eval-batches", type=int, default=-1, show_default=True, help="-1: the whole held-out split.")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint in OUT/checkpoint.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--compute", type=COMPUTE_CHOICES, default="float32", show_default=True,
+              help="Weight representation of teacher and student while training.")
+@click.option("--verbose", "-v", is_flag=True, help="Tracebacks on errors.")
+@_training_options
+@click.pass_context
+def distill(ctx, **params) -> None:
+    """Distil a teacher into a smaller (or quantized) student; --eval compares the two."""
+    from pathlib import Path
+
+    from .convert import save_model, tokenizer_files_of
+    from .load import load, load_model, resolve
+    from .train import students
+    from .train.distill import DistillOptions, run
+
+    _apply_config_file(ctx, params["config"], params)
+    p = params
+    if (p["student"] is None) == (p["student_init"] is None):
+        raise UserError("give either --student or --student-init")
+    if p["out"] is None and not p["do_eval"]:
+        raise UserError("--out is needed to train (or pass --eval to only compare --student with the teacher)")
+    if p["out"] is None and p["student"] is None:
+        raise UserError("--eval without --out needs --student (the model to compare)")
+    init = p["student_init"]
+    if init is not None and not init.startswith(("prune:", "quantize:", "config:")):
+        raise UserError(f"--student-init takes prune:..., quantize:BITS[:GROUP] or config:FILE, got {init}")
+    teacher_path = resolve(p["teacher"])
+    teacher, tokenizer = load(teacher_path, compute=p["compute"])
+    if p["student"] is not None:
+        student, student_tokenizer = load(p["student"], compute=p["compute"])
+    else:
+        student_tokenizer = tokenizer
+        kind, _, spec = init.partition(":")
+        if kind == "config":
+            student = students.from_config(Path(spec), teacher.config)
+        else:
+            student = load_model(teacher_path, compute="float32")
+            if kind == "prune":
+                students.prune_layers(student, students.pruned_layers(spec, len(student.layers)))
+            else:
+                bits, _, group = spec.partition(":")
+                if not bits.isdigit() or (group and not group.isdigit()):
+                    raise UserError(f"--student-init quantize:BITS[:GROUP], got {init}")
+                from .convert import check_quantization
+
+                check_quantization(int(bits), int(group or 64), "affine")
+                students.quantized_student(student, int(bits), int(group or 64))
+    out = Path(p["out"]) if p["out"] else None
+    if out is not None and out.exists() and not p["resume"] and any(out.iterdir()) and not p["force"]:
+        raise UserError(f"{out} exists: choose another --out, pass --resume to continue it, or --force to replace it")
+    if out is not None and p["force"] and not p["resume"]:
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)  # a fresh run: the old training state goes
+    cfg = _train_config(p)
+    opts = DistillOptions(data=Path(p["data"]), out=out or Path("."), temperature=p["temperature"], alpha=p["alpha"],
+                          top_k=p["top_k"], teacher_cache=p["teacher_cache"], feature_loss=p["feature_loss"],
+                          seq_level=p["seq_level"], lora_rank=p["lora_rank"], max_seq_length=p["max_seq_length"],
+                          mask_prompt=p["mask_prompt"], resume=p["resume"], train=out is not None, eval=p["do_eval"],
+                          eval_batches=p["eval_batches"], train_config=cfg)
+
+    def save_student(model) -> None:
+        with tokenizer_files_of(teacher_path) as tok_files:
+            save_model(model, out, tok_files, keep=("checkpoint",))
+
+    with _training_progress("distilling", cfg.iters if out is not None else None, p["as_json"]) as (
+            report, progress, console):
+        result = run(teacher, tokenizer, teacher_path, student, student_tokenizer, opts, save_student, report,
+                     progress, warn=lambda s: console.print(f"warning: {s}"))
+    if p["as_json"]:
+        click.echo(json.dumps(result))
+        return
+    for when in ("before", "after"):
+        if when in result:
+            r = result[when]
+            click.echo(f"{when}: top-1 agreement {r['top1_agreement']:.1%}, KL {r['kl']:.4f} nats, student perplexity "
+                       f"{r['student_perplexity']:.3f} (teacher {r['teacher_perplexity']:.3f}) over {r['tokens']} tokens")
+    if out is not None:
+        click.echo(f"saved the student ({result['student_layers']} layers, {result['trainable_parameters']:,} trained "
+                   f"parameters) to {out} after {result['steps']} steps")
 
 
 @cli.command()

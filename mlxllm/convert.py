@@ -173,10 +173,11 @@ def _write_shards(weights: dict[str, mx.array], out: Path, shard_bytes: int) -> 
 
 
 def save_model(model: Model, out: str | Path, tokenizer_files: Path | None = None, *,
-               shard_bytes: int = SHARD_BYTES, card: str | None = None) -> Path:
+               shard_bytes: int = SHARD_BYTES, card: str | None = None, keep: tuple[str, ...] = ()) -> Path:
     """Write ``model`` to the directory ``out`` (replaced if it exists): config, safetensors shards
     of at most ``shard_bytes``, the tokenizer files found in ``tokenizer_files``, and ``card`` as
-    README.md. Written to ``out.tmp`` first and renamed, so a failure leaves no partial directory."""
+    README.md. Written to ``out.tmp`` first and renamed, so a failure leaves no partial directory;
+    the entries named in ``keep`` (a training checkpoint) move from the old ``out`` to the new one."""
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -196,6 +197,9 @@ def save_model(model: Model, out: str | Path, tokenizer_files: Path | None = Non
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for name in keep:
+        if (out / name).exists():
+            os.replace(out / name, tmp / name)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

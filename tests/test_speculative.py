@@ -18,6 +18,7 @@ from mlxllm.model.decoder import Model
 from mlxllm.sample import make_distribution, make_repetition_penalty
 from mlxllm.speculative import accept, speculative_generate_step
 from mlxllm.train.students import prune_layers
+from test_benchmark import tiny_dir  # noqa: F401  (fixture)
 from test_cli import assert_one_line_error, run
 
 
@@ -228,3 +229,22 @@ def test_cli_rejects_draft_with_another_tokenizer(smollm2_path, gemma3_path, cap
     code, _, err = run(["generate", "-m", str(smollm2_path), "-n", "2", "--draft-model", str(gemma3_path)],
                        capsys, monkeypatch)
     assert_one_line_error(code, err, "different tokenizer")
+
+
+def test_bench_reports_speculative_decoding(tiny_dir, tmp_path):  # noqa: F811
+    """bench --draft-model: the tiny model drafting for itself keeps every draft token; both speeds
+    and their ratio are reported."""
+    from click.testing import CliRunner
+
+    from mlxllm.cli import cli
+
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(cli, ["bench", "-m", str(tiny_dir), "-p", "16", "-g", "8", "-n", "2", "--sweep", "",
+                                   "--draft-model", str(tiny_dir), "--num-draft-tokens", "2", "--json", str(out)],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    rows = json.loads(out.read_text())["speculative"]["rows"]
+    assert len(rows) == 1 and rows[0]["acceptance"] == 1.0 and rows[0]["num_draft_tokens"] == 2
+    assert rows[0]["decode_tps"] > 0 and rows[0]["speculative_decode_tps"] > 0
+    assert rows[0]["speedup"] == pytest.approx(rows[0]["speculative_decode_tps"] / rows[0]["decode_tps"])
+    assert "speculative decoding" in res.output

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -125,6 +125,12 @@ def load_split(folder: Path, split: str, tokenizer: Any, max_seq_length: int, ma
     if not path.is_file():
         raise UserError(f"{path} not found (the data folder needs {split}.jsonl)")
     kind, records = read_jsonl(path)
+    return make_dataset(split, kind, records, tokenizer, max_seq_length, mask_prompt, str(path))
+
+
+def make_dataset(name: str, kind: str, records: list[dict[str, Any]], tokenizer: Any, max_seq_length: int,
+                 mask_prompt: bool | None = None, where: str = "") -> Dataset:
+    """Tokenize ``records`` of one format (as ``read_jsonl`` returns them) into a ``Dataset``."""
     mask = (kind == "chat") if mask_prompt is None else mask_prompt
     examples, truncated = [], 0
     for n, rec in enumerate(records, 1):
@@ -133,10 +139,10 @@ def load_split(folder: Path, split: str, tokenizer: Any, max_seq_length: int, ma
             ex = Example(ex.tokens[:max_seq_length], ex.scored[:max_seq_length])
             truncated += 1
         if len(ex.tokens) < 2 or not any(ex.scored):
-            raise UserError(f"{path}: example {n} has no token to learn from after tokenizing"
+            raise UserError(f"{where or name}: example {n} has no token to learn from after tokenizing"
                             + (" and truncating" if len(ex.tokens) == max_seq_length else ""))
         examples.append(ex)
-    return Dataset(split, examples, truncated)
+    return Dataset(name, examples, truncated)
 
 
 def _pad(exs: list[Example], width: int, pad_id: int) -> Batch:
@@ -148,14 +154,19 @@ def _pad(exs: list[Example], width: int, pad_id: int) -> Batch:
     return tokens, scored, np.array([len(e.tokens) for e in exs])
 
 
-Batch = tuple[np.ndarray, np.ndarray, np.ndarray]  # tokens [B, T], scored [B, T], lengths [B]
+Batch = tuple[np.ndarray, ...]  # tokens [B, T], scored [B, T], lengths [B], then any extra arrays
 
 
-def batches(data: Dataset, batch_size: int, seed: int, pad_id: int = 0, multiple: int = 32) -> Iterator[Batch]:
-    """Endless padded batches ``(tokens [B, T], scored [B, T], lengths [B])``: examples sorted by length and cut
-    into batches (little padding), the batch order reshuffled each epoch from ``seed``. T is rounded
-    up to ``multiple`` so a compiled step sees few distinct shapes. Too few examples for one batch is
-    a ``UserError`` here, before any batch is drawn."""
+Extra = Callable[[list[int], int], tuple[np.ndarray, ...]]  # (example indices, width) -> more batch arrays
+
+
+def batches(data: Dataset, batch_size: int, seed: int, pad_id: int = 0, multiple: int = 32,
+            extra: Extra | None = None) -> Iterator[Batch]:
+    """Endless padded batches ``(tokens [B, T], scored [B, T], lengths [B], *extra)``: examples sorted by
+    length and cut into batches (little padding), the batch order reshuffled each epoch from ``seed``.
+    T is rounded up to ``multiple`` so a compiled step sees few distinct shapes. ``extra`` adds arrays
+    per batch (distillation's teacher targets). Too few examples for one batch is a ``UserError`` here,
+    before any batch is drawn."""
     if len(data) < batch_size:
         raise UserError(f"{data.name}.jsonl has {len(data)} examples, fewer than the batch size {batch_size}")
     order = sorted(range(len(data)), key=lambda i: len(data.examples[i].tokens))
@@ -166,13 +177,15 @@ def batches(data: Dataset, batch_size: int, seed: int, pad_id: int = 0, multiple
         while True:
             for g in np.random.default_rng([seed, epoch]).permutation(len(groups)):
                 exs = [data.examples[i] for i in groups[g]]
-                yield _pad(exs, -(-max(len(e.tokens) for e in exs) // multiple) * multiple, pad_id)
+                width = -(-max(len(e.tokens) for e in exs) // multiple) * multiple
+                yield _pad(exs, width, pad_id) + (extra(groups[g], width) if extra else ())
             epoch += 1
 
     return endless()
 
 
-def eval_batches(data: Dataset, batch_size: int, limit: int | None = None, pad_id: int = 0) -> list[Batch]:
+def eval_batches(data: Dataset, batch_size: int, limit: int | None = None, pad_id: int = 0,
+                 extra: Extra | None = None) -> list[Batch]:
     """A fixed list of batches covering the split in order (the first ``limit`` batches when given), for
     validation and test loss; the last batch may be smaller."""
     out = []
@@ -180,5 +193,6 @@ def eval_batches(data: Dataset, batch_size: int, limit: int | None = None, pad_i
         if limit is not None and len(out) >= limit:
             break
         exs = data.examples[i : i + batch_size]
-        out.append(_pad(exs, max(len(e.tokens) for e in exs), pad_id))
+        width = max(len(e.tokens) for e in exs)
+        out.append(_pad(exs, width, pad_id) + (extra(list(range(i, i + len(exs))), width) if extra else ()))
     return out

@@ -86,8 +86,8 @@ def evaluate(model: nn.Module, batches: list[Batch],
     is left in eval mode)."""
     model.eval()
     total, count = 0.0, 0
-    for tokens, scored, _ in batches:
-        value, n = loss(model, mx.array(tokens), mx.array(scored))
+    for tokens, scored, _, *extra in batches:
+        value, n = loss(model, mx.array(tokens), mx.array(scored), *map(mx.array, extra))
         mx.eval(value, n)
         total += value.item() * n.item()
         count += int(n.item())
@@ -121,6 +121,8 @@ class Trainer:
 
     def __init__(self, model: nn.Module, cfg: TrainConfig,
                  loss: Callable[..., tuple[mx.array, mx.array]] = token_loss):
+        """``loss(model, tokens, scored, *extra) -> (mean loss, scored count)``; ``extra`` are the batch's
+        arrays after ``lengths`` (distillation's teacher targets)."""
         cfg.check()
         self.model, self.cfg, self.loss = model, cfg, loss
         self.optimizer = optim.AdamW(learning_rate=schedule(cfg), weight_decay=cfg.weight_decay)
@@ -130,8 +132,8 @@ class Trainer:
         state = [model.state, mx.random.state]
 
         @partial(mx.compile, inputs=state, outputs=state)
-        def micro(tokens: mx.array, scored: mx.array) -> tuple[mx.array, mx.array, Any]:
-            (value, n), grads = grad(model, tokens, scored)
+        def micro(tokens: mx.array, scored: mx.array, *extra: mx.array) -> tuple[mx.array, mx.array, Any]:
+            (value, n), grads = grad(model, tokens, scored, *extra)
             return value, n, tree_map(lambda g: g * n, grads)  # summed over tokens, for exact accumulation
 
         self._micro = micro
@@ -141,8 +143,8 @@ class Trainer:
         total, count, acc = 0.0, 0, None
         # dropout draws: a function of (seed, step), so a resumed run redraws the same ones
         mx.random.seed(self.cfg.seed * 1_000_003 + self.step)
-        for tokens, scored, lengths in batches:
-            value, n, grads = self._micro(mx.array(tokens), mx.array(scored))
+        for tokens, scored, lengths, *extra in batches:
+            value, n, grads = self._micro(mx.array(tokens), mx.array(scored), *map(mx.array, extra))
             acc = grads if acc is None else tree_map(mx.add, acc, grads)
             mx.eval(value, n, acc)
             total += value.item() * n.item()
