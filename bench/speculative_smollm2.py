@@ -71,16 +71,26 @@ def main() -> None:
     p.add_argument("--extra-blocks", type=int, default=90)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--draft-tokens", default="2,4")
+    p.add_argument("--prompts", choices=["chat", "pydoc"], default="chat",
+                   help="chat: six chat questions; pydoc: the first 64 tokens of six held-out pydoc topics "
+                   "(the distillation's own domain).")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     smol, tok = load(None, compute="float32")
     student, student_tok = load(args.student, compute="float32")
     assert student_tok.fingerprint == tok.fingerprint
     pruned = prune_layers(load_model(None, compute="float32"), pruned_layers("every-2nd-layer", 30))
-    prompts = [mx.array(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True), dtype=mx.int32)
-               for q in PROMPTS]
+    if args.prompts == "chat":
+        prompts = [mx.array(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True), dtype=mx.int32)
+                   for q in PROMPTS]
+    else:  # topics distill_smollm2.py held out (every 10th in sorted order)
+        from pydoc_data.topics import topics
+
+        held = [topics[k] for i, k in enumerate(sorted(topics)) if i % 10 == 0]
+        prompts = [mx.array(tok.encode(t)[:64], dtype=mx.int32) for t in held[1:: max(1, len(held) // 6)][:6]]
     ks = [int(k) for k in args.draft_tokens.split(",")]
     result = {"machine": platform.processor() or platform.machine(), "mlx": mx.__version__, "tokens": args.tokens,
+              "prompt_set": args.prompts,
               "prompts": len(prompts), "targets": {}}
     for name, target in (("SmolLM2-135M", smol), (f"SmolLM2 + {args.extra_blocks} zero-output blocks",
                                                    padded_target(args.extra_blocks))):
