@@ -619,11 +619,13 @@ def distill(ctx, **params) -> None:
     if p["as_json"]:
         click.echo(json.dumps(result))
         return
-    for when in ("before", "after"):
+    for when in ("eval", "before", "after"):
         if when in result:
             r = result[when]
-            click.echo(f"{when}: top-1 agreement {r['top1_agreement']:.1%}, KL {r['kl']:.4f} nats, student perplexity "
-                       f"{r['student_perplexity']:.3f} (teacher {r['teacher_perplexity']:.3f}) over {r['tokens']} tokens")
+            label = "student vs teacher" if when == "eval" else when
+            click.echo(f"{label}: top-1 agreement {r['top1_agreement']:.1%}, KL {r['kl']:.4f} nats, student "
+                       f"perplexity {r['student_perplexity']:.3f} (teacher {r['teacher_perplexity']:.3f}) over "
+                       f"{r['tokens']} tokens")
     if out is not None:
         click.echo(f"saved the student ({result['student_layers']} layers, {result['trainable_parameters']:,} trained "
                    f"parameters) to {out} after {result['steps']} steps")

@@ -193,7 +193,7 @@ def test_distill_moves_student_toward_teacher_and_resumes_exactly(teacher_dir, d
     code, out, err = _distill(["--teacher", str(teacher_dir), "--data", str(data_dir), "--student", str(tmp_path / "student"),
                                "--eval", "--json"], capsys, monkeypatch)
     assert code == 0, err
-    assert json.loads(out)["before"]["kl"] == pytest.approx(after["kl"], rel=1e-4)
+    assert json.loads(out)["eval"]["kl"] == pytest.approx(after["kl"], rel=1e-4)
     # 20 steps, then --resume to 40: the same student as 40 straight (the cache is reused)
     half = _base(teacher_dir, data_dir, tmp_path, "resumed") + ["--student-init", "prune:layers=0,3", "--save-every", "10"]
     assert _distill(half + ["--iters", "20"], capsys, monkeypatch)[0] == 0

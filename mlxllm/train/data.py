@@ -145,6 +145,11 @@ def make_dataset(name: str, kind: str, records: list[dict[str, Any]], tokenizer:
     return Dataset(name, examples, truncated)
 
 
+def pad_id(tokenizer: Any) -> int:
+    """The id batches are padded with (never scored): the tokenizer's pad token, else EOS, else 0."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
 def _pad(exs: list[Example], width: int, pad_id: int) -> Batch:
     tokens = np.full((len(exs), width), pad_id, np.int32)
     scored = np.zeros((len(exs), width), bool)

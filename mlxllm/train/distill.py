@@ -33,7 +33,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ..errors import UserError
-from .data import Dataset, Example, batches, eval_batches, make_dataset, read_jsonl
+from .data import Dataset, Example, batches, eval_batches, make_dataset, pad_id, read_jsonl
 from .loop import TrainConfig, Trainer
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
@@ -399,9 +399,6 @@ CHECKPOINT = "checkpoint"
 WEIGHTS = "trainable.safetensors"
 
 
-def _pad_id(tokenizer: Any) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-
 
 def run(teacher: Any, tokenizer: Any, teacher_path: Path, student: Any, student_tokenizer: Any,
         opts: DistillOptions, save_student: Callable[[Any], None],
@@ -424,10 +421,11 @@ def run(teacher: Any, tokenizer: Any, teacher_path: Path, student: Any, student_
     held_out = data["test"][0] if opts.eval else None
     limit = None if opts.eval_batches < 0 else opts.eval_batches
     teacher.eval()
-    if held_out is not None:
+    if held_out is not None:  # "eval" alone; "before" and "after" around training
+        when = "before" if opts.train else "eval"
         student.eval()
-        out["before"] = compare(teacher, student, held_out, cfg.batch_size, limit)
-        report({"eval": "before", **out["before"]})
+        out[when] = compare(teacher, student, held_out, cfg.batch_size, limit)
+        report({"eval": when, **out[when]})
     if not opts.train:
         return out
     cache_dir = Path(opts.teacher_cache) if opts.teacher_cache else default_cache_dir()
@@ -467,7 +465,7 @@ def run(teacher: Any, tokenizer: Any, teacher_path: Path, student: Any, student_
             str(p), dict(tree_flatten(wrapper.trainable_parameters()))))
         trainer.save(checkpoint)
 
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     train_batches = batches(train, cfg.batch_size, cfg.seed, pad, extra=targets["train"].batch)
     val = eval_batches(data["valid"][0], cfg.batch_size, None if cfg.val_batches < 0 else cfg.val_batches, pad,
                        extra=targets["valid"].batch)

@@ -14,7 +14,7 @@ import mlx.nn as nn
 
 from ..errors import UserError
 from . import adapters as A
-from .data import eval_batches, batches, load_split
+from .data import eval_batches, batches, load_split, pad_id
 from .loop import TrainConfig, Trainer, evaluate
 
 
@@ -54,9 +54,6 @@ def _check(opts: LoraOptions) -> None:
         raise UserError(f"--resume-adapter-file {opts.resume_adapter_file} not found")
 
 
-def _pad_id(tokenizer: Any) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-
 
 def run(model: nn.Module, tokenizer: Any, opts: LoraOptions, model_name: str,
         report: Callable[[dict[str, Any]], None] = lambda r: None,
@@ -70,7 +67,7 @@ def run(model: nn.Module, tokenizer: Any, opts: LoraOptions, model_name: str,
         if d.truncated:
             warn(f"{d.truncated} of {len(d)} {d.name} examples are longer than --max-seq-length "
                  f"{opts.max_seq_length} and were truncated")
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     out: dict[str, Any] = {"adapter_path": str(opts.adapter_path)}
     if opts.train:
         if opts.layers is not None and opts.layers <= 0:
