@@ -37,6 +37,7 @@ def main() -> None:
     args = p.parse_args()
 
     import mlxllm  # noqa: F401
+    from mlxllm.benchmark import write_atomic
     from mlxllm.load.hub import default_model_path
     from mlxllm.tokenize import Tokenizer
 
@@ -76,9 +77,7 @@ def main() -> None:
     }
     print(json.dumps(summary, indent=1))
     if args.out:
-        path = Path(args.out)
-        path.with_suffix(".tmp").write_text(json.dumps(summary, indent=2))
-        path.with_suffix(".tmp").replace(path)
+        write_atomic(args.out, json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

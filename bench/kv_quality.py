@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-from pathlib import Path
 
 import mlxllm  # noqa: F401  (BLAS preload before mlx.core)
 import mlx.core as mx
 
 from mlxllm import perplexity as pp, stream_generate
+from mlxllm.benchmark import write_atomic
 from mlxllm.load import load
 from mlxllm.load.hub import default_model_path
 
@@ -69,12 +69,9 @@ def main() -> None:
         ppl[name] = pp.summarize(pp.token_nll(model, tokens, args.seq_len, batch=1, **kw))
         rel = ppl[name]["perplexity"] / ppl["float"]["perplexity"] - 1
         print(f"perplexity {name}: {ppl[name]['perplexity']:.4f} ({rel:+.2%})", flush=True)
-    out = Path(args.out)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "mlx": mx.__version__,
-                               "seq_len": args.seq_len, "tokens": len(tokens), "greedy": agreement,
-                               "perplexity": ppl}, indent=2))
-    tmp.replace(out)
+    write_atomic(args.out, json.dumps({"machine": platform.processor() or platform.machine(), "mlx": mx.__version__,
+                                       "seq_len": args.seq_len, "tokens": len(tokens), "greedy": agreement,
+                                       "perplexity": ppl}, indent=2))
 
 
 if __name__ == "__main__":

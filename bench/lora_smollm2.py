@@ -30,6 +30,7 @@ import mlxllm  # noqa: F401  (BLAS preload before mlx.core)
 import mlx.core as mx
 
 from mlxllm import perplexity as pp, stream_generate
+from mlxllm.benchmark import write_atomic
 from mlxllm.load import load
 from mlxllm.load.hub import default_model_path
 from mlxllm.train.finetune import LoraOptions, run
@@ -153,10 +154,7 @@ def main() -> None:
             result["test_perplexity_adapted"] = pp.summarize(pp.token_nll(model, test_tokens, 512))["perplexity"]
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (dict, list))}, indent=1))
     if args.out:
-        out_path = Path(args.out)
-        tmp_path = out_path.with_suffix(".tmp")
-        tmp_path.write_text(json.dumps(result, indent=2))
-        tmp_path.replace(out_path)
+        write_atomic(args.out, json.dumps(result, indent=2))
     if args.task == "extract":
         print(f"held-out exact answers: base {result['base_accuracy']:.0%} -> adapted {result['adapted_accuracy']:.0%}; "
               f"validation loss {result['val_loss_before']:.3f} -> {result['val_loss_after']:.3f} "

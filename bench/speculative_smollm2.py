@@ -22,6 +22,7 @@ from pathlib import Path
 import mlxllm  # noqa: F401  (BLAS preload before mlx.core)
 import mlx.core as mx
 
+from mlxllm.benchmark import write_atomic
 from mlxllm.load import load, load_model
 from mlxllm.model.decoder import Block
 from mlxllm.generate import generate_step
@@ -119,9 +120,7 @@ def main() -> None:
                   + (f"  acceptance {summary[key]['acceptance']:.0%}" if key != "plain" else ""), flush=True)
         result["targets"][name] = {"layers": len(target.layers), "summary": summary, "runs": rows}
     if args.out:
-        path = Path(args.out)
-        path.with_suffix(".tmp").write_text(json.dumps(result, indent=2))
-        path.with_suffix(".tmp").replace(path)
+        write_atomic(args.out, json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

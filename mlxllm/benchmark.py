@@ -408,11 +408,9 @@ def run_bench(model_spec: str | None, *, compute: str = "auto", lengths: list[in
     model, tokenizer = load(path, compute=compute)
     draft = None
     if draft_model is not None:
-        draft, draft_tokenizer = load(draft_model, compute=compute)
-        if draft_tokenizer.fingerprint != tokenizer.fingerprint:
-            raise UserError(f"--draft-model {draft_model} has a different tokenizer than the model")
-        from .speculative import check_draft
+        from .speculative import check_draft, load_draft
 
+        draft = load_draft(draft_model, compute, tokenizer)
         check_draft(model, draft, max(lengths) + gen_tokens)
     report_line = model.load_report
     kv = kv_settings(model.config, kv_bits, kv_group_size, quantized_kv_start)

@@ -77,17 +77,6 @@ def _load(model_spec: str | None, compute: str, verbose: bool, adapter_path: str
     return model, tokenizer
 
 
-def _load_draft(spec: str, compute: str, tokenizer: Any):
-    """The draft model for speculative decoding; its tokenizer must be the model's."""
-    from .load import load
-
-    draft, draft_tokenizer = load(spec, compute=compute)
-    if draft_tokenizer.fingerprint != tokenizer.fingerprint:
-        raise UserError(f"--draft-model {spec} has a different tokenizer than the model; speculative decoding needs "
-                        "the same vocabulary")
-    return draft
-
-
 def _build_prompt(tokenizer, prompt: str, system: str | None, chat: bool | None) -> str:
     use_chat = tokenizer.has_chat_template if chat is None else chat
     if use_chat and not tokenizer.has_chat_template:
@@ -128,7 +117,9 @@ def generate(model_spec, compute, verbose, adapter_path, prompt, system, chat, d
         prompt = sys.stdin.read()
     model, tokenizer = _load(model_spec, compute, verbose, adapter_path)
     if draft_model is not None:
-        sampling.update(draft_model=_load_draft(draft_model, compute, tokenizer), num_draft_tokens=num_draft_tokens)
+        from .speculative import load_draft
+
+        sampling.update(draft_model=load_draft(draft_model, compute, tokenizer), num_draft_tokens=num_draft_tokens)
     text = _build_prompt(tokenizer, prompt, system, chat)
     out, last = [], None
     for last in stream_generate(model, tokenizer, text, kw["max_tokens"], **sampling):

@@ -79,6 +79,17 @@ def check_draft(model: Any, draft_model: Any, positions: int) -> None:
                             f"({cfg.max_position_embeddings})")
 
 
+def load_draft(spec: str, compute: str, tokenizer: Any) -> Any:
+    """Load a draft model, refusing one whose tokenizer is not ``tokenizer`` (ids would mean other text)."""
+    from .load import load
+
+    draft, draft_tokenizer = load(spec, compute=compute)
+    if draft_tokenizer.fingerprint != tokenizer.fingerprint:
+        raise UserError(f"--draft-model {spec} has a different tokenizer than the model; speculative decoding needs "
+                        "the same vocabulary")
+    return draft
+
+
 def speculative_generate_step(
     prompt: mx.array,
     model: Any,

@@ -34,7 +34,7 @@ from mlx.utils import tree_flatten
 
 from ..errors import UserError
 from .data import Dataset, Example, batches, eval_batches, make_dataset, pad_id, read_jsonl
-from .loop import TrainConfig, Trainer
+from .loop import TrainConfig, Trainer, load_trainable
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 
@@ -154,28 +154,29 @@ def teacher_completions(teacher: Any, tokenizer: Any, prompts: list[list[int]], 
     from ..generate import generate_step
 
     path = cache_dir / f"completions-{key}.json"
+    outs = None
     if path.is_file():
         try:
             saved = json.loads(path.read_text())
             if saved.get("key") == key and len(saved["completions"]) == len(prompts):
-                return [Example(p + c, [i >= len(p) for i in range(len(p) + len(c))])
-                        for p, c in zip(prompts, saved["completions"])]
+                outs = saved["completions"]
         except (ValueError, KeyError, TypeError):
             pass  # unreadable: generate again
-    eos = set(tokenizer.eos_token_ids)
-    outs = []
-    for i, p in enumerate(prompts):
-        out = []
-        for t, _ in generate_step(mx.array(p, dtype=mx.int32), teacher, max_tokens=new_tokens):
-            out.append(t)
-            if t in eos:
-                break
-        outs.append(out)
-        progress("teacher writing completions", i + 1, len(prompts))
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": key, "completions": outs}))
-    os.replace(tmp, path)
+    if outs is None:
+        eos = set(tokenizer.eos_token_ids)
+        outs = []
+        for i, p in enumerate(prompts):
+            out = []
+            for t, _ in generate_step(mx.array(p, dtype=mx.int32), teacher, max_tokens=new_tokens):
+                out.append(t)
+                if t in eos:
+                    break
+            outs.append(out)
+            progress("teacher writing completions", i + 1, len(prompts))
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key, "completions": outs}))
+        os.replace(tmp, path)
     return [Example(p + c, [i >= len(p) for i in range(len(p) + len(c))]) for p, c in zip(prompts, outs)]
 
 
@@ -487,14 +488,7 @@ def _resume(wrapper: Distilled, trainer: Trainer, folder: Path) -> None:
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise UserError(f"--resume: no checkpoint in {folder}")
-    try:
-        saved = mx.load(str(weights))
-    except (ValueError, RuntimeError) as e:
-        raise UserError(f"--resume: cannot read {weights}: {e}") from None
-    expected = dict(tree_flatten(wrapper.trainable_parameters()))
-    if set(saved) != set(expected) or any(saved[k].shape != expected[k].shape for k in saved):
-        raise UserError(f"--resume: the checkpoint in {folder} does not fit this student (other student, "
-                        "--student-init, --lora-rank or --feature-loss?)")
-    wrapper.load_weights(list(saved.items()), strict=False)
+    load_trainable(wrapper, weights, f"the --resume checkpoint {weights}",
+                   "this student (other student, --student-init, --lora-rank or --feature-loss?)")
     if not trainer.restore(folder):
         raise UserError(f"--resume: {folder} has no training state")

@@ -15,7 +15,7 @@ import mlx.nn as nn
 from ..errors import UserError
 from . import adapters as A
 from .data import eval_batches, batches, load_split, pad_id
-from .loop import TrainConfig, Trainer, evaluate
+from .loop import TrainConfig, Trainer, evaluate, load_trainable
 
 
 @dataclass
@@ -107,14 +107,6 @@ def run(model: nn.Module, tokenizer: Any, opts: LoraOptions, model_name: str,
 
 def _resume(model: nn.Module, trainer: Trainer, weights: Path) -> None:
     """Start from saved adapter weights (and, when saved beside them, the optimizer state and step)."""
-    try:
-        saved = mx.load(str(weights))
-    except (ValueError, RuntimeError) as e:
-        raise UserError(f"cannot read --resume-adapter-file {weights}: {e}") from None
-    expected = A.adapter_parameters(model)
-    if set(saved) != set(expected) or any(saved[k].shape != expected[k].shape for k in saved):
-        odd = sorted(set(saved) ^ set(expected)) or [k for k in saved if saved[k].shape != expected[k].shape]
-        raise UserError(f"--resume-adapter-file {weights} does not fit these adapters (model, rank, layers or "
-                        f"targets differ), e.g. {odd[0]}")
-    model.load_weights(list(saved.items()), strict=False)
+    load_trainable(model, weights, f"--resume-adapter-file {weights}",
+                   "these adapters (model, rank, layers or targets differ)")
     trainer.restore(weights.parent)

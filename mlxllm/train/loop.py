@@ -115,6 +115,20 @@ def checkpointed_blocks(model: nn.Module) -> Iterator[None]:
         cls.__call__ = plain
 
 
+def load_trainable(model: nn.Module, weights: Path, what: str, differs: str) -> None:
+    """Load saved trainable tensors into ``model`` after checking they are exactly its trainable ones
+    (names and shapes); ``what`` names the file in errors, ``differs`` says what may not match."""
+    try:
+        saved = mx.load(str(weights))
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f"cannot read {what}: {e}") from None
+    expected = dict(tree_flatten(model.trainable_parameters()))
+    if set(saved) != set(expected) or any(saved[k].shape != expected[k].shape for k in saved):
+        odd = sorted(set(saved) ^ set(expected)) or [k for k in saved if saved[k].shape != expected[k].shape]
+        raise UserError(f"{what} does not fit {differs}, e.g. {odd[0]}")
+    model.load_weights(list(saved.items()), strict=False)
+
+
 class Trainer:
     """Owns the optimizer and the step count; ``run`` trains, ``evaluate`` scores batches without
     gradients, ``save`` / ``restore`` move the whole training state through a folder."""
