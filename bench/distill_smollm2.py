@@ -37,8 +37,8 @@ def main() -> None:
     args = p.parse_args()
 
     import mlxllm  # noqa: F401
-    from mlxllm.benchmark import write_atomic
-    from mlxllm.load.hub import default_model_path
+    from mlxllm.files import write_atomic
+    from mlxllm.formats.hub import default_model_path
     from mlxllm.tokenize import Tokenizer
 
     teacher = default_model_path()

@@ -18,10 +18,12 @@ import platform
 import mlxllm  # noqa: F401  (BLAS preload before mlx.core)
 import mlx.core as mx
 
-from mlxllm import perplexity as pp, stream_generate
-from mlxllm.benchmark import write_atomic
-from mlxllm.load import load
-from mlxllm.load.hub import default_model_path
+from mlxllm.tools import perplexity as pp
+from mlxllm import stream_generate
+from mlxllm.files import write_atomic
+from mlxllm.formats.loader import load
+from mlxllm.formats.hub import default_model_path
+from mlxllm.model.cache import FLOAT_PREFIX, KVSettings
 
 PROMPTS = [
     "What is the capital of France?",
@@ -65,7 +67,7 @@ def main() -> None:
     ppl = {}
     variants = {**CACHES, "4-bit g32, no float prefix": (4, 32, 0)}
     for name, kv in variants.items():
-        kw = {"kv": dict(zip(("kv_bits", "kv_group_size", "kv_float_prefix"), kv))} if kv else {}
+        kw = {"kv": KVSettings(kv[0], kv[1], float_prefix=kv[2] if len(kv) > 2 else FLOAT_PREFIX)} if kv else {}
         ppl[name] = pp.summarize(pp.token_nll(model, tokens, args.seq_len, batch=1, **kw))
         rel = ppl[name]["perplexity"] / ppl["float"]["perplexity"] - 1
         print(f"perplexity {name}: {ppl[name]['perplexity']:.4f} ({rel:+.2%})", flush=True)

@@ -29,10 +29,11 @@ from pathlib import Path
 import mlxllm  # noqa: F401  (BLAS preload before mlx.core)
 import mlx.core as mx
 
-from mlxllm import perplexity as pp, stream_generate
-from mlxllm.benchmark import write_atomic
-from mlxllm.load import load
-from mlxllm.load.hub import default_model_path
+from mlxllm.tools import perplexity as pp
+from mlxllm import stream_generate
+from mlxllm.files import write_atomic
+from mlxllm.formats.loader import load
+from mlxllm.formats.hub import default_model_path
 from mlxllm.train.finetune import LoraOptions, run
 from mlxllm.train.loop import TrainConfig
 

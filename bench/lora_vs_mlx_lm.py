@@ -46,7 +46,7 @@ def ensure_model() -> None:
     sys.path.insert(0, str(HERE))
     from make_checkpoints import write_hf_dir
 
-    from mlxllm.load.hub import default_model_path
+    from mlxllm.formats.hub import default_model_path
 
     write_hf_dir(default_model_path(), MODEL, mx.float32)
 

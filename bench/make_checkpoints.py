@@ -20,9 +20,9 @@ from mlx.utils import tree_flatten
 
 import mlx.nn as nn
 
-from mlxllm.convert import hf_config, save_model
-from mlxllm.load import load
-from mlxllm.load.hub import default_model_path
+from mlxllm.formats.save import hf_config, save_model
+from mlxllm.formats.loader import load
+from mlxllm.formats.hub import default_model_path
 from mlxllm.model.config import ModelConfig
 from mlxllm.model.decoder import Model
 

@@ -73,8 +73,8 @@ def _kv_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_mlxllm(args: argparse.Namespace) -> dict[str, Any]:
     from mlxllm import backend
-    from mlxllm.generate import generate_step
-    from mlxllm.load import load_model
+    from mlxllm.engine.steps import generate_step
+    from mlxllm.formats.loader import load_model
 
     t = time.perf_counter()
     model = load_model(args.model, compute=args.compute)
@@ -82,7 +82,9 @@ def run_mlxllm(args: argparse.Namespace) -> dict[str, Any]:
     ids = prompt_ids(args.prompt_tokens, model.config.vocab_size)
     kw = _kv_args(args)
     if args.kv_bits:
-        kw["prompt_cache"] = model.make_cache(kw.pop("kv_bits"), kw.pop("kv_group_size"))
+        from mlxllm.model.cache import KVSettings
+
+        kw["prompt_cache"] = model.make_cache(KVSettings(kw.pop("kv_bits"), kw.pop("kv_group_size")))
     weights_gb = _weights_gb(model)
     result = _measure(_mlx_steps(generate_step, model, ids, args.gen_tokens, **kw), len(ids))
     return {**result, **_memory(), "weights_gb": weights_gb, "load_s": load_s, "weights": model.load_report.target,

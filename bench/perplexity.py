@@ -19,10 +19,11 @@ import mlxllm  # noqa: F401  (BLAS preload before mlx.core)
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxllm import perplexity as pp
-from mlxllm.load import default_model_path, load
-from mlxllm.convert import recipe_bits
-from mlxllm.load.weights import Quantized
+from mlxllm.tools import perplexity as pp
+from mlxllm.formats.hub import default_model_path
+from mlxllm.formats.loader import load
+from mlxllm.model.quantize import recipe_bits
+from mlxllm.formats.weights import Quantized
 
 BITS = (8, 6, 5, 4, 3, 2)
 GROUPS = (32, 64, 128)

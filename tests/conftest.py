@@ -28,13 +28,13 @@ def gemma3_path() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2(smollm2_path):
-    from mlxllm.load import load_model
+    from mlxllm.formats.loader import load_model
 
     return load_model(smollm2_path, compute="float32")
 
 
 @pytest.fixture(scope="session")
 def gemma3(gemma3_path):
-    from mlxllm.load import load_model
+    from mlxllm.formats.loader import load_model
 
     return load_model(gemma3_path, compute="float32")

@@ -13,12 +13,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from click.testing import CliRunner
 
-from mlxllm import benchmark as bm
-from mlxllm import peers
+from mlxllm.tools import benchmark as bm
+from mlxllm.tools import peers
 from mlxllm.cli import cli
-from mlxllm.convert import save_model
-from mlxllm.load import describe_model, load_model
+from mlxllm.formats.save import save_model
+from mlxllm.formats.loader import describe_model, load_model
 from mlxllm.tokenize import Tokenizer
+from mlxllm.model.cache import KVSettings
 
 from test_cli import assert_one_line_error, run
 from test_load_hf import CONFIG, random_model
@@ -241,7 +242,7 @@ def test_quantized_kv_cache_decodes_like_the_float_cache(bits, atol):
     model = random_model({**CONFIG, "head_dim": 64}, mx.float32)
     tokens = mx.array([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43]])
     full = model(tokens)
-    cache = model.make_cache(kv_bits=bits, kv_group_size=32)
+    cache = model.make_cache(KVSettings(bits, 32))
     got = mx.concatenate([model(tokens[:, :5], cache=cache)] + [model(tokens[:, i : i + 1], cache=cache)
                                                               for i in range(5, 13)], axis=1)  # fmt: skip
     assert float(mx.abs(got - full).max()) < atol
@@ -251,16 +252,16 @@ def test_quantized_kv_cache_decodes_like_the_float_cache(bits, atol):
 
 def test_quantized_kv_bytes_hand_computed_and_measured():
     model = random_model({**CONFIG, "head_dim": 64}, mx.float32)
-    cache = model.make_cache(kv_bits=4, kv_group_size=32)
+    cache = model.make_cache(KVSettings(4, 32))
     model.hidden(mx.zeros((1, 100), mx.int32), cache)
     mx.eval([c.state for c in cache])
     # per layer, position and K/V head: 64 values at 4 bits + a float32 scale and bias per group of 32,
     # past the 64 positions held in float32
     hand = 2 * 2 * 2 * (36 * (64 * 4 // 8 + 2 * 2 * 4) + 64 * 64 * 4)  # layers x (K, V) x kv heads x bytes
-    assert bm.kv_bytes(model, 100, dtype=mx.float32, kv_bits=4, kv_group_size=32) == hand
+    assert bm.kv_bytes(model, 100, dtype=mx.float32, kv=KVSettings(4, 32)) == hand
     assert sum(c.nbytes for c in cache) == hand
     # everything float until ``quantized_kv_start`` is crossed
-    assert bm.kv_bytes(model, 30, dtype=mx.float32, kv_bits=4, kv_group_size=32, quantized_kv_start=30) == 2 * 2 * 2 * 30 * 64 * 4
+    assert bm.kv_bytes(model, 30, dtype=mx.float32, kv=KVSettings(4, 32, 30)) == 2 * 2 * 2 * 30 * 64 * 4
 
 
 def test_bench_kv_bits(tiny_dir, tmp_path, capsys, monkeypatch):
@@ -271,7 +272,7 @@ def test_bench_kv_bits(tiny_dir, tmp_path, capsys, monkeypatch):
     report = json.loads(out.read_text())
     assert report["settings"]["kv_bits"] == 8
     r = report["results"][0]
-    assert r["kv_bytes_per_step"] == bm.kv_bytes(load_model(tiny_dir), 26, kv_bits=8, kv_group_size=32)
+    assert r["kv_bytes_per_step"] == bm.kv_bytes(load_model(tiny_dir), 26, kv=KVSettings(8, 32))
     code, _, err = run(["bench", "-m", str(tiny_dir), "--kv-bits", "8", "--kv-group-size", "64"], capsys, monkeypatch)
     assert_one_line_error(code, err, "--kv-group-size must be 32, 64 or 128 and at most the head size 32, got 64")
     code, _, err = run(["bench", "-m", str(tiny_dir), "--kv-bits", "7"], capsys, monkeypatch)

@@ -11,8 +11,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlxllm import convert as cv
-from mlxllm.load import load, load_model
+from mlxllm.tools import conversion as cv
+from mlxllm.formats.loader import load, load_model
 from test_benchmark import _write_tokenizer
 from test_cli import assert_one_line_error, run
 from test_load_hf import CONFIG, random_model

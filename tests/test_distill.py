@@ -15,9 +15,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlxllm.convert import save_model
+from mlxllm.formats.save import save_model
 from mlxllm.errors import UserError
-from mlxllm.load import load
+from mlxllm.formats.loader import load
 from mlxllm.train import distill as D
 from mlxllm.train import students as S
 from mlxllm.train.data import Dataset, Example

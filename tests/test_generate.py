@@ -7,7 +7,8 @@ import mlx.core as mx
 
 import mlxllm
 from mlxllm.errors import UserError
-from mlxllm.generate import _stop_hold, generate_step, generate_tokens
+from mlxllm.engine.stream import _stop_hold
+from mlxllm.engine.steps import generate_step, generate_tokens
 
 
 @pytest.fixture(scope="module")
@@ -122,12 +123,13 @@ def test_empty_prompt_is_a_user_error(smol):
 
 def test_prompt_cache_reuses_the_common_prefix(smol):
     """A second chat turn feeds only the new tokens and generates what a fresh full prompt generates."""
-    from mlxllm.generate import PromptCache, _encode_prompt
+    from mlxllm.engine.prompt_cache import PromptCache
+    from mlxllm.engine.stream import encode_prompt
 
     model, tok = smol
     kept = PromptCache(model)
     history = [{"role": "user", "content": "What is the capital of France?"}]
-    ids = _encode_prompt(tok, tok.apply_chat_template(history, add_generation_prompt=True)).tolist()
+    ids = encode_prompt(tok, tok.apply_chat_template(history, add_generation_prompt=True)).tolist()
     assert kept.suffix(ids) == ids
     first = [r.token for r in mlxllm.stream_generate(model, tok, ids, 8, prompt_cache=kept.cache)]
     kept.record(ids + first)
@@ -135,7 +137,7 @@ def test_prompt_cache_reuses_the_common_prefix(smol):
     assert len(ids) + len(first) - 1 <= len(kept.tokens) <= len(ids) + len(first)
     assert kept.tokens == (ids + first)[: len(kept.tokens)]
     history += [{"role": "assistant", "content": tok.decode(first)}, {"role": "user", "content": "And of Italy?"}]
-    ids2 = _encode_prompt(tok, tok.apply_chat_template(history, add_generation_prompt=True)).tolist()
+    ids2 = encode_prompt(tok, tok.apply_chat_template(history, add_generation_prompt=True)).tolist()
     todo = kept.suffix(ids2)
     assert len(todo) < len(ids2) - len(ids) + 3  # the first turn is not recomputed
     cached = [r.token for r in mlxllm.stream_generate(model, tok, todo, 8, prompt_cache=kept.cache)]
@@ -144,7 +146,7 @@ def test_prompt_cache_reuses_the_common_prefix(smol):
 
 
 def test_rotating_cache_trim_and_refusal():
-    from mlxllm.cache import KVCache, RotatingKVCache
+    from mlxllm.model.cache import KVCache, RotatingKVCache
 
     c = RotatingKVCache(window=4)
     c.update_and_fetch(mx.zeros((1, 1, 3, 2)), mx.zeros((1, 1, 3, 2)))

@@ -9,7 +9,7 @@ import pytest
 
 import mlx.core as mx
 
-from mlxllm.cache import KVCache, QuantizedKVCache
+from mlxllm.model.cache import KVCache, QuantizedKVCache
 from mlxllm.kernels import quantized_sdpa, reference
 
 

@@ -22,7 +22,7 @@ from gguf.quants import dequantize, quantize
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxllm.errors import UserError
-from mlxllm.load import describe_model, load_model
+from mlxllm.formats.loader import describe_model, load_model
 from mlxllm.model.config import ModelConfig, UnsupportedArchitecture
 from mlxllm.model.decoder import Model
 

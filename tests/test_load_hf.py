@@ -12,7 +12,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxllm.errors import UserError
-from mlxllm.load import describe_model, load_model, resolve
+from mlxllm.formats.loader import describe_model, load_model
+from mlxllm.formats.hub import resolve
 from mlxllm.model.config import ModelConfig
 from mlxllm.model.decoder import Model
 

@@ -19,8 +19,8 @@ import mlx.core as mx
 from gguf.quants import dequantize as gguf_dequantize
 
 from mlxllm.errors import UserError
-from mlxllm.load import describe_model, load, load_model
-from mlxllm.load import gguf as gguf_loader
+from mlxllm.formats.loader import describe_model, load, load_model
+from mlxllm.formats import gguf as gguf_loader
 
 # Token ids from llama.cpp's tokenizer (also what mlxllm.tokenize produces: checked below).
 SMOL_PROMPTS = {

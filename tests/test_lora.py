@@ -15,8 +15,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxllm.errors import UserError
-from mlxllm.load import load, load_model
-from mlxllm.train import adapters as A
+from mlxllm.formats.loader import load, load_model
+from mlxllm.model import adapters as A
 from mlxllm.train import data as D
 from mlxllm.train.loop import STATE_INFO, TrainConfig, Trainer
 from test_benchmark import tiny_dir  # noqa: F401  (fixture: a random llama + byte-level tokenizer on disk)

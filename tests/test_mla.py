@@ -12,9 +12,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlxllm import benchmark as bm
+from mlxllm.tools import benchmark as bm
 from mlxllm.errors import UserError
-from mlxllm.load import load_model
+from mlxllm.formats.loader import load_model
 from mlxllm.model.mla import LatentAttention
 
 from test_benchmark import _write_tokenizer
@@ -89,7 +89,7 @@ def test_mlx_lm_converted_deepseek_v3_loads(q_bits, tmp_path):
 def test_quantized_dir_with_kv_b_proj_loads_in_mlx_lm(family, tmp_path):
     """Our layout keeps kv_b_proj (Hugging Face's); mlx-lm's V2 reads it as is, its V3 splits it."""
     mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
-    from mlxllm.convert import save_model
+    from mlxllm.formats.save import save_model
 
     ours, _ = _random_pair(FAMILIES[family])
     nn.quantize(ours, group_size=32, bits=8, class_predicate=lambda p, m: hasattr(m, "to_quantized") and "embed" not in p)
@@ -112,6 +112,6 @@ def test_latent_cache_is_small_and_kv_bits_refused():
     assert sum(c.nbytes for c in cache) == cfg.num_hidden_layers * TOKENS.shape[1] * per_token
     assert bm.kv_bytes(ours, TOKENS.shape[1], dtype=mx.float32) == sum(c.nbytes for c in cache)
     with pytest.raises(UserError, match="latent-attention"):
-        from mlxllm.cache import check_kv_quantization
+        from mlxllm.model.cache import KVSettings
 
-        check_kv_quantization(cfg, 8, 32)
+        KVSettings(8, 32).checked(cfg)

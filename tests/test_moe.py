@@ -12,8 +12,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlxllm import benchmark as bm
-from mlxllm.load import load_model
+from mlxllm.tools import benchmark as bm
+from mlxllm.formats.loader import load_model
 from mlxllm.model import moe
 from mlxllm.model.config import ModelConfig
 from mlxllm.model.decoder import Model
@@ -157,7 +157,7 @@ def test_quantized_moe_dir_loads_in_mlxllm_and_mlx_lm(family, tmp_path):
     """A 4-bit MoE model written in the mlx-community layout (stacked, quantized switch_mlp) reads back
     in mlxllm and in mlx-lm with the same logits."""
     mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
-    from mlxllm.convert import save_model
+    from mlxllm.formats.save import save_model
 
     from test_parity_mlx_lm import FAMILIES, _random_pair
 
@@ -178,7 +178,7 @@ def test_quantized_moe_dir_loads_in_mlxllm_and_mlx_lm(family, tmp_path):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_stacked_expert_dequantize_is_mlx_dequantize(bits):
-    from mlxllm.load.weights import Quantized
+    from mlxllm.formats.weights import Quantized
 
     q = Quantized.of(mx.random.normal((3, 64, 128)), 32, bits)
     assert mx.array_equal(q.dequantize(), mx.dequantize(q.weight, q.scales, q.biases, 32, bits)).item()
@@ -224,8 +224,8 @@ def test_dots1_per_expert_tensors_are_stacked_under_experts(tmp_path):
 
 
 def test_info_counts_active_parameters(tmp_path):
-    from mlxllm.convert import save_model
-    from mlxllm.load import describe_model
+    from mlxllm.formats.save import save_model
+    from mlxllm.formats.loader import describe_model
 
     model = Model(_cfg())
     mx.eval(model.parameters())

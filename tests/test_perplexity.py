@@ -11,7 +11,8 @@ import pytest
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxllm import perplexity as pp
+from mlxllm.tools import perplexity as pp
+from mlxllm.model.cache import KVSettings
 from test_cli import assert_one_line_error, run
 from test_load_hf import CONFIG, random_model
 
@@ -57,7 +58,7 @@ def _fake_quantized(model, bits, group_size):
 
 
 def test_quantization_costs_in_order_on_smollm2(smollm2_path):
-    from mlxllm.load import load
+    from mlxllm.formats.loader import load
 
     model, tok = load(smollm2_path, compute="float32")
     tokens = tok.encode(pp.default_text())[:1024]
@@ -93,14 +94,14 @@ def test_cli_json(capsys, monkeypatch, smollm2_path):
 def test_quantized_kv_cache_costs_on_smollm2(smollm2_path):
     """Scoring through the quantized cache (chunks of 128 over 512-token windows): 8-bit within 0.5 %
     of the float cache, 4-bit (groups of 32) within 5 %, and 2-bit clearly worse (the path is live)."""
-    from mlxllm.load import load
+    from mlxllm.formats.loader import load
 
     model, tok = load(smollm2_path, compute="float32")
     tokens = tok.encode(pp.default_text())[:1024]
     base = pp.summarize(pp.token_nll(model, tokens, 512))["perplexity"]
 
     def ppl(bits: int, group: int) -> float:
-        kv = {"kv_bits": bits, "kv_group_size": group}
+        kv = KVSettings(bits, group)
         return pp.summarize(pp.token_nll(model, tokens, 512, kv=kv, chunk=128))["perplexity"]
 
     assert abs(ppl(8, 64) / base - 1) < 0.005

@@ -9,7 +9,7 @@ import mlxllm  # noqa: F401  (BLAS preload before mlx.core)
 import mlx.core as mx
 
 from mlxllm.errors import UserError
-from mlxllm.sample import make_logits_processors, make_sampler
+from mlxllm.engine.sample import make_logits_processors, make_sampler
 
 PROBS = np.array([0.40, 0.25, 0.15, 0.10, 0.06, 0.04])
 N = 20000

@@ -12,12 +12,13 @@ import mlx.core as mx
 
 import mlxllm
 from mlxllm.errors import UserError
-from mlxllm.generate import generate_step
+from mlxllm.engine.steps import generate_step
 from mlxllm.model.config import ModelConfig
 from mlxllm.model.decoder import Model
-from mlxllm.sample import make_distribution, make_repetition_penalty
-from mlxllm.speculative import accept, speculative_generate_step
+from mlxllm.engine.sample import make_distribution, make_repetition_penalty
+from mlxllm.engine.speculative import accept, speculative_generate_step
 from mlxllm.train.students import prune_layers
+from mlxllm.model.cache import KVSettings
 from test_benchmark import tiny_dir  # noqa: F401  (fixture)
 from test_cli import assert_one_line_error, run
 
@@ -79,10 +80,10 @@ def test_greedy_with_processors_quantized_cache_and_small_prefill(pair):
     prompt = mx.array(list(range(1, 20)), dtype=mx.int32)
     procs = [make_repetition_penalty(1.5, 8)]
     alone = [t for t, _ in generate_step(prompt, target, max_tokens=25, logits_processors=procs, prefill_step_size=5,
-                                         prompt_cache=target.make_cache(kv_bits=8, kv_group_size=32, kv_float_prefix=4))]
+                                         prompt_cache=target.make_cache(KVSettings(8, 32, float_prefix=4)))]
     out = [t for t, _, _ in speculative_generate_step(
         prompt, target, draft, num_draft_tokens=3, max_tokens=25, logits_processors=procs, prefill_step_size=5,
-        prompt_cache=target.make_cache(kv_bits=8, kv_group_size=32, kv_float_prefix=4))]
+        prompt_cache=target.make_cache(KVSettings(8, 32, float_prefix=4)))]
     assert out == alone
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from mlxllm.errors import UserError
 from mlxllm.tokenize import Tokenizer, read_gguf_tokenizer_metadata
 from mlxllm.tokenize import bpe as bpe_mod
 
@@ -104,7 +105,7 @@ def test_reader_on_262k_vocab(gemma_meta):
 def test_reader_rejects_non_gguf(tmp_path):
     path = tmp_path / "x.gguf"
     path.write_bytes(b"NOPE" + bytes(32))
-    with pytest.raises(ValueError, match="not a GGUF file"):
+    with pytest.raises(UserError, match=r"x\.gguf is not a GGUF file"):
         read_gguf_tokenizer_metadata(path)
 
 

@@ -1,7 +1,7 @@
 """One config for every supported decoder family.
 
 Each family is a set of switches on the same decoder (see ``decoder.py``); ``from_hf`` reads a
-Hugging Face ``config.json`` and ``mlxllm.load.gguf`` builds the same object from GGUF metadata.
+Hugging Face ``config.json`` and ``mlxllm.formats.gguf`` builds the same object from GGUF metadata.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..cache import FLOAT_PREFIX, KVCache, QuantizedKVCache, RotatingKVCache, causal_mask
+from .cache import KVCache, KVSettings, QuantizedKVCache, RotatingKVCache, causal_mask
 from .config import ModelConfig
 from .mla import LatentAttention
 from .moe import MoE
@@ -139,15 +139,14 @@ class Model(nn.Module):
     def layers(self) -> list[Block]:
         return self.model.layers
 
-    def make_cache(self, kv_bits: int | None = None, kv_group_size: int = 64, quantized_kv_start: int = 0,
-                   kv_float_prefix: int = FLOAT_PREFIX) -> list:
-        """One cache per layer; ``kv_bits`` quantizes the global layers' K/V from position
-        ``quantized_kv_start`` on, except the first ``kv_float_prefix`` positions (sliding-window layers
-        keep their small float ring)."""
+    def make_cache(self, kv: KVSettings | None = None) -> list:
+        """One cache per layer: the global layers' K/V stored as ``kv`` says (float without it; user
+        settings are checked first with ``KVSettings.checked``), sliding-window layers in a float ring."""
         cfg = self.config
+        kv = kv or KVSettings()
 
         def full() -> KVCache:
-            return QuantizedKVCache(kv_bits, kv_group_size, quantized_kv_start, kv_float_prefix) if kv_bits else KVCache()
+            return QuantizedKVCache(kv.bits, kv.group_size, kv.start, kv.float_prefix) if kv.quantized else KVCache()
 
         return [RotatingKVCache(cfg.sliding_window) if cfg.is_sliding(i) else full() for i in range(cfg.num_hidden_layers)]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple, TYPE_CHECKING
 
 import regex
 

@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -33,6 +32,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ..errors import UserError
+from ..files import replacing_dir, write_atomic
 from .data import Dataset, Example, batches, eval_batches, make_dataset, pad_id, read_jsonl
 from .loop import TrainConfig, Trainer, load_trainable
 
@@ -151,7 +151,7 @@ def teacher_completions(teacher: Any, tokenizer: Any, prompts: list[list[int]], 
                         key: str, progress: Progress) -> list[Example]:
     """Sequence-level distillation data: the teacher's greedy continuation of each prompt (up to
     ``new_tokens``, ending at EOS), scored on the continuation only; kept in the cache folder."""
-    from ..generate import generate_step
+    from ..engine.steps import generate_step
 
     path = cache_dir / f"completions-{key}.json"
     outs = None
@@ -174,9 +174,7 @@ def teacher_completions(teacher: Any, tokenizer: Any, prompts: list[list[int]], 
             outs.append(out)
             progress("teacher writing completions", i + 1, len(prompts))
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "completions": outs}))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps({"key": key, "completions": outs}))
     return [Example(p + c, [i >= len(p) for i in range(len(p) + len(c))]) for p, c in zip(prompts, outs)]
 
 
@@ -253,9 +251,13 @@ def _verify(folder: Path) -> str | None:
 def build_targets(teacher: Any, data: Dataset, folder: Path, top_k: int, temperature: float, hidden: bool,
                   progress: Progress, batch_size: int = 4) -> TeacherTargets:
     """Run the teacher over ``data`` once and write its top-k targets to ``folder`` (atomically)."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with replacing_dir(folder) as tmp:
+        _write_targets(teacher, data, tmp, top_k, temperature, hidden, progress, batch_size)
+    return TeacherTargets(folder)
+
+
+def _write_targets(teacher: Any, data: Dataset, tmp: Path, top_k: int, temperature: float, hidden: bool,
+                   progress: Progress, batch_size: int) -> None:
     sizes = [len(e.tokens) - 1 for e in data.examples]
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     total = int(offsets[-1])
@@ -296,9 +298,6 @@ def build_targets(teacher: Any, data: Dataset, folder: Path, top_k: int, tempera
     manifest = {"examples": len(data), "positions": total, "top_k": top_k, "temperature": temperature,
                 "sha256": {n: _sha256(tmp / n) for n in names}}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    return TeacherTargets(folder)
 
 
 def teacher_targets(teacher: Any, data: Dataset, cache_dir: Path, key: str, top_k: int, temperature: float,
@@ -407,7 +406,7 @@ def run(teacher: Any, tokenizer: Any, teacher_path: Path, student: Any, student_
         warn: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Distil ``teacher`` into ``student`` as ``opts`` says; ``save_student(model)`` writes the student
     as a model folder (the CLI passes one that keeps ``out/checkpoint``). Returns the figures."""
-    from . import adapters as A
+    from ..model import adapters as A
 
     check(opts, tokenizer, student_tokenizer, teacher.config.vocab_size)
     cfg = opts.train_config
@@ -462,7 +461,7 @@ def run(teacher: Any, tokenizer: Any, teacher_path: Path, student: Any, student_
 
     def save() -> None:
         checkpoint.mkdir(parents=True, exist_ok=True)
-        A.write_atomic(checkpoint / WEIGHTS, lambda p: mx.save_safetensors(
+        write_atomic(checkpoint / WEIGHTS, lambda p: mx.save_safetensors(
             str(p), dict(tree_flatten(wrapper.trainable_parameters()))))
         trainer.save(checkpoint)
 

@@ -13,8 +13,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import UserError
-from . import adapters as A
-from .data import eval_batches, batches, load_split, pad_id
+from ..model import adapters as A
+from .data import batches, eval_batches, load_split, pad_id
 from .loop import TrainConfig, Trainer, evaluate, load_trainable
 
 

@@ -24,7 +24,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..errors import UserError
-from .adapters import write_atomic
+from ..files import write_atomic
 from .data import Batch
 
 STATE_FILE = "training_state.safetensors"

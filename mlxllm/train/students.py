@@ -77,7 +77,7 @@ def from_config(path: Path, teacher_config: Any) -> nn.Module:
 def quantized_student(model: nn.Module, bits: int, group_size: int) -> nn.Module:
     """The teacher's own weights quantized (in place); only the quantization scales and biases are
     trained, so the student stays a drop-in quantized copy of the teacher."""
-    from ..convert import quantize_model
+    from ..model.quantize import quantize_model
 
     quantize_model(model, bits, group_size)
     model.freeze()

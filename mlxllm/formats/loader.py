@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TYPE_CHECKING
 
 import mlx.core as mx
 
@@ -42,6 +42,7 @@ __all__ = [
     "default_model_path",
     "describe_model",
     "load",
+    "load_draft",
     "load_model",
     "resolve",
 ]
@@ -92,6 +93,13 @@ def load_model(
     path: str | Path | None = None, *, compute: str = "auto", kquant: str = "q8", lazy: bool = True
 ) -> Model:
     """Load only the model (None: the default SmolLM2 GGUF). See ``load`` for the options."""
+    return _load_model(path, compute, kquant, lazy)[0]
+
+
+def _load_model(
+    path: str | Path | None, compute: str, kquant: str, lazy: bool
+) -> tuple[Model, GGUFSource | HFSource]:
+    """``load_model``, also returning the opened source (``load`` takes a GGUF file's parsed header from it)."""
     start = time.perf_counter()
     source = _open(path)
     specs = source.specs
@@ -115,7 +123,7 @@ def load_model(
         {k: sum(v) / len(v) for k, v in getattr(source, "requant_errors", {}).items()} or None,
     )
     model.compute_path = str(report)  # the line the CLI prints under --verbose
-    return model
+    return model, source
 
 
 def load(
@@ -136,19 +144,18 @@ def load(
     """
     from ..tokenize import Tokenizer
 
-    model = load_model(path_or_repo, compute=compute, kquant=kquant, lazy=lazy)
+    model, source = _load_model(path_or_repo, compute, kquant, lazy)
     if adapter_path is not None:
-        from ..train.adapters import load_adapters
+        from ..model.adapters import load_adapters
 
         load_adapters(model, adapter_path)
         model.eval()
-    report = model.load_report
-    if report.format == "gguf":
+    if isinstance(source, GGUFSource):  # the header parsed for the weights holds the vocabulary too
         from ..tokenize.gguf_vocab import read_gguf_tokenizer_metadata
 
-        tokenizer = Tokenizer.from_gguf_metadata(read_gguf_tokenizer_metadata(report.path))
+        tokenizer = Tokenizer.from_gguf_metadata(read_gguf_tokenizer_metadata(source.file))
     else:
-        tokenizer = Tokenizer.from_hf_dir(report.path)
+        tokenizer = Tokenizer.from_hf_dir(model.load_report.path)
     return model, tokenizer
 
 
@@ -190,3 +197,12 @@ def describe_model(path: str | Path | None = None, *, kquant: str = "q8") -> dic
         "memory_available_bytes": backend.device_memory(),
         "compute_auto": auto,
     }
+
+
+def load_draft(spec: str, compute: str, tokenizer: Any) -> Any:
+    """Load a draft model, refusing one whose tokenizer is not ``tokenizer`` (ids would mean other text)."""
+    draft, draft_tokenizer = load(spec, compute=compute)
+    if draft_tokenizer.fingerprint != tokenizer.fingerprint:
+        raise UserError(f"--draft-model {spec} has a different tokenizer than the model; speculative decoding needs "
+                        "the same vocabulary")
+    return draft

@@ -19,10 +19,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import backend
-from .cache import FLOAT_PREFIX, kv_settings
-from .errors import UserError
-from .generate import generate_tokens, wired_limit
+from .. import backend
+from ..model.cache import KVSettings
+from ..errors import UserError
+from ..files import write_atomic
+from ..engine.steps import generate_tokens, wired_limit
 
 # Apple's published unified-memory bandwidth (GB/s) by chip name; "Max" parts list the larger
 # configuration. Shown next to the measured figure, never used as the denominator.
@@ -68,23 +69,24 @@ def decode_weight_bytes(model: nn.Module, batch: int = 1) -> int:
 
 
 def kv_bytes(model: nn.Module, context: int, batch: int = 1, dtype: mx.Dtype | None = None,
-             kv_bits: int | None = None, kv_group_size: int = 64, quantized_kv_start: int = 0) -> int:
+             kv: KVSettings | None = None) -> int:
     """Bytes of K and V a decode step at ``context`` positions reads (sliding layers hold their window
-    in ``dtype``, default the model's activation dtype; with ``kv_bits`` the global layers hold packed
-    values plus a scale and bias per group, past a float prefix; everything is float until
-    ``quantized_kv_start`` is crossed)."""
+    in ``dtype``, default the model's activation dtype; with a quantized ``kv`` the global layers hold
+    packed values plus a scale and bias per group, past the float prefix; everything is float until
+    ``kv.start`` is crossed)."""
+    kv = kv or KVSettings()
     cfg = model.config
     dtype = dtype or activation_dtype(model)
     heads, width = cfg.kv_cache_width
     numbers = heads * width  # per token and layer
     per_token = numbers * dtype.size
-    quantized = numbers * kv_bits // 8 + 2 * (numbers // kv_group_size) * dtype.size if kv_bits else per_token
+    quantized = numbers * kv.bits // 8 + 2 * (numbers // kv.group_size) * dtype.size if kv.quantized else per_token
     total = 0
     for i in range(cfg.num_hidden_layers):
         if cfg.is_sliding(i):
             total += min(context, cfg.sliding_window) * per_token
         else:
-            held_float = (context if context <= quantized_kv_start else min(context, FLOAT_PREFIX)) if kv_bits else 0
+            held_float = (context if context <= kv.start else min(context, kv.float_prefix)) if kv.quantized else 0
             total += held_float * per_token + (context - held_float) * quantized
     return batch * total
 
@@ -218,8 +220,7 @@ def prompt_text(tokenizer: Any, tokens: int) -> str:
 
 
 def run_trial(model: Any, tokenizer: Any, text: str, gen_tokens: int, batch: int = 1,
-              prefill_step_size: int = 512, kv_bits: int | None = None, kv_group_size: int = 64,
-              quantized_kv_start: int = 0) -> Trial:
+              prefill_step_size: int = 512, kv: KVSettings | None = None) -> Trial:
     """One greedy generation of exactly ``gen_tokens`` steps (EOS ignored, as llama-bench does),
     timed from the call, tokenization included, to the last token."""
     mx.synchronize()
@@ -230,7 +231,7 @@ def run_trial(model: Any, tokenizer: Any, text: str, gen_tokens: int, batch: int
     prompt = mx.array([ids] * batch, dtype=mx.int32)
     stamps = []
     with wired_limit(model):
-        cache = model.make_cache(kv_bits, kv_group_size, quantized_kv_start)
+        cache = model.make_cache(kv)
         for tokens, _ in generate_tokens(prompt, model, max_tokens=gen_tokens, prefill_step_size=prefill_step_size,
                                          prompt_cache=cache):
             tokens.tolist()  # the one host sync per step, as in generation
@@ -251,7 +252,7 @@ def speculative_trial(model: Any, draft: Any, tokenizer: Any, text: str, gen_tok
                       num_draft_tokens: int) -> dict[str, float]:
     """One greedy speculative generation of ``gen_tokens`` (EOS ignored): decode tok/s from the first
     token to the last, and the share of draft tokens the model kept."""
-    from .speculative import speculative_generate_step
+    from ..engine.speculative import speculative_generate_step
 
     mx.synchronize()
     start = time.perf_counter()
@@ -317,19 +318,18 @@ def activation_dtype(model: Any) -> mx.Dtype:
 
 def bench_length(model: Any, tokenizer: Any, prompt_tokens: int, gen_tokens: int, trials: int,
                  peaks: dict[str, Any], batch: int = 1, on_trial: Callable[[], None] | None = None,
-                 kv: dict[str, Any] | None = None) -> LengthResult:
+                 kv: KVSettings | None = None) -> LengthResult:
     """Warm up once, then ``trials`` timed runs at one prompt length, with bandwidth and FLOP/s."""
     text = prompt_text(tokenizer, prompt_tokens)
-    kv = kv or {}  # kv_bits / kv_group_size of a quantized KV cache
-    run_trial(model, tokenizer, text, min(gen_tokens, 2), batch, **kv)  # warm-up: kernels, allocator
+    run_trial(model, tokenizer, text, min(gen_tokens, 2), batch, kv=kv)  # warm-up: kernels, allocator
     runs = []
     for _ in range(trials):
-        runs.append(run_trial(model, tokenizer, text, gen_tokens, batch, **kv))
+        runs.append(run_trial(model, tokenizer, text, gen_tokens, batch, kv=kv))
         if on_trial:
             on_trial()
     p = runs[0].prompt_tokens
     weights = decode_weight_bytes(model, batch)
-    kv_step = kv_bytes(model, p + gen_tokens // 2, batch, **kv)
+    kv_step = kv_bytes(model, p + gen_tokens // 2, batch, kv=kv)
     decode = summary(r.decode_tps for r in runs)
     steps_per_s = decode["median"] / batch if decode else None
     gbps = (weights + kv_step) * steps_per_s / 1e9 if steps_per_s else None
@@ -356,21 +356,21 @@ def _memory_for_kv(model: Any) -> float:
     return backend.device_memory() * 0.8 - decode_weight_bytes(model)
 
 
-def sweep_lengths(model: Any, batch: int = 1, top: int = 32768, kv: dict[str, Any] | None = None) -> list[int]:
+def sweep_lengths(model: Any, batch: int = 1, top: int = 32768, kv: KVSettings | None = None) -> list[int]:
     """Default context sweep: powers of two from 1K up to 32K, the model's context, or what the KV
     cache can hold in the memory left after the weights."""
     cfg = model.config
     free = _memory_for_kv(model)
     lengths, c = [], 1024
     while c <= min(top, cfg.max_position_embeddings - 64):
-        if kv_bytes(model, c, batch, **(kv or {})) > free:
+        if kv_bytes(model, c, batch, kv=kv) > free:
             break
         lengths.append(c)
         c *= 2
     return lengths
 
 
-def check_lengths(model: Any, lengths: list[int], gen_tokens: int, batch: int, kv: dict[str, Any] | None = None) -> None:
+def check_lengths(model: Any, lengths: list[int], gen_tokens: int, batch: int, kv: KVSettings | None = None) -> None:
     """Refuse prompt lengths the model's context or the memory cannot take, in one line."""
     cfg = model.config
     free = _memory_for_kv(model)
@@ -380,7 +380,7 @@ def check_lengths(model: Any, lengths: list[int], gen_tokens: int, batch: int, k
         if p + gen_tokens > cfg.max_position_embeddings:
             raise UserError(f"{p} prompt + {gen_tokens} generated tokens exceed the model's context "
                             f"of {cfg.max_position_embeddings}")
-        need = kv_bytes(model, p + gen_tokens, batch, **(kv or {}))
+        need = kv_bytes(model, p + gen_tokens, batch, kv=kv)
         if need > free:
             raise UserError(f"a {p}-token prompt needs {need / 2**30:.1f} GiB of KV cache; "
                             f"about {max(free, 0) / 2**30:.1f} GiB is free after the weights")
@@ -391,29 +391,29 @@ def check_lengths(model: Any, lengths: list[int], gen_tokens: int, batch: int, k
 
 def run_bench(model_spec: str | None, *, compute: str = "auto", lengths: list[int], gen_tokens: int = 128,
               trials: int = 5, batch: int = 1, sweep: list[int] | None = (), sweep_gen: int = 16,
-              peers: Sequence[str] = (), kv_bits: int | None = None, kv_group_size: int = 64,
-              quantized_kv_start: int = 0, draft_model: str | None = None,
+              peers: Sequence[str] = (), kv: KVSettings | None = None, draft_model: str | None = None,
               num_draft_tokens: int = 3) -> dict[str, Any]:
     """Load the model, measure the device's peaks, time every prompt length, the context sweep
     (``None``: the default lengths) and the peers; return every number with the machine.
-    ``kv_bits`` quantizes the KV cache of the global attention layers (groups of ``kv_group_size``)
-    from position ``quantized_kv_start`` on. ``draft_model`` adds speculative decoding's speed and
+    ``kv`` says how the KV cache of the global attention layers is stored. ``draft_model`` adds speculative decoding's speed and
     acceptance next to the plain decode, alternated trial by trial."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .load import load, resolve
+    from ..formats.loader import load
+    from ..formats.hub import resolve
     from .peers import compare
 
     path = resolve(model_spec)
     model, tokenizer = load(path, compute=compute)
     draft = None
     if draft_model is not None:
-        from .speculative import check_draft, load_draft
+        from ..engine.speculative import check_draft
+        from ..formats.loader import load_draft
 
         draft = load_draft(draft_model, compute, tokenizer)
         check_draft(model, draft, max(lengths) + gen_tokens)
     report_line = model.load_report
-    kv = kv_settings(model.config, kv_bits, kv_group_size, quantized_kv_start)
+    kv = (kv or KVSettings()).checked(model.config)
     check_lengths(model, lengths, gen_tokens, batch, kv)
     sweep = sweep_lengths(model, batch, kv=kv) if sweep is None else list(sweep)
     check_lengths(model, sweep, sweep_gen, batch, kv)
@@ -435,8 +435,8 @@ def run_bench(model_spec: str | None, *, compute: str = "auto", lengths: list[in
         points = []
         for c in sweep:
             progress.update(task, description=f"sweep {c}")
-            t = run_trial(model, tokenizer, prompt_text(tokenizer, c), sweep_gen, batch, **kv)
-            step_bytes = step_weights + kv_bytes(model, c + sweep_gen // 2, batch, **kv)
+            t = run_trial(model, tokenizer, prompt_text(tokenizer, c), sweep_gen, batch, kv=kv)
+            step_bytes = step_weights + kv_bytes(model, c + sweep_gen // 2, batch, kv=kv)
             points.append({**asdict(t), "context": t.prompt_tokens,
                            "decode_gbps": step_bytes * t.decode_tps / batch / 1e9 if t.decode_tps else None})
             progress.advance(task)
@@ -460,8 +460,8 @@ def run_bench(model_spec: str | None, *, compute: str = "auto", lengths: list[in
                   "detail": report_line.detail, "weight_bytes": weight_bytes, "decode_weight_bytes": step_weights,
                   "load_s": report_line.seconds, "activation_dtype": str(dtype).removeprefix("mlx.core.")},
         "settings": {"prompt_lengths": lengths, "gen_tokens": gen_tokens, "trials": trials, "batch_size": batch,
-                     "sweep_gen_tokens": sweep_gen, "kv_bits": kv_bits, "kv_group_size": kv_group_size if kv_bits else None,
-                     "quantized_kv_start": quantized_kv_start if kv_bits else None},
+                     "sweep_gen_tokens": sweep_gen, "kv_bits": kv.bits, "kv_group_size": kv.group_size if kv.quantized else None,
+                     "quantized_kv_start": kv.start if kv.quantized else None},
         "results": [asdict(r) for r in results],
         "sweep": points,
         "compare": peer_report,
@@ -540,16 +540,6 @@ def print_report(report: dict[str, Any]) -> None:
             console.print(f"note: {note}")
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Write via a temporary name and rename, so an interrupted run never leaves half a file."""
-    import os
-
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def plot_sweep(report: dict[str, Any], path: str) -> None:
     """Decode tok/s and TTFT against context length, as a PNG."""
     import os
@@ -569,7 +559,5 @@ def plot_sweep(report: dict[str, Any], path: str) -> None:
     fig.suptitle(f"{os.path.basename(report['model']['path'])} · {report['machine']['processor']} · "
                  f"MLX {report['machine']['mlx']} {report['machine']['backend']}", fontsize=9)
     fig.tight_layout()
-    tmp = f"{path}.tmp"
-    fig.savefig(tmp, format="png", dpi=120)
+    write_atomic(path, lambda p: fig.savefig(p, format="png", dpi=120))
     plt.close(fig)
-    os.replace(tmp, path)

@@ -1,104 +1,14 @@
-"""KV caches: a growing cache for global layers and a ring buffer for sliding-window layers.
-
-Both keep keys/values as ``[B, kv_heads, S, head_dim]`` and hand attention exactly the keys it may see
-plus the mask that goes with them, so the decoder never reasons about positions itself.
-"""
+"""The quantized KV cache: packed keys/values read in place by ``mlxllm.kernels.quantized_sdpa``, a
+float prefix for the attention sinks, and the centring + Hadamard rotation that make rounding cheaper."""
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
 
-from .errors import UserError
-from .kernels import quantized_sdpa
-
-if TYPE_CHECKING:
-    from .model.config import ModelConfig
-
-Mask = mx.array | str | None
-
-
-def check_kv_quantization(cfg: "ModelConfig", bits: int | None, group_size: int, start: int = 0) -> None:
-    """Refuse a quantized-KV setting MLX cannot apply to this model's heads, in one line."""
-    if start < 0:
-        raise UserError(f"--quantized-kv-start must be >= 0, got {start}")
-    if bits is None:
-        if start:
-            raise UserError("--quantized-kv-start needs --kv-bits")
-        return
-    if cfg.kv_lora_rank:
-        raise UserError("--kv-bits is not supported for latent-attention (DeepSeek) models: their cache is already compressed")
-    if bits not in (2, 3, 4, 5, 6, 8):
-        raise UserError(f"--kv-bits takes 2, 3, 4, 5, 6 or 8, not {bits}")
-    if group_size not in (32, 64, 128) or group_size > cfg.head_dim:
-        raise UserError(f"--kv-group-size must be 32, 64 or 128 and at most the head size {cfg.head_dim}, got {group_size}")
-
-
-def kv_settings(cfg: "ModelConfig", bits: int | None, group_size: int = 64, start: int = 0) -> dict[str, int]:
-    """Validated ``make_cache`` keyword arguments for a quantized KV cache (empty without ``bits``)."""
-    check_kv_quantization(cfg, bits, group_size, start)
-    return {"kv_bits": bits, "kv_group_size": group_size, "quantized_kv_start": start} if bits else {}
-
-
-def causal_mask(q_start: int, n_queries: int, k_start: int, n_keys: int, window: int | None) -> mx.array:
-    """Boolean ``[L, S]`` mask for queries at absolute positions q_start.. over keys at k_start..;
-    a key is visible when it is not in the future and (with a window) fewer than ``window`` back."""
-    q = mx.arange(q_start, q_start + n_queries)[:, None]
-    k = mx.arange(k_start, k_start + n_keys)[None]
-    mask = k <= q
-    if window is not None:
-        mask = mask & (q - k < window)
-    return mask
-
-
-class KVCache:
-    """Grows in blocks of ``step`` positions so a decode step writes in place instead of reallocating."""
-
-    step = 256
-
-    def __init__(self) -> None:
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
-        self.offset = 0
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        n = keys.shape[2]
-        end = self.offset + n
-        if self.keys is None or end > self.keys.shape[2]:
-            grow = ((n + self.step - 1) // self.step) * self.step
-            B, H, _, Dk = keys.shape
-            new_k = mx.zeros((B, H, grow, Dk), keys.dtype)
-            new_v = mx.zeros((B, H, grow, values.shape[3]), values.dtype)
-            if self.keys is None:
-                self.keys, self.values = new_k, new_v
-            else:
-                self.keys = mx.concatenate([self.keys[..., : self.offset, :], new_k], axis=2)
-                self.values = mx.concatenate([self.values[..., : self.offset, :], new_v], axis=2)
-        self.keys[..., self.offset : end, :] = keys
-        self.values[..., self.offset : end, :] = values
-        self.offset = end
-        return self.keys[..., :end, :], self.values[..., :end, :]
-
-    def mask(self, n_queries: int) -> Mask:
-        """Mask for the next ``n_queries`` tokens (call before ``update_and_fetch``)."""
-        if n_queries == 1:
-            return None
-        return "causal"
-
-    def trim(self, n: int) -> bool:
-        """Forget the last ``n`` positions (their slots are overwritten by the next update)."""
-        self.offset -= min(n, self.offset)
-        return True
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else (self.keys.nbytes + self.values.nbytes) * self.offset // self.keys.shape[2]
-
-    @property
-    def state(self) -> list[mx.array]:
-        return [] if self.keys is None else [self.keys, self.values]
+from ...kernels import quantized_sdpa
+from .kv import KVCache, Mask, causal_mask
+from .settings import FLOAT_PREFIX
 
 
 def hadamard(n: int) -> mx.array:
@@ -108,9 +18,6 @@ def hadamard(n: int) -> mx.array:
     while h.shape[0] < size:
         h = np.block([[h, h], [h, -h]])
     return mx.array(np.kron(np.eye(n // size), h) / np.sqrt(size), dtype=mx.float32)
-
-
-FLOAT_PREFIX = 64  # positions a quantized cache keeps in float (attention sinks; measured in bench/kv_quality.py)
 
 
 def _float_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, visible: mx.array | None
@@ -157,9 +64,8 @@ class QuantizedKVCache(KVCache):
     minus a per-channel centre ``c`` (the mean of the first quantized chunk; ``q.(k - c)`` differs from
     ``q.k`` by the same amount for every key of a query, which softmax ignores and the merge with the
     prefix adds back), then keys and values times an orthonormal Hadamard matrix ``R`` that spreads
-    outlier channels over the group (``(qR).(kR) = q.k`` and ``P (V R) R^T = P V``). On SmolLM2 these
-    take the 4-bit cache's perplexity cost from +8 % to +3.85 %, and the float prefix to +2.87 %
-    (groups of 32, bench/kv_quality.py)."""
+    outlier channels over the group (``(qR).(kR) = q.k`` and ``P (V R) R^T = P V``); what each of
+    these buys is measured in the README (bench/kv_quality.py)."""
 
     def __init__(self, bits: int = 8, group_size: int = 64, start: int = 0, float_prefix: int = FLOAT_PREFIX) -> None:
         super().__init__()
@@ -264,68 +170,3 @@ class QuantizedKVCache(KVCache):
         if not self.quantized:
             return super().state
         return [*(self.prefix or ()), *(self.keys or ()), *(self.values or ())]
-
-
-class RotatingKVCache:
-    """Keeps only the last ``window`` positions; a decode step overwrites the oldest slot in place.
-
-    Attention over a full ring needs no order (RoPE already encodes positions), so single-token steps
-    never copy. A multi-token chunk puts the ring back in time order, attends over the last
-    ``window - 1`` old positions plus the chunk, and keeps the last ``window`` of them.
-    """
-
-    def __init__(self, window: int) -> None:
-        self.window = window
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
-        self.offset = 0
-        self._slot = 0  # next ring slot to overwrite once full
-
-    def _in_time_order(self, x: mx.array) -> mx.array:
-        if self.offset <= self.window or self._slot == 0:
-            return x
-        return mx.concatenate([x[..., self._slot :, :], x[..., : self._slot, :]], axis=2)
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        n = keys.shape[2]
-        if n == 1 and self.keys is not None and self.keys.shape[2] == self.window:
-            self.keys[..., self._slot : self._slot + 1, :] = keys
-            self.values[..., self._slot : self._slot + 1, :] = values
-            self._slot = (self._slot + 1) % self.window
-            self.offset += 1
-            return self.keys, self.values
-        if self.keys is None:
-            all_k, all_v = keys, values
-        else:
-            keep = self.window - 1
-            old_k = self._in_time_order(self.keys)[..., -keep:, :] if keep else self.keys[..., :0, :]
-            old_v = self._in_time_order(self.values)[..., -keep:, :] if keep else self.values[..., :0, :]
-            all_k = mx.concatenate([old_k, keys], axis=2)
-            all_v = mx.concatenate([old_v, values], axis=2)
-        self.keys, self.values = all_k[..., -self.window :, :], all_v[..., -self.window :, :]
-        self._slot = 0
-        self.offset += n
-        return all_k, all_v
-
-    def trim(self, n: int) -> bool:
-        """Forget the last ``n`` positions; impossible once the ring has overwritten old ones."""
-        if self.offset > self.window:
-            return False
-        self.offset -= min(n, self.offset)
-        if self.keys is not None:
-            self.keys, self.values = self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
-        return True
-
-    def mask(self, n_queries: int) -> Mask:
-        if n_queries == 1:
-            return None
-        held = 0 if self.keys is None else min(self.window - 1, self.keys.shape[2])
-        return causal_mask(self.offset, n_queries, self.offset - held, held + n_queries, self.window)
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
-
-    @property
-    def state(self) -> list[mx.array]:
-        return [] if self.keys is None else [self.keys, self.values]

@@ -14,7 +14,8 @@ from typing import Any, Callable
 import mlx.core as mx
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
+from ..model.cache import KVSettings
 
 
 def default_text() -> str:
@@ -50,10 +51,10 @@ def windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, in
 
 
 def token_nll(model: Any, tokens: list[int], seq_len: int = 512, stride: int | None = None, batch: int = 4,
-              on_window: Callable[[], None] | None = None, kv: dict[str, int] | None = None,
+              on_window: Callable[[], None] | None = None, kv: KVSettings | None = None,
               chunk: int = 512) -> np.ndarray:
-    """Negative log-likelihood (nats) of each scored token. With ``kv`` (``make_cache`` arguments:
-    kv_bits, kv_group_size, quantized_kv_start) each window goes through a quantized KV cache in
+    """Negative log-likelihood (nats) of each scored token. With a quantized ``kv`` each window goes
+    through a quantized KV cache in
     chunks of ``chunk`` tokens, as generation would, so the score includes the cache's rounding."""
     stride = check_window(seq_len, stride)
     spans = windows(len(tokens), seq_len, stride)
@@ -67,8 +68,8 @@ def token_nll(model: Any, tokens: list[int], seq_len: int = 512, stride: int | N
         x = np.zeros((len(group), width), np.int32)
         for row, (begin, end, _) in enumerate(group):
             x[row, : end - begin] = ids[begin:end]
-        if kv:
-            cache = model.make_cache(**kv)
+        if kv is not None and kv.quantized:
+            cache = model.make_cache(kv)
             logits = mx.concatenate([model(mx.array(x[:, s : s + chunk]), cache=cache).astype(mx.float32)
                                      for s in range(0, width, chunk)], axis=1)
         else:

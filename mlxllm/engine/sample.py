@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 import mlx.core as mx
 
-from .errors import UserError
+from ..errors import UserError
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]

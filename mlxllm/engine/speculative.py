@@ -21,8 +21,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import mlx.core as mx
 
-from .errors import UserError
-from .generate import DEFAULT_PREFILL_STEP, prefill
+from ..errors import UserError
+from .steps import DEFAULT_PREFILL_STEP, prefill
 from .sample import LogitsProcessor, apply_processors
 
 Distribution = Callable[[mx.array], mx.array] | None  # ``sample.make_distribution``; None = greedy
@@ -77,17 +77,6 @@ def check_draft(model: Any, draft_model: Any, positions: int) -> None:
         if positions > cfg.max_position_embeddings:
             raise UserError(f"speculative decoding: {positions} positions exceed the {name}'s context "
                             f"({cfg.max_position_embeddings})")
-
-
-def load_draft(spec: str, compute: str, tokenizer: Any) -> Any:
-    """Load a draft model, refusing one whose tokenizer is not ``tokenizer`` (ids would mean other text)."""
-    from .load import load
-
-    draft, draft_tokenizer = load(spec, compute=compute)
-    if draft_tokenizer.fingerprint != tokenizer.fingerprint:
-        raise UserError(f"--draft-model {spec} has a different tokenizer than the model; speculative decoding needs "
-                        "the same vocabulary")
-    return draft
 
 
 def speculative_generate_step(

@@ -16,10 +16,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .errors import UserError
+from ..errors import UserError
 
 PEERS = {"mlx-lm": ("mlx_lm", "mlx-lm"), "llama.cpp": ("llama_cpp", "llama-cpp-python")}  # module, package
-TRIAL_SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "peer_trial.py"
+TRIAL_SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "peer_trial.py"
 
 
 def check_peers(peers: list[str]) -> None:
@@ -63,7 +63,7 @@ def compare(model: Path, fmt: str, peers: list[str], lengths: list[int], gen_tok
 
     mlx-lm gets the same directory, or for a GGUF file mlxllm's lossless conversion of it (the file's
     quantized weights as MLX arrays); llama.cpp reads GGUF files only."""
-    from . import backend
+    from .. import backend
 
     notes: list[str] = []
     extra: dict[str, list[str]] = {"mlxllm": ["--compute", compute], "mlx-lm": [], "llama.cpp": []}
@@ -78,8 +78,8 @@ def compare(model: Path, fmt: str, peers: list[str], lengths: list[int], gen_tok
             elif peer == "llama.cpp" and fmt != "gguf":
                 notes.append("llama.cpp skipped: it reads GGUF files only")
             elif peer == "mlx-lm" and fmt == "gguf":
-                from .convert import save_model
-                from .load import load_model
+                from ..formats.save import save_model
+                from ..formats.loader import load_model
 
                 try:
                     targets[peer] = str(save_model(load_model(model, compute="native"), Path(tmp) / "mlx"))

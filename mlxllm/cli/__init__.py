@@ -7,6 +7,7 @@ Every user mistake ends as one ``error: ...`` line on stderr and a nonzero exit;
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import shutil
 import sys
@@ -15,8 +16,9 @@ from typing import Any
 
 import click
 
-from . import backend
-from .errors import UserError
+from .. import backend
+from ..errors import UserError
+from ..files import write_atomic
 
 COMPUTE_CHOICES = click.Choice(["auto", "float32", "native"])
 
@@ -43,21 +45,35 @@ def _sampling_options(f):
         click.option("--seed", type=int, default=None),
         click.option("--stop", multiple=True, help="Stop string (repeatable)."),
         click.option("--prefill-step-size", type=click.IntRange(min=1), default=512, show_default=True),
+    ]):
+        f = opt(f)
+    return _kv_options(f)
+
+
+def _kv_options(f):
+    """The three KV-cache flags, handed to the command as one ``kv`` value (``KVSettings``)."""
+
+    @functools.wraps(f)
+    def command(*args, kv_bits, kv_group_size, quantized_kv_start, **kw):
+        from ..model.cache import KVSettings
+
+        return f(*args, kv=KVSettings(kv_bits, kv_group_size, quantized_kv_start), **kw)
+
+    for opt in reversed([
         click.option("--kv-bits", type=int, default=None, help="Quantize the KV cache to this many bits (e.g. 4, 8)."),
         click.option("--kv-group-size", type=int, default=64, show_default=True),
         click.option("--quantized-kv-start", type=int, default=0, show_default=True,
-                     help="Positions kept in 16-bit before the KV cache switches to --kv-bits."),
+                     help="Positions kept in float before the KV cache switches to --kv-bits."),
     ]):
-        f = opt(f)
-    return f
+        command = opt(command)
+    return command
 
 
 def _sampling_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
-    from .sample import check_sampling
+    from ..engine.sample import check_sampling
 
     check_sampling(kw["temp"], kw["top_p"], kw["top_k"], kw["min_p"], kw["repetition_penalty"])
-    keys = ("temp", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop", "prefill_step_size", "kv_bits",
-            "kv_group_size", "quantized_kv_start")
+    keys = ("temp", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop", "prefill_step_size", "kv")
     return {k: kw[k] for k in keys}
 
 
@@ -67,7 +83,7 @@ def _adapter_option(f):
 
 
 def _load(model_spec: str | None, compute: str, verbose: bool, adapter_path: str | None = None):
-    from .load import load
+    from ..formats.loader import load
 
     model, tokenizer = load(model_spec, compute=compute, adapter_path=adapter_path)
     if verbose:
@@ -110,14 +126,14 @@ def cli() -> None:
 def generate(model_spec, compute, verbose, adapter_path, prompt, system, chat, draft_model, num_draft_tokens, as_json,
              **kw) -> None:
     """Generate a completion for a prompt."""
-    from .generate import format_stats, stream_generate
+    from ..engine.stream import format_stats, stream_generate
 
     sampling = _sampling_kwargs(kw)
     if prompt == "-":
         prompt = sys.stdin.read()
     model, tokenizer = _load(model_spec, compute, verbose, adapter_path)
     if draft_model is not None:
-        from .speculative import load_draft
+        from ..formats.loader import load_draft
 
         sampling.update(draft_model=load_draft(draft_model, compute, tokenizer), num_draft_tokens=num_draft_tokens)
     text = _build_prompt(tokenizer, prompt, system, chat)
@@ -145,7 +161,8 @@ def generate(model_spec, compute, verbose, adapter_path, prompt, system, chat, d
 def chat(model_spec, compute, verbose, adapter_path, system, **kw) -> None:
     """Multi-turn chat. /reset clears the history, /exit (or Ctrl-D) leaves; Ctrl-C stops a reply.
     The KV cache is kept between turns, so a turn computes only the new messages."""
-    from .generate import PromptCache, _encode_prompt, format_stats, stream_generate
+    from ..engine.prompt_cache import PromptCache
+    from ..engine.stream import encode_prompt, format_stats, stream_generate
 
     sampling = _sampling_kwargs(kw)
     model, tokenizer = _load(model_spec, compute, verbose, adapter_path)
@@ -153,9 +170,8 @@ def chat(model_spec, compute, verbose, adapter_path, system, **kw) -> None:
         raise UserError("this model has no chat template; use `mlxllm generate` instead")
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
-    # the kept cache carries the KV settings
-    kv = (sampling.pop("kv_bits"), sampling.pop("kv_group_size"), sampling.pop("quantized_kv_start"))
-    kept = PromptCache(model, *kv)
+    kv = sampling.pop("kv")  # the kept cache carries the KV settings
+    kept = PromptCache(model, kv)
     click.echo("Chat: /reset clears the history, /exit leaves. Ctrl-C stops a reply.", err=True)
     while True:
         try:
@@ -170,13 +186,13 @@ def chat(model_spec, compute, verbose, adapter_path, system, **kw) -> None:
             return
         if line.strip() == "/reset":
             history = list(start)
-            kept = PromptCache(model, *kv)
+            kept = PromptCache(model, kv)
             click.echo("(history cleared)", err=True)
             continue
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
-        ids = _encode_prompt(tokenizer, tokenizer.apply_chat_template(history, add_generation_prompt=True)).tolist()
+        ids = encode_prompt(tokenizer, tokenizer.apply_chat_template(history, add_generation_prompt=True)).tolist()
         todo = kept.suffix(ids)  # only what the cache does not hold yet goes through the model
         reply, last, generated = "", None, []
         try:
@@ -200,7 +216,8 @@ def chat(model_spec, compute, verbose, adapter_path, system, **kw) -> None:
 @click.option("--verbose", "-v", is_flag=True)
 def info(model_spec, as_json, verbose) -> None:
     """Architecture, parameter count, quantization, context length and memory needed."""
-    from .load import describe_model, resolve
+    from ..formats.loader import describe_model
+    from ..formats.hub import resolve
 
     facts = describe_model(resolve(model_spec))
     if as_json:
@@ -240,10 +257,7 @@ def _int_list(value: str | None, option: str) -> list[int]:
 @click.option("--sweep", default=None, help="Context lengths for the decode/TTFT sweep (default with --plot: "
               "1K..32K, capped by the context and memory).")
 @click.option("--sweep-gen", type=click.IntRange(min=2), default=16, show_default=True)
-@click.option("--kv-bits", type=int, default=None, help="Quantize the KV cache to this many bits (e.g. 4, 8).")
-@click.option("--kv-group-size", type=int, default=64, show_default=True)
-@click.option("--quantized-kv-start", type=int, default=0, show_default=True,
-              help="Positions kept in 16-bit before the KV cache switches to --kv-bits.")
+@_kv_options
 @click.option("--compare", "peers", default=None, help="Peers to run side by side: mlx-lm, llama.cpp.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write every number here.")
 @click.option("--draft-model", default=None,
@@ -251,17 +265,17 @@ def _int_list(value: str | None, option: str) -> list[int]:
 @click.option("--num-draft-tokens", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Draw the context sweep as a PNG (needs matplotlib: pip install 'mlxllm[plot]').")
-def bench(model_spec, compute, verbose, prompt_lengths, gen_tokens, trials, batch_size, sweep, sweep_gen, kv_bits,
-          kv_group_size, quantized_kv_start, peers, json_path, draft_model, num_draft_tokens, plot_path) -> None:
+def bench(model_spec, compute, verbose, prompt_lengths, gen_tokens, trials, batch_size, sweep, sweep_gen, kv, peers,
+          json_path, draft_model, num_draft_tokens, plot_path) -> None:
     """Time to first token, prefill and decode speed, and decode bandwidth against the device's peak."""
-    from . import benchmark as bm
+    from ..tools import benchmark as bm
 
     lengths = _int_list(prompt_lengths, "--prompt-lengths")
     if not lengths:
         raise UserError("--prompt-lengths is empty")
     sweep_lengths = _int_list(sweep, "--sweep")
     peer_list = [p.strip() for p in (peers or "").split(",") if p.strip()]
-    from .peers import check_peers
+    from ..tools.peers import check_peers
 
     check_peers(peer_list)
     if plot_path:
@@ -272,12 +286,11 @@ def bench(model_spec, compute, verbose, prompt_lengths, gen_tokens, trials, batc
     report = bm.run_bench(
         model_spec, compute=compute, lengths=lengths, gen_tokens=gen_tokens, trials=trials, batch=batch_size,
         sweep=sweep_lengths or (None if plot_path else []), sweep_gen=sweep_gen, peers=peer_list,
-        kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start,
-        draft_model=draft_model, num_draft_tokens=num_draft_tokens,
+        kv=kv, draft_model=draft_model, num_draft_tokens=num_draft_tokens,
     )
     bm.print_report(report)
     if json_path:
-        bm.write_atomic(json_path, json.dumps(report, indent=2, default=str))
+        write_atomic(json_path, json.dumps(report, indent=2, default=str))
         click.echo(f"wrote {json_path}", err=True)
     if plot_path:
         bm.plot_sweep(report, plot_path)
@@ -304,7 +317,7 @@ def convert(model_spec, out, quantize, q_bits, q_group_size, q_mode, recipe, dty
     """Write a model in the mlx-community layout (loads in mlxllm and mlx-lm), optionally quantized."""
     from rich.console import Console
 
-    from .convert import convert as run
+    from ..tools.conversion import convert as run
 
     with Console(stderr=True).status(f"converting {model_spec} ..."):
         report = run(model_spec, out, quantize=quantize, bits=q_bits, group_size=q_group_size, mode=q_mode,
@@ -327,16 +340,14 @@ def convert(model_spec, out, quantize, q_bits, q_group_size, q_mode, recipe, dty
 @click.option("--stride", type=int, default=None, help="Window step (default: --seq-len, non-overlapping).")
 @click.option("--max-tokens", type=click.IntRange(min=2), default=None, help="Score only the first N tokens.")
 @click.option("--batch-size", "-b", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--kv-bits", type=int, default=None, help="Score through a KV cache quantized to this many bits.")
-@click.option("--kv-group-size", type=int, default=64, show_default=True)
-@click.option("--quantized-kv-start", type=int, default=0, show_default=True)
+@_kv_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def perplexity(model_spec, compute, verbose, adapter_path, data, seq_len, stride, max_tokens, batch_size, kv_bits,
-               kv_group_size, quantized_kv_start, as_json) -> None:
+def perplexity(model_spec, compute, verbose, adapter_path, data, seq_len, stride, max_tokens, batch_size, kv,
+               as_json) -> None:
     """Perplexity (with its standard error) of a model on a text."""
     from rich.progress import Progress
 
-    from . import perplexity as pp
+    from ..tools import perplexity as pp
 
     if data == "-":
         text = sys.stdin.read()
@@ -350,15 +361,13 @@ def perplexity(model_spec, compute, verbose, adapter_path, data, seq_len, stride
         text = pp.default_text()
     step = pp.check_window(seq_len, stride)
     model, tokenizer = _load(model_spec, compute, verbose, adapter_path)
-    from .cache import kv_settings
-
-    kv = kv_settings(model.config, kv_bits, kv_group_size, quantized_kv_start)
+    kv = kv.checked(model.config)
     tokens = tokenizer.encode(text)[:max_tokens]
     with Progress(transient=True, disable=as_json) as progress:
         task = progress.add_task("scoring", total=len(pp.windows(len(tokens), seq_len, step)) or None)
         nll = pp.token_nll(model, tokens, seq_len, stride, batch_size, on_window=lambda: progress.advance(task), kv=kv)
-    result = {**pp.summarize(nll), "seq_len": seq_len, "stride": step, "kv_bits": kv_bits,
-              "kv_group_size": kv_group_size if kv_bits else None,
+    result = {**pp.summarize(nll), "seq_len": seq_len, "stride": step, "kv_bits": kv.bits,
+              "kv_group_size": kv.group_size if kv.quantized else None,
               "model": str(model.load_report.path), "weights": model.load_report.target}
     if as_json:
         click.echo(json.dumps(result))
@@ -417,7 +426,7 @@ def _training_options(f):
 
 
 def _train_config(p: dict[str, Any]):
-    from .train.loop import TrainConfig
+    from ..train.loop import TrainConfig
 
     return TrainConfig(iters=p["iters"], batch_size=p["batch_size"], grad_accumulation=p["grad_accumulation"],
                        learning_rate=p["learning_rate"], lr_schedule=p["lr_schedule"], warmup=p["warmup"],
@@ -485,7 +494,7 @@ def lora(ctx, **params) -> None:
     """Fine-tune LoRA / DoRA adapters (QLoRA on a quantized base); --test evaluates them."""
     from pathlib import Path
 
-    from .train.finetune import LoraOptions, run
+    from ..train.finetune import LoraOptions, run
 
     _apply_config_file(ctx, params["config"], params)
     p = params
@@ -550,10 +559,12 @@ def distill(ctx, **params) -> None:
     """Distil a teacher into a smaller (or quantized) student; --eval compares the two."""
     from pathlib import Path
 
-    from .convert import save_model, tokenizer_files_of
-    from .load import load, load_model, resolve
-    from .train import students
-    from .train.distill import DistillOptions, run
+    from ..formats.save import save_model
+    from ..tools.conversion import tokenizer_files_of
+    from ..formats.loader import load, load_model
+    from ..formats.hub import resolve
+    from ..train import students
+    from ..train.distill import DistillOptions, run
 
     _apply_config_file(ctx, params["config"], params)
     p = params
@@ -583,7 +594,7 @@ def distill(ctx, **params) -> None:
                 bits, _, group = spec.partition(":")
                 if not bits.isdigit() or (group and not group.isdigit()):
                     raise UserError(f"--student-init quantize:BITS[:GROUP], got {init}")
-                from .convert import check_quantization
+                from ..model.quantize import check_quantization
 
                 check_quantization(int(bits), int(group or 64), "affine")
                 students.quantized_student(student, int(bits), int(group or 64))
@@ -636,7 +647,7 @@ def fuse(model_spec, adapter_path, out, dequantize, q_bits, q_group_size, force,
     """Merge adapters into the base weights: a standalone model in the mlx-community layout."""
     from rich.console import Console
 
-    from .convert import convert as run
+    from ..tools.conversion import convert as run
 
     with Console(stderr=True).status(f"fusing {adapter_path} into {model_spec} ..."):
         report = run(model_spec, out, quantize=q_bits is not None, bits=q_bits or 4, group_size=q_group_size,
@@ -674,6 +685,3 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 
-
-if __name__ == "__main__":
-    main()

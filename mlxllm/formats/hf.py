@@ -21,6 +21,7 @@ import mlx.core as mx
 
 from ..errors import UserError
 from ..model.config import ModelConfig, layer_index
+from ..model.quantize import MODES
 from .weights import Quantized, Tensor, TensorSpec, finish
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
@@ -35,7 +36,6 @@ _RENAMES = (("language_model.model.", "model."), ("model.language_model.", "mode
 # Hugging Face MoE checkpoints store experts one by one; the decoder holds them stacked (switch_mlp).
 _EXPERT = re.compile(r"^(.+)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")
 _MIXTRAL_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
-_MODES = ("affine", "mxfp4", "mxfp8", "nvfp4")  # MLX's quantization modes
 
 
 def expert_stacks(names: list[str], stack: str = "switch_mlp") -> dict[str, list[str]]:
@@ -172,8 +172,8 @@ class HFSource:
             if not isinstance(params, dict):  # an override of `true` means the defaults
                 params = q
             mode = params.get("mode", q.get("mode", "affine"))
-            if mode not in _MODES:
-                raise UserError(f"quantization mode '{mode}' is not supported ({', '.join(_MODES)})")
+            if mode not in MODES:
+                raise UserError(f"quantization mode '{mode}' is not supported ({', '.join(MODES)})")
             out[p] = (int(params["group_size"]), int(params["bits"]), mode)
         return out
 

@@ -4,9 +4,10 @@ Why a reader of our own rather than ``mx.load`` or ``gguf.GGUFReader``:
   * ``mx.load(path.gguf)`` converts Q4_0/Q4_1/Q8_0 into MLX's quantized layout, but refuses the whole
     file as soon as one tensor has another type ("gguf_tensor_to_f16 failed": every Q4_K_M file, e.g.
     Gemma 3 270M) and reads every tensor eagerly.
-  * ``GGUFReader`` turns every vocabulary string into a numpy array: 9.5 s for Gemma's 262k tokens.
-This reader parses the header in well under a second (tokenizer arrays are skipped; they are the
-tokenizer's business), memory-maps the data, and decodes one tensor at a time:
+  * ``GGUFReader`` builds a numpy view per vocabulary string, slow for vocabularies of 100k+ tokens.
+The header is parsed by ``mlxllm.gguf_file`` (shared with the tokenizer, which gets the same parsed
+file from ``mlxllm.load``; vocabulary arrays stay undecoded here); this module maps its tensors and
+decodes one tensor at a time:
 
   * Q4_0, Q4_1, Q8_0: repacked into MLX affine triples (group 32) bit for bit as ``mx.load`` does
     (``tests/test_load_gguf.py`` checks the equality): no loss. Q4_0 ``d*(q-8)`` -> scale d, bias -8d;
@@ -44,27 +45,20 @@ Facts about llama.cpp's converter this relies on:
 
 from __future__ import annotations
 
-import mmap
-import struct
-from dataclasses import dataclass
+from collections import ChainMap
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Iterator
 
 import mlx.core as mx
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 from ..errors import UserError
+from ..gguf_file import GGUFFile, GGUFTensor, read_gguf
 from ..model.config import ModelConfig, family_of
-from .weights import REQUANT_GROUP, Quantized, Tensor, TensorSpec, finish
-
-_MAGIC = b"GGUF"
-_SKIPPED_PREFIX = "tokenizer.ggml."  # vocabulary arrays: read by mlxllm.tokenize, not needed here
-# GGUF metadata value types -> little-endian struct (8 = string, 9 = array).
-_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_SCALAR = {code: struct.Struct("<" + fmt) for code, fmt in _FORMATS.items()}
-_STRING, _ARRAY = 8, 9
+from .weights import Quantized, REQUANT_GROUP, Tensor, TensorSpec, finish
 
 T = GGMLQuantizationType
 _FLOAT_BITS = {T.F32: 32, T.F16: 16, T.BF16: 16}
@@ -107,118 +101,7 @@ _GEMMA_LAYER_NAMES = {
 }
 
 
-@dataclass(frozen=True)
-class GGUFTensor:
-    name: str
-    shape: tuple[int, ...]  # numpy order (rows first), i.e. ggml's dims reversed
-    qtype: GGMLQuantizationType
-    offset: int  # absolute byte offset of the data in the file
-    nbytes: int
-
-
-@dataclass
-class GGUFFile:
-    path: Path
-    metadata: dict[str, Any]
-    tensors: list[GGUFTensor]
-
-
-class _Truncated(Exception):
-    pass
-
-
-class _HeaderReader:
-    def __init__(self, buf: mmap.mmap):
-        self.buf, self.pos = buf, 0
-
-    def take(self, n: int) -> int:
-        start = self.pos
-        self.pos += n
-        if self.pos > len(self.buf):
-            raise _Truncated
-        return start
-
-    def scalar(self, code: int) -> Any:
-        s = _SCALAR[code]
-        return s.unpack_from(self.buf, self.take(s.size))[0]
-
-    def string(self, keep: bool = True) -> str | None:
-        n = self.scalar(10)
-        start = self.take(n)
-        return self.buf[start : start + n].decode("utf-8", errors="replace") if keep else None
-
-    def value(self, code: int, keep: bool) -> Any:
-        """One metadata value; with ``keep`` False it is only stepped over (vocabularies: 262k strings)."""
-        if code == _STRING:
-            return self.string(keep)
-        if code == _ARRAY:
-            item, count = self.scalar(4), self.scalar(10)
-            if item in _SCALAR:
-                start = self.take(_SCALAR[item].size * count)
-                return list(struct.unpack_from(f"<{count}{_FORMATS[item]}", self.buf, start)) if keep else None
-            values = [self.value(item, keep) for _ in range(count)]
-            return values if keep else None
-        if code not in _SCALAR:
-            raise ValueError(f"unknown metadata value type {code}")
-        return self.scalar(code)
-
-
-def read_gguf(path: str | Path) -> GGUFFile:
-    """Parse a GGUF header (metadata and tensor index), checking that every tensor lies inside the file."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            if buf[:4] != _MAGIC:
-                raise UserError(f"{path.name} is not a GGUF file (bad magic bytes)")
-            return _parse(path, buf)
-    except _Truncated:
-        raise UserError(f"{path.name} is truncated or corrupt: its GGUF header ends early") from None
-    except (ValueError, OverflowError) as e:  # also mmap of an empty file
-        raise UserError(f"{path.name} is not a readable GGUF file: {e}") from None
-
-
-def _parse(path: Path, buf: mmap.mmap) -> GGUFFile:
-    r = _HeaderReader(buf)
-    r.take(4)
-    version = r.scalar(4)
-    if version not in (2, 3):
-        raise UserError(f"{path.name}: unsupported GGUF version {version} (2 and 3 are supported)")
-    n_tensors, n_kv = r.scalar(10), r.scalar(10)
-    meta: dict[str, Any] = {}
-    for _ in range(n_kv):
-        key = r.string()
-        value = r.value(r.scalar(4), keep=not key.startswith(_SKIPPED_PREFIX))
-        if value is not None:
-            meta[key] = value
-    infos = []
-    for _ in range(n_tensors):
-        name = r.string()
-        dims = [r.scalar(10) for _ in range(r.scalar(4))]
-        type_id, offset = r.scalar(4), r.scalar(10)
-        try:
-            qtype = GGMLQuantizationType(type_id)
-        except ValueError:
-            raise UserError(f"{path.name}: tensor '{name}' has unknown ggml type {type_id}") from None
-        infos.append((name, tuple(reversed(dims)), qtype, offset))
-    alignment = meta.get("general.alignment", 32)
-    data_start = -(-r.pos // alignment) * alignment
-    tensors = []
-    for name, shape, qtype, offset in infos:
-        block, size = GGML_QUANT_SIZES[qtype]
-        if shape and shape[-1] % block:
-            raise UserError(f"{path.name}: tensor '{name}' row length {shape[-1]} is not a multiple of {block}")
-        nbytes = int(np.prod(shape, dtype=np.int64)) // block * size
-        start = data_start + offset
-        if start + nbytes > len(buf):
-            raise UserError(
-                f"{path.name} is truncated: tensor '{name}' ends at byte {start + nbytes:,} "
-                f"but the file has {len(buf):,} bytes"
-            )
-        tensors.append(GGUFTensor(name, shape, qtype, start, nbytes))
-    return GGUFFile(path, meta, tensors)
-
-
-def config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
+def config_from_gguf(meta: Mapping[str, Any], tensor_names: set[str]) -> ModelConfig:
     """Build the model config from GGUF metadata (raises ``UnsupportedArchitecture`` for unknown archs)."""
     if meta.get("split.count", 1) > 1:
         raise UserError("split GGUF files are not supported: merge them first (llama-gguf-split --merge)")
@@ -355,12 +238,14 @@ class GGUFSource:
 
     def __init__(self, path: Path):
         self.path = path
-        self.file = read_gguf(path)
+        self.file: GGUFFile = read_gguf(path)  # kept: ``mlxllm.load`` hands it to the tokenizer too
+        if self.file.byteorder != "<":
+            raise UserError(f"{self.path.name} is a big-endian GGUF file, whose tensors cannot be loaded")
         by_name = {t.name: t for t in self.file.tensors}
-        meta = dict(self.file.metadata)
+        meta = self.file.metadata
         arch = meta.get("general.architecture")
         if f"{arch}.vocab_size" not in meta and "token_embd.weight" in by_name:  # older converters omit it
-            meta[f"{arch}.vocab_size"] = by_name["token_embd.weight"].shape[0]
+            meta = ChainMap({f"{arch}.vocab_size": by_name["token_embd.weight"].shape[0]}, meta)
         self.config = config_from_gguf(meta, set(by_name))
         self.arch = arch
         freq_factors = by_name.pop("rope_freqs.weight", None)
@@ -404,8 +289,7 @@ class GGUFSource:
     def raw(self, t: GGUFTensor) -> np.ndarray:
         """The tensor's stored bytes, one row per output row (memory-mapped, not read yet)."""
         rows = int(np.prod(t.shape[:-1], dtype=np.int64)) if len(t.shape) > 1 else 1
-        data = np.memmap(self.path, dtype=np.uint8, mode="r", offset=t.offset, shape=(t.nbytes,))
-        return data.reshape(rows, t.nbytes // rows)
+        return self.file.tensor_bytes(t).reshape(rows, t.nbytes // rows)
 
     def _decode(self, t: GGUFTensor, raw: np.ndarray) -> Tensor:
         try:

@@ -20,6 +20,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..errors import UserError
+from ..files import write_atomic
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -153,13 +154,6 @@ def adapter_config(num_layers: int, keys: list[str], rank: int, scale: float, dr
     """``adapter_config.json`` as mlx-lm writes and reads it (plus ``extra`` fields it ignores)."""
     return {"fine_tune_type": "dora" if dora else "lora", "num_layers": num_layers,
             "lora_parameters": {"rank": rank, "scale": scale, "dropout": dropout, "keys": keys}, **extra}
-
-
-def write_atomic(path: Path, write: Any) -> None:
-    """Write through a temporary name in the same folder and rename, so ``path`` is never half written."""
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    write(tmp)
-    tmp.replace(path)
 
 
 def save_adapters(model: nn.Module, folder: Path, config: dict[str, Any]) -> None:

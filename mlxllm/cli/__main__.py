@@ -1,0 +1,5 @@
+"""``python -m mlxllm.cli`` is the ``mlxllm`` command too."""
+
+from . import main
+
+main()

@@ -1,0 +1,1 @@
+"""Tools built on the engine and the format readers: convert/fuse, perplexity, benchmarks, peers."""
