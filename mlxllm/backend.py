@@ -1,8 +1,8 @@
 """Which MLX backend runs, and the Linux CPU fast path.
 
-MLX's Linux CPU wheel bundles a reference BLAS (float32 matmul at 3-4 GFLOP/s on our 2-core CI
-machine). Loading the system OpenBLAS with RTLD_GLOBAL *before* ``mlx.core`` is first imported makes
-MLX's ``cblas_sgemm`` calls resolve to it (50-125 GFLOP/s measured). This module must therefore be
+MLX's Linux CPU wheel bundles a slow reference BLAS. Loading the system OpenBLAS with RTLD_GLOBAL
+*before* ``mlx.core`` is first imported makes MLX's ``cblas_sgemm`` calls resolve to it (the speedup
+is measured in the README, "The Linux CPU fast path"). This module must therefore be
 imported before anything imports ``mlx.core``; ``mlxllm/__init__.py`` does that first.
 Set ``MLXLLM_BLAS=0`` to keep the bundled BLAS, or ``MLXLLM_BLAS=/path/libfoo.so`` to choose one.
 """

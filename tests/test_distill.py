@@ -19,6 +19,7 @@ from mlxllm.formats.save import save_model
 from mlxllm.errors import UserError
 from mlxllm.formats.loader import load
 from mlxllm.train import distill as D
+from mlxllm.train import teacher as T
 from mlxllm.train import students as S
 from mlxllm.train.data import Dataset, Example
 from mlxllm.train.loop import token_loss
@@ -106,10 +107,10 @@ def test_teacher_cache_reuse_keys_and_corruption(tmp_path):
     teacher = _peaky_teacher()
     data = _dataset()
     warnings = []
-    key = D.cache_key("t", "fp", data, 8, 2.0, True)
-    assert key != D.cache_key("t", "fp", data, 16, 2.0, True) != D.cache_key("t", "fp", data, 8, 1.0, True)
-    assert key != D.cache_key("t", "fp", _dataset(seed=1), 8, 2.0, True) != D.cache_key("t2", "fp", data, 8, 2.0, True)
-    built, cached = D.teacher_targets(teacher, data, tmp_path, key, 8, 2.0, True, lambda *a: None, warnings.append)
+    key = T.cache_key("t", "fp", data, 8, 2.0, True)
+    assert key != T.cache_key("t", "fp", data, 16, 2.0, True) != T.cache_key("t", "fp", data, 8, 1.0, True)
+    assert key != T.cache_key("t", "fp", _dataset(seed=1), 8, 2.0, True) != T.cache_key("t2", "fp", data, 8, 2.0, True)
+    built, cached = T.teacher_targets(teacher, data, tmp_path, key, 8, 2.0, True, lambda *a: None, warnings.append)
     assert not cached and not warnings
     # the stored targets are the teacher's top 8 at T = 2, hidden states its final normed ones
     e = data.examples[2]
@@ -123,18 +124,18 @@ def test_teacher_cache_reuse_keys_and_corruption(tmp_path):
         assert set(ids[0, pos]) == set(np.argsort(-lps[pos])[:8])
         np.testing.assert_allclose(got[0, pos], lps[pos, ids[0, pos]], atol=1e-5)
     np.testing.assert_allclose(hid[0], np.array(teacher.hidden(x)[0]), atol=2e-2)
-    _, cached = D.teacher_targets(teacher, data, tmp_path, key, 8, 2.0, True, lambda *a: None, warnings.append)
+    _, cached = T.teacher_targets(teacher, data, tmp_path, key, 8, 2.0, True, lambda *a: None, warnings.append)
     assert cached and not warnings
     # a flipped byte in the log-probabilities: detected, reported, rebuilt (never used)
     path = tmp_path / key / "logprobs.npy"
     raw = bytearray(path.read_bytes())
     raw[-3] ^= 0xFF
     path.write_bytes(bytes(raw))
-    rebuilt, cached = D.teacher_targets(teacher, data, tmp_path, key, 8, 2.0, True, lambda *a: None, warnings.append)
+    rebuilt, cached = T.teacher_targets(teacher, data, tmp_path, key, 8, 2.0, True, lambda *a: None, warnings.append)
     assert not cached and len(warnings) == 1 and "corrupt" in warnings[0] and "logprobs.npy" in warnings[0]
     np.testing.assert_array_equal(rebuilt.batch([2], len(e.tokens))[1], got)
     (tmp_path / key / "manifest.json").unlink()
-    _, cached = D.teacher_targets(teacher, data, tmp_path, key, 8, 2.0, True, lambda *a: None, warnings.append)
+    _, cached = T.teacher_targets(teacher, data, tmp_path, key, 8, 2.0, True, lambda *a: None, warnings.append)
     assert not cached and "manifest.json is missing" in warnings[-1]
 
 

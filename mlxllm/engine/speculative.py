@@ -79,6 +79,49 @@ def check_draft(model: Any, draft_model: Any, positions: int) -> None:
                             f"({cfg.max_position_embeddings})")
 
 
+def _logprobs(logits: mx.array, processors: Sequence[LogitsProcessor], history: mx.array | None) -> mx.array:
+    if processors:
+        logits = apply_processors(processors, history, logits)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def _draft(draft_model: Any, cache: list, step_in: mx.array, k: int, vocab: int, distribution: Distribution,
+           processors: Sequence[LogitsProcessor], history: mx.array | None
+           ) -> tuple[mx.array, mx.array, mx.array | None]:
+    """``k`` draft tokens ``[1, k]``, the distributions they were drawn from ``[1, k, vocab]``, and the
+    history extended by them; all lazy."""
+    drafted, lps = [], []
+    for _ in range(k):
+        lp = _logprobs(_fit_vocab(draft_model.head(draft_model.hidden(step_in, cache)[:, -1, :]), vocab),
+                       processors, history)
+        if distribution is None:
+            token = mx.argmax(lp, axis=-1)
+        else:
+            lp = distribution(lp)
+            token = mx.random.categorical(lp, axis=-1)
+        drafted.append(token)
+        lps.append(lp)
+        if history is not None:
+            history = mx.concatenate([history, token[:, None]], axis=1)
+        step_in = token[:, None]
+    if not k:
+        return mx.zeros((1, 0), mx.int32), mx.zeros((1, 0, vocab)), history
+    return mx.stack(drafted, axis=1).astype(mx.int32), mx.stack(lps, axis=1), history
+
+
+def _verify(model: Any, cache: list, fresh: mx.array, drafted: mx.array, processors: Sequence[LogitsProcessor],
+            history: mx.array | None) -> mx.array:
+    """The target's log-probabilities ``[1, k + 1, vocab]`` after each drafted position, from one pass
+    over the not yet cached tokens ``fresh`` and the ``k`` drafted ones."""
+    k = drafted.shape[1]
+    logits = model.head(model.hidden(mx.concatenate([fresh, drafted], axis=1), cache)[:, -(k + 1):, :])
+    rows = []
+    for i in range(k + 1):  # each position's processors see the tokens before it
+        before = None if history is None else history[:, : history.shape[1] - k + i]
+        rows.append(_logprobs(logits[:, i, :], processors, before))
+    return mx.stack(rows, axis=1)
+
+
 def speculative_generate_step(
     prompt: mx.array,
     model: Any,
@@ -98,7 +141,6 @@ def speculative_generate_step(
     if num_draft_tokens < 1:
         raise UserError(f"--num-draft-tokens must be at least 1, got {num_draft_tokens}")
     check_draft(model, draft_model, prompt.size + max_tokens)  # the last round drafts no further
-    greedy = distribution is None
     vocab = model.config.vocab_size
     cache = prompt_cache if prompt_cache is not None else model.make_cache()
     draft_cache = draft_model.make_cache()
@@ -109,52 +151,26 @@ def speculative_generate_step(
     stats = stats if stats is not None else {}
     stats.setdefault("proposed", 0)
     stats.setdefault("accepted", 0)
-
-    def logprobs_of(logits: mx.array, history: mx.array | None) -> mx.array:
-        if logits_processors:
-            logits = apply_processors(logits_processors, history, logits)
-        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-
     emitted = 0
     while emitted < max_tokens:
         k = min(num_draft_tokens, max_tokens - emitted - 1)
         history = mx.array(seq, dtype=mx.int32)[None] if logits_processors else None
-        drafted, draft_lps = [], []
-        step_in = mx.array(seq[draft_held:], dtype=mx.int32)[None]
-        for i in range(k):
-            h = draft_model.hidden(step_in, draft_cache)[:, -1, :]
-            lp = logprobs_of(_fit_vocab(draft_model.head(h), vocab), history)
-            if greedy:
-                token = mx.argmax(lp, axis=-1)
-            else:
-                lp = distribution(lp)
-                token = mx.random.categorical(lp, axis=-1)
-            drafted.append(token)
-            draft_lps.append(lp)
-            if history is not None:
-                history = mx.concatenate([history, token[:, None]], axis=1)
-            step_in = token[:, None]
-        drafted_ids = mx.stack(drafted, axis=1) if k else mx.zeros((1, 0), mx.int32)
-        verify_in = mx.concatenate([mx.array(seq[held:], dtype=mx.int32)[None], drafted_ids.astype(mx.int32)], axis=1)
-        logits = model.head(model.hidden(verify_in, cache)[:, -(k + 1):, :])
-        rows = []
-        for i in range(k + 1):  # each position's processors see the tokens before it
-            before = None if history is None else history[:, : history.shape[1] - k + i]
-            rows.append(logprobs_of(logits[:, i, :], before))
-        target_lps = mx.stack(rows, axis=1)
-        target_dist = target_lps if greedy else distribution(target_lps)
-        draft_dist = mx.stack(draft_lps, axis=1) if k else mx.zeros((1, 0, vocab))
-        kept, nxt = accept(target_dist, draft_dist, drafted_ids, greedy)
+        draft_in = mx.array(seq[draft_held:], dtype=mx.int32)[None]
+        drafted_ids, draft_dist, history = _draft(draft_model, draft_cache, draft_in, k, vocab, distribution,
+                                                  logits_processors, history)
+        fresh = mx.array(seq[held:], dtype=mx.int32)[None]
+        target_lps = _verify(model, cache, fresh, drafted_ids, logits_processors, history)
+        target_dist = target_lps if distribution is None else distribution(target_lps)
+        kept, nxt = accept(target_dist, draft_dist, drafted_ids, distribution is None)
         mx.eval(kept, nxt, drafted_ids, target_lps)
         n = kept.item()
         new = drafted_ids[0, :n].tolist() + [nxt.item()]
         stats["proposed"] += k
         stats["accepted"] += n
         # roll both caches back to the kept tokens
-        cache_trim = k - n
         draft_fed = max(k - 1, 0)  # the last drafted token was never fed to the draft
         draft_keep = min(n, draft_fed)
-        if not all(c.trim(cache_trim) for c in cache) or not all(c.trim(draft_fed - draft_keep) for c in draft_cache):
+        if not all(c.trim(k - n) for c in cache) or not all(c.trim(draft_fed - draft_keep) for c in draft_cache):
             raise UserError("speculative decoding: a cache could not be rolled back")  # check_draft rules this out
         if k:
             draft_held = len(seq) + draft_keep

@@ -15,14 +15,11 @@ decodes one tensor at a time:
   * every other block type ``gguf.quants`` can decode (Q5_0/Q5_1, K-quants Q2_K..Q6_K, IQ*, ...):
     dequantized to float32 with ``gguf.quants.dequantize``. Kept as float32 on the float32 path;
     when weights stay quantized the ``kquant`` policy applies (MLX has no kernel for these blocks):
-      'q8' (default): MLX 8-bit, group 32, 1.125 bytes/weight. On Gemma 3 270M it adds 0.5% RMS
-            weight error (Q4_K, Q5_0, Q6_K alike); logits (float32 activations, 5 prompts) move by
-            at most 0.62, mean 0.07, correlation >= 0.9998, top-1 unchanged at 98% of positions.
-      'q4': MLX 4-bit, group 32, 0.625 bytes/weight: adds 8-9% RMS weight error, about as much as
-            the file's own quantization; logits move by up to 10.9 (correlation >= 0.94), top-1
-            unchanged at only 69% of positions. Only for when nothing else fits.
+      'q8' (default): MLX 8-bit, group 32, 1.125 bytes/weight: a small added error.
+      'q4': MLX 4-bit, group 32, 0.625 bytes/weight: adds about as much error as the file's own
+            quantization. Only for when nothing else fits.
       'float': unquantized in the 16-bit native type (2 bytes/weight), no added error.
-    Conversion time is the same for all three (~1.5 s for Gemma 3 270M, mostly ``gguf``'s decoder).
+    What each costs is measured in the README ("GGUF quantization policy").
   * F32/F16/BF16 as they are.
 
 Tensors are decoded one at a time and evaluated before the next, so loading never holds more than

@@ -1,17 +1,9 @@
 """Model loading: GGUF files, Hugging Face / mlx-community directories, Hub repos, the default model.
 
 ``load`` / ``load_model`` follow mlx-lm's names. ``compute`` picks the weights' representation
-(see ``weights.py``): 'auto' is float32 on MLX's CPU backend and the file's own representation on
-Metal/CUDA. Why float32 on CPU, measured on our 2-core CI machine (MLX 0.32.4 + OpenBLAS preloaded
-by ``mlxllm.backend``): float32 matmul runs at 50-125 GFLOP/s and float32 GEMV streams 2.5-4 GB/s,
-while float16/bfloat16 matmul manages 2-4 GFLOP/s and ``quantized_matmul`` 0.2-0.5 GB/s. End to end
-(128-token prompt, then 32 greedy steps through the KV cache):
-
-  SmolLM2-135M Q4_1    float32: prefill 250-300 tok/s, decode 16-18 tok/s (513 MiB)
-                       quantized, float32 activations: 8 tok/s, 7.4 tok/s (110 MiB)
-                       native (float16 activations): 0.3 tok/s, 0.25 tok/s (94 MiB)
-  Gemma 3 270M Q4_K_M  float32: 175 tok/s, 10.5 tok/s (1023 MiB)
-                       quantized, float32 activations: 4.3 tok/s, 4.0 tok/s (320 MiB)
+(see ``weights.py``): 'auto' is float32 on MLX's CPU backend, where float32 BLAS is far faster than
+MLX's 16-bit and quantized CPU kernels (measured in the README, "The Linux CPU fast path"), and the
+file's own representation on Metal/CUDA.
 """
 
 from __future__ import annotations

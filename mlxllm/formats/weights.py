@@ -7,8 +7,8 @@ they end in (``choose_target``), converts them (``finish``), and assembles the d
 
 Targets:
   ``float32``   every weight dequantized/cast to float32. The CPU default: on MLX's CPU backend float32
-                GEMM/GEMV (through the preloaded OpenBLAS) is 10-30x faster than float16/bfloat16
-                matmuls and ~10x faster than ``quantized_matmul`` (see ``mlxllm/load/__init__.py``).
+                GEMM/GEMV (through the preloaded OpenBLAS) is much faster than float16/bfloat16
+                matmuls and ``quantized_matmul`` (README, "The Linux CPU fast path").
   ``native``    the file's representation: MLX-quantized weights stay quantized, 16-bit stays 16-bit.
                 The Metal/CUDA default, where quantized kernels are fast and memory is the limit.
   ``quantized`` quantized weights stay quantized but scales, biases and all other tensors are float32:
@@ -54,8 +54,7 @@ class Quantized:
         """Float32 values; scales are widened first so no rounding beyond one float32 multiply-add.
 
         Affine 4- and 8-bit (every GGUF native type, most mlx-community files) unpack with plain array
-        ops: 2.4x faster than ``mx.dequantize`` on the CPU backend (1.4 s vs 3.4 s for Gemma 3's
-        168M-entry embedding), with identical results.
+        ops, faster than ``mx.dequantize`` on the CPU backend, with identical results.
         """
         if self.mode != "affine":
             return mx.dequantize(self.weight, self.scales, None, self.group_size, self.bits, mode=self.mode)

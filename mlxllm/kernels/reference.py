@@ -43,9 +43,9 @@ def quantized_sdpa(q: mx.array, keys: tuple, values: tuple, scale: float, causal
     rep = Hq // Hkv
     block = block or block_size(B, Hq, L, S)
     # On the CPU backend a block of a prefill chunk is dequantized and multiplied in float32 (BLAS;
-    # MLX's CPU quantized matmul is 2-4x slower from 16 query rows on, 16x at 512 rows); a decode
-    # step's few rows (query heads x queries <= 8) read the packed block directly, as every other
-    # backend does: on the CPU that is ~2x faster than unpacking the whole cache (measured at 8K keys).
+    # MLX's CPU quantized matmul is slower for many query rows); a decode step's few rows (query
+    # heads x queries <= 8) read the packed block directly, as every other backend does, which on
+    # the CPU beats unpacking the whole cache (README, "Quantized KV cache").
     unpack = backend.device_name() == "cpu" and rep * L > CPU_PACKED_ROWS
     dtype = mx.float32 if unpack else keys[1].dtype
     qs = (q.astype(mx.float32) * scale).astype(dtype).reshape(B, Hkv, rep * L, D)  # query heads folded into rows
