@@ -340,3 +340,19 @@ def test_big_nesting_is_refused(tmp_path):
     w.write_ti_data_to_file()
     w.close()
     _raises_naming(path, "nests arrays more than")
+
+
+def test_convert_parses_the_header_once(monkeypatch, tmp_path):
+    """convert needs the sizes, the weights and the tokenizer of a GGUF file: one parse for all three."""
+    from mlxllm.formats.hub import default_model_path
+    from mlxllm.tools.conversion import convert
+
+    path = default_model_path()
+    if not path.exists():
+        pytest.skip("the default SmolLM2 model is not installed")
+    parsed = []
+    real = gguf_file._parse
+    monkeypatch.setattr(gguf_file, "_parse", lambda p, buf: parsed.append(p) or real(p, buf))
+    report = convert(str(path), tmp_path / "out")
+    assert parsed == [path]
+    assert (tmp_path / "out" / "tokenizer.json").exists() and report["gguf_tensors"]

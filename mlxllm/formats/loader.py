@@ -65,7 +65,14 @@ class LoadReport:
         )
 
 
-def _open(spec: str | Path | None) -> GGUFSource | HFSource:
+Source = GGUFSource | HFSource
+
+
+def open_source(spec: str | Path | Source | None) -> Source:
+    """The reader for a model spec (a source passes through, so a caller that needs the file's header
+    and the model parses the file once)."""
+    if isinstance(spec, (GGUFSource, HFSource)):
+        return spec
     path = resolve(spec)
     if path.is_dir():
         return HFSource(path)
@@ -82,18 +89,16 @@ def _type_summary(specs) -> str:
 
 
 def load_model(
-    path: str | Path | None = None, *, compute: str = "auto", kquant: str = "q8", lazy: bool = True
+    path: str | Path | Source | None = None, *, compute: str = "auto", kquant: str = "q8", lazy: bool = True
 ) -> Model:
     """Load only the model (None: the default SmolLM2 GGUF). See ``load`` for the options."""
     return _load_model(path, compute, kquant, lazy)[0]
 
 
-def _load_model(
-    path: str | Path | None, compute: str, kquant: str, lazy: bool
-) -> tuple[Model, GGUFSource | HFSource]:
+def _load_model(path: str | Path | Source | None, compute: str, kquant: str, lazy: bool) -> tuple[Model, Source]:
     """``load_model``, also returning the opened source (``load`` takes a GGUF file's parsed header from it)."""
     start = time.perf_counter()
-    source = _open(path)
+    source = open_source(path)
     specs = source.specs
     target = choose_target(compute, specs, kquant)
     model = build(source.config, source.tensors(target, kquant))
@@ -153,7 +158,7 @@ def load(
 
 def describe_model(path: str | Path | None = None, *, kquant: str = "q8") -> dict[str, Any]:
     """Facts about a model from its header/index alone (no tensor data read), for ``mlxllm info``."""
-    source = _open(path)
+    source = open_source(path)
     specs, cfg = source.specs, source.config
     types: dict[str, dict[str, int]] = {}
     for s in specs:

@@ -15,17 +15,18 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from ..errors import UserError
+from ..formats.gguf import GGUFSource
+from ..formats.weights import KQUANT_CHOICES, REQUANT_GROUP, TensorSpec
+from ..gguf_file import GGUFFile
 from ..model.quantize import cast_floats, check_quantization, quantize_model, recipe_bits
 from ..formats.save import model_card, quantization_block, save_model
 
-def gguf_import_report(path: Path, kquant: str, quantize: bool, errors: dict[str, float] | None) -> list[dict[str, Any]]:
+def gguf_import_report(specs: list[TensorSpec], kquant: str, quantize: bool, errors: dict[str, float] | None
+                       ) -> list[dict[str, Any]]:
     """Per GGUF tensor type: how many tensors, what conversion did with them, and for block types
     MLX cannot hold the relative RMS error re-quantizing them added (``errors``, measured at load)."""
-    from ..formats.gguf import GGUFSource
-    from ..formats.weights import REQUANT_GROUP
-
     rows: dict[str, dict[str, Any]] = {}
-    for spec in GGUFSource(path).specs:
+    for spec in specs:
         row = rows.setdefault(spec.file_type, {"type": spec.file_type, "tensors": 0, "parameters": 0})
         row["tensors"] += 1
         row["parameters"] += spec.elements
@@ -44,9 +45,10 @@ def gguf_import_report(path: Path, kquant: str, quantize: bool, errors: dict[str
 
 
 @contextlib.contextmanager
-def tokenizer_files_of(path: Path) -> Iterator[Path]:
+def tokenizer_files_of(path: Path, header: GGUFFile | None = None) -> Iterator[Path]:
     """A folder with ``path``'s tokenizer as Hugging Face files: the model folder itself, or for a GGUF
-    file a temporary one written from its metadata (``mlxllm.tokenize.export``)."""
+    file a temporary one written from its metadata (``mlxllm.tokenize.export``; ``header``: the file
+    already parsed)."""
     if not path.is_file():
         yield path
         return
@@ -54,7 +56,7 @@ def tokenizer_files_of(path: Path) -> Iterator[Path]:
     from ..tokenize.export import write_hf_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="mlxllm-tokenizer-") as tok_dir:
-        write_hf_tokenizer(read_gguf_tokenizer_metadata(path), Path(tok_dir))
+        write_hf_tokenizer(read_gguf_tokenizer_metadata(header or path), Path(tok_dir))
         yield Path(tok_dir)
 
 
@@ -69,9 +71,8 @@ def convert(source: str, out: str | Path, *, quantize: bool = False, bits: int =
     tokenizer is written as Hugging Face files (``mlxllm.tokenize.export``). With ``adapter_path`` the
     adapters are fused into the weights first (``mlxllm fuse``): a quantized layer stays quantized with
     its own bits and groups unless ``dequantize``."""
-    from ..formats.loader import describe_model, load_model
     from ..formats.hub import resolve
-    from ..formats.weights import KQUANT_CHOICES
+    from ..formats.loader import load_model, open_source
 
     out = Path(out)
     if out.exists() and not force:
@@ -84,15 +85,17 @@ def convert(source: str, out: str | Path, *, quantize: bool = False, bits: int =
     if requantize not in KQUANT_CHOICES:
         raise UserError(f"--requantize takes {', '.join(KQUANT_CHOICES)}, not '{requantize}'")
     path = resolve(source)
-    gguf = path.is_file()
-    elements = describe_model(path)["parameters"]
+    opened = open_source(path)  # parsed once for the sizes, the weights and the tokenizer
+    gguf = isinstance(opened, GGUFSource)
+    elements = sum(s.elements for s in opened.specs)
     report: dict[str, Any] = {"source": str(path), "out": str(out)}
-    with tokenizer_files_of(path) as tokenizer_files:
+    with tokenizer_files_of(path, opened.file if gguf else None) as tokenizer_files:
         if gguf:
             dtype = dtype or ("bfloat16" if quantize else None)  # float32 decode -> a 16-bit store
-        model = load_model(path, compute="float32" if gguf and quantize else "native", kquant=requantize, lazy=True)
+        model = load_model(opened, compute="float32" if gguf and quantize else "native", kquant=requantize, lazy=True)
         if gguf:
-            report["gguf_tensors"] = gguf_import_report(path, requantize, quantize, model.load_report.requant_errors)
+            report["gguf_tensors"] = gguf_import_report(opened.specs, requantize, quantize,
+                                                        model.load_report.requant_errors)
         if adapter_path is not None:
             from ..model.adapters import fuse, load_adapters
 
