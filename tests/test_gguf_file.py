@@ -178,9 +178,10 @@ def test_tensor_infos_and_bytes(tmp_path, alignment, endian):
 # --- one parse per load ------------------------------------------------------------------------------
 
 
-def test_load_parses_the_header_once(monkeypatch):
+@pytest.fixture
+def parses(monkeypatch):
+    """(the default SmolLM2 GGUF, the list of files ``gguf_file`` parses from now on)."""
     from mlxllm.formats.hub import default_model_path
-    from mlxllm.formats.loader import load
 
     path = default_model_path()
     if not path.exists():
@@ -188,6 +189,13 @@ def test_load_parses_the_header_once(monkeypatch):
     parsed = []
     real = gguf_file._parse
     monkeypatch.setattr(gguf_file, "_parse", lambda p, buf: parsed.append(p) or real(p, buf))
+    return path, parsed
+
+
+def test_load_parses_the_header_once(parses):
+    from mlxllm.formats.loader import load
+
+    path, parsed = parses
     model, tokenizer = load(path)
     assert parsed == [path]
     assert tokenizer.decode(tokenizer.encode("Hello world")).endswith("Hello world")
@@ -342,17 +350,11 @@ def test_big_nesting_is_refused(tmp_path):
     _raises_naming(path, "nests arrays more than")
 
 
-def test_convert_parses_the_header_once(monkeypatch, tmp_path):
+def test_convert_parses_the_header_once(parses, tmp_path):
     """convert needs the sizes, the weights and the tokenizer of a GGUF file: one parse for all three."""
-    from mlxllm.formats.hub import default_model_path
     from mlxllm.tools.conversion import convert
 
-    path = default_model_path()
-    if not path.exists():
-        pytest.skip("the default SmolLM2 model is not installed")
-    parsed = []
-    real = gguf_file._parse
-    monkeypatch.setattr(gguf_file, "_parse", lambda p, buf: parsed.append(p) or real(p, buf))
+    path, parsed = parses
     report = convert(str(path), tmp_path / "out")
     assert parsed == [path]
     assert (tmp_path / "out" / "tokenizer.json").exists() and report["gguf_tensors"]
