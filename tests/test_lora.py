@@ -323,10 +323,23 @@ def test_cli_resume_matches_and_bad_input_keeps_saved(tiny_dir, data_dir, tmp_pa
         (["--lora-targets", "gate_up"], "--lora-targets: unknown gate_up"),
         (["--lora-rank", "8", "--resume-adapter-file", str(part / A.ADAPTER_FILE)], "does not fit these adapters"),
     ]
-    for extra, message in cases:
-        code, _, err = run([*common, "--adapter-path", str(part), "--iters", "6", *extra], capsys, monkeypatch)
+    for extra, message in cases:  # --force: bad input is refused before the saved adapters are replaced
+        code, _, err = run([*common, "--adapter-path", str(part), "--iters", "6", "--force", *extra], capsys, monkeypatch)
         assert_one_line_error(code, err, message)
         assert (part / A.ADAPTER_FILE).read_bytes() == before
+    # a fresh run into a folder that already holds adapters needs --resume-adapter-file or --force
+    code, _, err = run([*common, "--adapter-path", str(part), "--iters", "2"], capsys, monkeypatch)
+    assert_one_line_error(code, err, "already holds adapters")
+    assert (part / A.ADAPTER_FILE).read_bytes() == before
+    # a save interrupted between the adapters and the training state: resume refuses the mismatched pair
+    saved, meta = mx.load(str(part / A.ADAPTER_FILE), return_metadata=True)
+    assert meta["mlxllm_step"] == "6"
+    mx.save_safetensors(str(part / A.ADAPTER_FILE), saved, metadata={**meta, "mlxllm_step": "7"})
+    code, _, err = run([*common, "--adapter-path", str(part), "--iters", "9", "--resume-adapter-file",
+                        str(part / A.ADAPTER_FILE)], capsys, monkeypatch)
+    assert_one_line_error(code, err, "saved at step 7 but the training state at step 6")
+    mx.save_safetensors(str(part / A.ADAPTER_FILE), saved, metadata=meta)
+    before = (part / A.ADAPTER_FILE).read_bytes()
     (part / A.CONFIG_FILE).write_text(json.dumps({"fine_tune_type": "lora", "num_layers": 1,
                                                   "lora_parameters": {"rank": 16, "scale": 1.0, "dropout": 0.0,
                                                                       "keys": ["self_attn.q_proj", "self_attn.v_proj"]}}))
@@ -338,3 +351,21 @@ def test_targets_naming_no_layer():
     model = random_model(CONFIG, mx.float32)
     with pytest.raises(UserError, match="selects no linear layer"):
         A.target_keys(model, [], 2)
+
+
+def test_non_finite_settings_and_loss_save_nothing(tiny_dir, data_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """A NaN learning rate is refused; a loss that becomes non-finite stops training without saving."""
+    common = ["lora", "-m", str(tiny_dir), "--data", str(data_dir), "--batch-size", "4", "--lora-rank", "4",
+              "--lora-layers", "1", "--train", "--json", "--steps-per-eval", "100", "--save-every", "1"]
+    for value in ("nan", "inf"):
+        code, _, err = run([*common, "--adapter-path", str(tmp_path / value), "--iters", "2", "--learning-rate", value],
+                           capsys, monkeypatch)
+        assert_one_line_error(code, err, "--learning-rate must be a finite number")
+        assert not (tmp_path / value).exists()
+    out = tmp_path / "blowup"
+    code, _, err = run([*common, "--adapter-path", str(out), "--iters", "6", "--learning-rate", "1e30",
+                        "--max-grad-norm", "0"], capsys, monkeypatch)
+    assert code not in (0, None) and "Traceback" not in err  # the reports before it are on stderr too
+    assert err.strip().splitlines()[-1].startswith("error: the training loss became")
+    saved = mx.load(str(out / A.ADAPTER_FILE)) if (out / A.ADAPTER_FILE).exists() else {}
+    assert all(mx.isfinite(v).all().item() for v in saved.values())  # only good checkpoints were written

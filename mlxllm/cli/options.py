@@ -111,7 +111,12 @@ def draft_options(model_help: str, tokens_help: str | None = None):
 
 # Options the commands that accept them agree on completely.
 
-force_option = click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def force_flag(help: str):
+    """``--force``: replace what a command would otherwise refuse to overwrite."""
+    return click.option("--force", is_flag=True, help=help)
+
+
+force_option = force_flag("Replace --out if it exists.")
 out_dir_option = out_option(required=True, help="Output directory.")
 q_group_size_option = click.option("--q-group-size", type=int, default=64, show_default=True)
 adapter_option = adapter_path_option(

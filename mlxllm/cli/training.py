@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from ..errors import UserError
-from .options import (adapter_path_option, compute_option, data_option, force_option, load_for_command,
+from .options import (adapter_path_option, compute_option, data_option, force_flag, force_option, load_for_command,
                       lora_rank_option, model_options, out_option, top_k_option, training_options, verbose_option)
 
 
@@ -105,6 +105,7 @@ def _training_progress(what: str, total: int | None, quiet: bool):
 @click.option("--test-batches", type=int, default=-1, show_default=True, help="-1: the whole test split.")
 @click.option("--resume-adapter-file", default=None, type=click.Path(dir_okay=False),
               help="Continue from these adapter weights (and the optimizer state saved beside them).")
+@force_flag("With --train: replace adapters already in --adapter-path.")
 @training_options
 @click.pass_context
 def lora_command(ctx, **params) -> None:
@@ -145,7 +146,8 @@ def _lora_options(p: dict[str, Any]):
                        test=p["do_test"], max_seq_length=p["max_seq_length"], mask_prompt=p["mask_prompt"],
                        rank=p["lora_rank"], alpha=p["lora_alpha"], dropout=p["lora_dropout"],
                        layers=None if str(layers) == "all" else int(layers), targets=targets, dora=p["dora"],
-                       resume_adapter_file=p["resume_adapter_file"], test_batches=p["test_batches"], train_config=cfg)
+                       resume_adapter_file=p["resume_adapter_file"], force=p["force"], test_batches=p["test_batches"],
+                       train_config=cfg)
 
 
 @click.command("distill")

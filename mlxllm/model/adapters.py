@@ -156,11 +156,14 @@ def adapter_config(num_layers: int, keys: list[str], rank: int, scale: float, dr
             "lora_parameters": {"rank": rank, "scale": scale, "dropout": dropout, "keys": keys}, **extra}
 
 
-def save_adapters(model: nn.Module, folder: Path, config: dict[str, Any]) -> None:
-    """``adapters.safetensors`` + ``adapter_config.json`` in ``folder``, each written atomically."""
+def save_adapters(model: nn.Module, folder: Path, config: dict[str, Any],
+                  metadata: dict[str, str] | None = None) -> None:
+    """``adapters.safetensors`` (with ``metadata``) + ``adapter_config.json`` in ``folder``, each written
+    atomically."""
     folder.mkdir(parents=True, exist_ok=True)
     weights = adapter_parameters(model)
-    write_atomic(folder / ADAPTER_FILE, lambda p: mx.save_safetensors(str(p), weights, metadata={"format": "mlx"}))
+    write_atomic(folder / ADAPTER_FILE, lambda p: mx.save_safetensors(str(p), weights,
+                                                                      metadata=metadata or {"format": "mlx"}))
     write_atomic(folder / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
 
 

@@ -29,7 +29,7 @@ from mlx.utils import tree_flatten
 from ..errors import UserError
 from ..files import write_atomic
 from .data import Dataset, Example, batches, eval_batches, make_dataset, pad_id, read_jsonl
-from .loop import TrainConfig, Trainer, load_trainable
+from .loop import NonFiniteLoss, TrainConfig, Trainer, load_trainable, step_metadata
 from .teacher import Progress, cache_key, default_cache_dir, teacher_completions, teacher_identity, teacher_targets
 
 
@@ -285,18 +285,23 @@ def run(teacher: Any, tokenizer: Any, teacher_path: Path, student: Any, student_
     def save() -> None:
         checkpoint.mkdir(parents=True, exist_ok=True)
         write_atomic(checkpoint / WEIGHTS, lambda p: mx.save_safetensors(
-            str(p), dict(tree_flatten(wrapper.trainable_parameters()))))
+            str(p), dict(tree_flatten(wrapper.trainable_parameters())), metadata=step_metadata(trainer.step)))
         trainer.save(checkpoint)
 
     pad = pad_id(tokenizer)
     train_batches = batches(train, cfg.batch_size, cfg.seed, pad, extra=targets["train"].batch)
     val = eval_batches(data["valid"][0], cfg.batch_size, None if cfg.val_batches < 0 else cfg.val_batches, pad,
                        extra=targets["valid"].batch)
+    ruined = False
     try:
         out["reports"] = trainer.run(train_batches, val, save, report)
+    except NonFiniteLoss:
+        ruined = True  # the checkpoint and any student written before stay as they were
+        raise
     finally:  # also on Ctrl-C: the student as it is, as a usable model folder
-        final = A.fuse(student) if opts.lora_rank else student
-        save_student(final)
+        if not ruined:
+            final = A.fuse(student) if opts.lora_rank else student
+            save_student(final)
     out["steps"] = trainer.step
     out["train_examples"] = len(train)
     if held_out is not None:
@@ -310,7 +315,7 @@ def _resume(wrapper: Distilled, trainer: Trainer, folder: Path) -> None:
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise UserError(f"--resume: no checkpoint in {folder}")
-    load_trainable(wrapper, weights, f"the --resume checkpoint {weights}",
-                   "this student (other student, --student-init, --lora-rank or --feature-loss?)")
-    if not trainer.restore(folder):
+    step = load_trainable(wrapper, weights, f"the --resume checkpoint {weights}",
+                          "this student (other student, --student-init, --lora-rank or --feature-loss?)")
+    if not trainer.restore(folder, step):
         raise UserError(f"--resume: {folder} has no training state")

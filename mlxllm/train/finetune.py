@@ -15,7 +15,7 @@ import mlx.nn as nn
 from ..errors import UserError
 from ..model import adapters as A
 from .data import batches, eval_batches, load_split, pad_id
-from .loop import TrainConfig, Trainer, evaluate, load_trainable
+from .loop import TrainConfig, Trainer, evaluate, load_trainable, step_metadata
 
 
 @dataclass
@@ -33,6 +33,7 @@ class LoraOptions:
     targets: list[str] = field(default_factory=lambda: list(A.TARGETS))
     dora: bool = False
     resume_adapter_file: Path | None = None
+    force: bool = False  # --train may replace adapters already in adapter_path
     test_batches: int = -1
     train_config: TrainConfig = field(default_factory=TrainConfig)
 
@@ -52,6 +53,11 @@ def _check(opts: LoraOptions) -> None:
         opts.train_config.check()
     if opts.resume_adapter_file is not None and not Path(opts.resume_adapter_file).is_file():
         raise UserError(f"--resume-adapter-file {opts.resume_adapter_file} not found")
+    folder = Path(opts.adapter_path)
+    if opts.train and opts.resume_adapter_file is None and not opts.force and (
+            (folder / A.ADAPTER_FILE).exists() or (folder / A.CONFIG_FILE).exists()):
+        raise UserError(f"{folder} already holds adapters: pass --resume-adapter-file {folder / A.ADAPTER_FILE} to "
+                        "continue them, --force to replace them, or another --adapter-path")
 
 
 
@@ -87,8 +93,8 @@ def run(model: nn.Module, tokenizer: Any, opts: LoraOptions, model_name: str,
                    train_examples=len(data["train"]), start_step=trainer.step)
         folder = Path(opts.adapter_path)
 
-        def save() -> None:
-            A.save_adapters(model, folder, config)
+        def save() -> None:  # the adapters carry their step, checked against the state on resume
+            A.save_adapters(model, folder, config, step_metadata(trainer.step))
             trainer.save(folder)
 
         train = batches(data["train"], cfg.batch_size, cfg.seed, pad)
@@ -107,6 +113,6 @@ def run(model: nn.Module, tokenizer: Any, opts: LoraOptions, model_name: str,
 
 def _resume(model: nn.Module, trainer: Trainer, weights: Path) -> None:
     """Start from saved adapter weights (and, when saved beside them, the optimizer state and step)."""
-    load_trainable(model, weights, f"--resume-adapter-file {weights}",
-                   "these adapters (model, rank, layers or targets differ)")
-    trainer.restore(weights.parent)
+    step = load_trainable(model, weights, f"--resume-adapter-file {weights}",
+                          "these adapters (model, rank, layers or targets differ)")
+    trainer.restore(weights.parent, step)

@@ -11,6 +11,7 @@ quantized or not, is read as it is.
 from __future__ import annotations
 
 import json
+import math
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -29,6 +30,11 @@ from .data import Batch
 
 STATE_FILE = "training_state.safetensors"
 STATE_INFO = "training_state.json"
+STEP_KEY = "mlxllm_step"  # safetensors metadata: the step a trainable-weights file was saved at
+
+
+class NonFiniteLoss(UserError):
+    """The loss became NaN or infinite: the weights are ruined, so nothing is saved."""
 
 
 @dataclass
@@ -49,6 +55,9 @@ class TrainConfig:
     grad_checkpoint: bool = False
 
     def check(self) -> None:
+        for name, value in asdict(self).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
         for name in ("iters", "batch_size", "grad_accumulation", "steps_per_report", "steps_per_eval", "save_every"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -115,11 +124,18 @@ def checkpointed_blocks(model: nn.Module) -> Iterator[None]:
         cls.__call__ = plain
 
 
-def load_trainable(model: nn.Module, weights: Path, what: str, differs: str) -> None:
+def step_metadata(step: int) -> dict[str, str]:
+    """The safetensors metadata of trainable weights saved at ``step`` (checked against the training
+    state on resume, so a save interrupted between the two files is caught)."""
+    return {"format": "mlx", STEP_KEY: str(step)}
+
+
+def load_trainable(model: nn.Module, weights: Path, what: str, differs: str) -> int | None:
     """Load saved trainable tensors into ``model`` after checking they are exactly its trainable ones
-    (names and shapes); ``what`` names the file in errors, ``differs`` says what may not match."""
+    (names and shapes); ``what`` names the file in errors, ``differs`` says what may not match.
+    Returns the step the file was saved at (None for files from elsewhere, e.g. mlx-lm's)."""
     try:
-        saved = mx.load(str(weights))
+        saved, metadata = mx.load(str(weights), return_metadata=True)
     except (ValueError, RuntimeError) as e:
         raise UserError(f"cannot read {what}: {e}") from None
     expected = dict(tree_flatten(model.trainable_parameters()))
@@ -127,6 +143,8 @@ def load_trainable(model: nn.Module, weights: Path, what: str, differs: str) -> 
         odd = sorted(set(saved) ^ set(expected)) or [k for k in saved if saved[k].shape != expected[k].shape]
         raise UserError(f"{what} does not fit {differs}, e.g. {odd[0]}")
     model.load_weights(list(saved.items()), strict=False)
+    step = metadata.get(STEP_KEY)
+    return int(step) if step is not None and step.isdigit() else None
 
 
 class Trainer:
@@ -195,6 +213,9 @@ class Trainer:
                     reports.append(self._report(report, val_loss=self.evaluate(val)))
                 while self.step < cfg.iters:
                     loss, n = self._update([next(train) for _ in range(cfg.grad_accumulation)])
+                    if not math.isfinite(loss):
+                        raise NonFiniteLoss(f"the training loss became {loss} at step {self.step}; stopped without "
+                                            "saving (the last checkpoint is kept): lower --learning-rate?")
                     window_loss += loss * n
                     window_scored += n
                     reported = self.step % cfg.steps_per_report == 0 or self.step == cfg.iters
@@ -231,9 +252,10 @@ class Trainer:
         info = {"step": self.step, "tokens": self.tokens_seen, "config": asdict(self.cfg)}
         write_atomic(folder / STATE_INFO, lambda p: p.write_text(json.dumps(info, indent=2) + "\n"))
 
-    def restore(self, folder: Path) -> bool:
+    def restore(self, folder: Path, weights_step: int | None = None) -> bool:
         """Continue from the training state saved in ``folder`` (False when there is none: the adapters
-        alone were given, so training restarts its step count)."""
+        alone were given, so training restarts its step count). ``weights_step`` is the step the
+        weights being resumed were saved at; a state of another step is refused."""
         state, info = folder / STATE_FILE, folder / STATE_INFO
         if not (state.is_file() and info.is_file()):
             return False
@@ -250,6 +272,10 @@ class Trainer:
             raise UserError(f"the training state in {folder} does not match these adapters (different model or settings?)")
         self.optimizer.state = opt
         self.step, self.tokens_seen = int(saved["step"]), int(saved.get("tokens", 0))
+        if weights_step is not None and weights_step != self.step:
+            raise UserError(f"{folder}: the weights were saved at step {weights_step} but the training state at "
+                            f"step {self.step} (an interrupted save); move {STATE_FILE} aside to resume from the "
+                            "weights alone")
         if self.step > self.cfg.iters:
             raise UserError(f"{folder} was saved at step {self.step}, past --iters {self.cfg.iters}")
         return True
