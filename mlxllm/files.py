@@ -17,8 +17,8 @@ from typing import Callable, Iterator
 
 def write_atomic(path: str | Path, data: str | bytes | Callable[[Path], object]) -> None:
     """Write ``data`` (text, bytes, or a function that writes the file it is given) to ``path`` so a
-    reader sees the old file or the new one, never half of one."""
-    path = Path(path)
+    reader sees the old file or the new one, never half of one (through a symlink: the file it names)."""
+    path = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
     tmp = Path(name)
     try:
@@ -39,8 +39,9 @@ def write_atomic(path: str | Path, data: str | bytes | Callable[[Path], object])
 def replacing_dir(target: str | Path) -> Iterator[Path]:
     """Yield a fresh, empty folder beside ``target``; when the block succeeds it becomes ``target``
     (an existing one is renamed aside first and deleted last, so a crash leaves the old or the new
-    folder), and when it fails it is removed and ``target`` is untouched."""
-    target = Path(target)
+    folder), and when it fails it is removed and ``target`` is untouched. A symlinked ``target`` keeps
+    its link: the folder it points to is the one replaced."""
+    target = Path(os.path.realpath(target)) if Path(target).is_symlink() else Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
@@ -56,6 +57,13 @@ def replacing_dir(target: str | Path) -> Iterator[Path]:
         except BaseException:
             os.replace(aside, target)
             raise
-        shutil.rmtree(aside, ignore_errors=True)
+        _remove(aside)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
