@@ -56,9 +56,12 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
-    except Exception as e:  # a bug or an unexpected environment problem: still one line by default
+    except (SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:  # a bug, an unexpected environment problem, or a native extension's panic
         if verbose:
             traceback.print_exc()
-        click.echo(f"error: {type(e).__name__}: {e} (run with --verbose for the traceback)", err=True)
+        message = str(e).splitlines()[0] if str(e).strip() else ""
+        click.echo(f"error: {type(e).__name__}: {message} (run with --verbose for the traceback)", err=True)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)

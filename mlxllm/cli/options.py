@@ -176,7 +176,8 @@ def sampling_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
     before the model is loaded."""
     from ..engine.sample import check_sampling
 
-    check_sampling(kw["temp"], kw["top_p"], kw["top_k"], kw["min_p"], kw["repetition_penalty"])
+    check_sampling(kw["temp"], kw["top_p"], kw["top_k"], kw["min_p"], kw["repetition_penalty"], seed=kw["seed"],
+                   stop=kw["stop"])
     keys = ("temp", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop", "prefill_step_size", "kv")
     return {k: kw[k] for k in keys}
 

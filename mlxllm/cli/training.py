@@ -110,11 +110,12 @@ def _training_progress(what: str, total: int | None, quiet: bool):
 @click.pass_context
 def lora_command(ctx, **params) -> None:
     """Fine-tune LoRA / DoRA adapters (QLoRA on a quantized base); --test evaluates them."""
-    from ..train.finetune import run
+    from ..train.finetune import check, run
 
     _apply_config_file(ctx, params["config"], params)
     p = params
     opts = _lora_options(p)
+    check(opts)  # before the model loads and the progress display starts
     cfg = opts.train_config
     model, tokenizer = load_for_command(p["model_spec"], p["compute"], p["verbose"])
     with _training_progress("training" if p["do_train"] else "testing", cfg.iters if p["do_train"] else None,

@@ -18,9 +18,15 @@ LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 
 def check_sampling(
-    temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float | None = None
+    temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float | None = None,
+    *, seed: int | None = None, stop: Sequence[str] = (),
 ) -> None:
-    """Reject values no sampler can honour with one clear message."""
+    """Reject values no sampler can honour (and a seed or stop strings generation cannot use) with one
+    clear message."""
+    if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**64):
+        raise UserError(f"--seed must be an integer from 0 to 2^64 - 1, got {seed}")
+    if any(not isinstance(s, str) or not s for s in stop):
+        raise UserError("--stop strings must not be empty")
     if not (temp >= 0 and math.isfinite(temp)):
         raise UserError(f"--temp must be a finite number >= 0, got {temp}")
     if not 0 < top_p <= 1:

@@ -11,7 +11,8 @@ import mlx.core as mx
 
 from ..errors import UserError
 from ..model.cache import KVSettings
-from .sample import LogitsProcessor, Sampler, make_distribution, make_logits_processors, make_sampler
+from .sample import (LogitsProcessor, Sampler, check_sampling, make_distribution, make_logits_processors,
+                     make_sampler)
 from .speculative import speculative_generate_step
 from .steps import DEFAULT_PREFILL_STEP, generate_step, wired_limit
 
@@ -37,6 +38,10 @@ class GenerationResponse:
 def encode_prompt(tokenizer: Any, prompt: str | Sequence[int] | mx.array) -> mx.array:
     """Prompt text (special tokens added unless a chat template already wrote the BOS) or ids as int32."""
     if isinstance(prompt, str):
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates: bytes that were not UTF-8 (argv, stdin)
+            raise UserError(f"the prompt is not valid UTF-8 text (position {e.start})") from None
         bos = tokenizer.bos_token_id
         bos_text = tokenizer.decode([bos]) if bos is not None else None
         add_special = not (bos_text and prompt.startswith(bos_text))  # a chat template may have written it
@@ -136,6 +141,7 @@ def stream_generate(
     kv = kv or KVSettings(kv_bits, kv_group_size, quantized_kv_start)
     if logits_processors is None:
         logits_processors = make_logits_processors(repetition_penalty)
+    check_sampling(seed=seed, stop=stop)
     if seed is not None:
         mx.random.seed(seed)
     if prompt_cache is None and (kv.quantized or kv.start):

@@ -7,9 +7,11 @@ one ``UserError`` line saying what is missing.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import re
 from pathlib import Path
+from typing import Iterator
 
 from ..errors import UserError
 
@@ -26,7 +28,10 @@ def resolve(spec: str | Path | None) -> Path:
     if spec is None:
         return default_model_path()
     spec = str(spec)
-    path = Path(spec).expanduser()
+    try:
+        path = Path(spec).expanduser()
+    except RuntimeError:  # ~user of no known user, or no home directory
+        raise UserError(f"model not found: cannot expand '{spec.split('/')[0]}' in '{spec}'") from None
     if path.exists():
         return path
     parts = spec.split("/")
@@ -48,10 +53,12 @@ def _download(repo: str, filename: str | None) -> Path:
     )
 
     what = f"{repo}/{filename}" if filename else repo
+    offline = not _hub_resolves()  # no retries against a host that cannot even be named: the cache or nothing
     try:
-        if filename:
-            return Path(hf_hub_download(repo, filename))
-        folder = Path(snapshot_download(repo, allow_patterns=NEEDED_FILES))
+        with _quiet_hub():
+            if filename:
+                return Path(hf_hub_download(repo, filename, local_files_only=offline))
+            folder = Path(snapshot_download(repo, allow_patterns=NEEDED_FILES, local_files_only=offline))
     except GatedRepoError:
         raise UserError(f"'{repo}' is gated: accept its license on huggingface.co, then: hf auth login") from None
     except RepositoryNotFoundError:
@@ -70,6 +77,37 @@ def _download(repo: str, filename: str | None) -> Path:
     if not any(folder.glob("*.safetensors")):
         raise UserError(f"'{repo}' has no safetensors weights; for a GGUF repo pass org/name/<file>.gguf")
     return folder
+
+
+def _hub_resolves() -> bool:
+    """Whether the Hub's host name resolves (a DNS failure is not worth five retries and 24 s)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_OFFLINE"):
+        return False
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except (OSError, UnicodeError):
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """huggingface_hub logs every retry as a warning; the one line that matters is ours."""
+    from huggingface_hub.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
 
 
 def default_model_path() -> Path:

@@ -38,7 +38,8 @@ class LoraOptions:
     train_config: TrainConfig = field(default_factory=TrainConfig)
 
 
-def _check(opts: LoraOptions) -> None:
+def check(opts: LoraOptions) -> None:
+    """Refuse options that cannot work, before any model is loaded or file written."""
     if not (opts.train or opts.test):
         raise UserError("nothing to do: pass --train and/or --test")
     if not opts.data.is_dir():
@@ -65,7 +66,7 @@ def run(model: nn.Module, tokenizer: Any, opts: LoraOptions, model_name: str,
         report: Callable[[dict[str, Any]], None] = lambda r: None,
         warn: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Train and/or test adapters on ``model``; returns the reports and figures for ``--json``."""
-    _check(opts)
+    check(opts)
     cfg = opts.train_config
     splits = (["train", "valid"] if opts.train else []) + (["test"] if opts.test else [])
     data = {s: load_split(opts.data, s, tokenizer, opts.max_seq_length, opts.mask_prompt) for s in splits}

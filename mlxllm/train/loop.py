@@ -63,6 +63,8 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise UserError(f"--learning-rate must be positive, got {self.learning_rate}")
+        if not 0 <= self.seed < 2**64:
+            raise UserError(f"--seed must be an integer from 0 to 2^64 - 1, got {self.seed}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise UserError(f"--lr-schedule must be constant or cosine, got {self.lr_schedule}")
         if not 0 <= self.warmup < self.iters:
