@@ -46,6 +46,7 @@ _MAGIC = b"GGUF"
 _VERSIONS = (2, 3)
 _DEFAULT_ALIGNMENT = 32
 _MAX_NESTING = 16  # arrays of arrays of ...: a bound so a corrupt file cannot exhaust the stack
+_MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
 _STRING, _ARRAY, _BOOL = GGUFValueType.STRING, GGUFValueType.ARRAY, GGUFValueType.BOOL
 # Fixed-size value types -> struct format (scalars) and numpy dtype (arrays); bools read as bytes.
 _STRUCT = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -272,20 +273,26 @@ def _parse(path: Path, buf: mmap.mmap) -> GGUFFile:
         n_dims = r.scalar(u32)
         dims = struct.unpack_from(f"{endian}{n_dims}Q", buf, r.take(8 * n_dims))
         type_id, offset = r.scalar(u32), r.scalar(u64)
+        if n_dims > _MAX_DIMS:
+            raise src.corrupt(f"tensor '{name}' has {n_dims} dimensions (ggml allows at most {_MAX_DIMS})")
+        if 0 in dims:
+            raise src.corrupt(f"tensor '{name}' has an empty dimension: {list(dims)}")
         try:
             qtype = GGMLQuantizationType(type_id)
         except ValueError:
             raise UserError(f"{path.name}: tensor '{name}' has unknown ggml type {type_id}") from None
         infos.append((name, tuple(reversed(dims)), qtype, offset))
     alignment = fields.get("general.alignment", _DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0:
-        raise src.corrupt(f"general.alignment is {alignment!r}, not a positive integer")
+    if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 or alignment & (alignment - 1):
+        raise src.corrupt(f"general.alignment is {alignment!r}, not a power of two")
     data_offset = -(-r.pos // alignment) * alignment
     tensors = []
     for name, shape, qtype, offset in infos:
         block, size = GGML_QUANT_SIZES[qtype]
         if shape and shape[-1] % block:
             raise UserError(f"{path.name}: tensor '{name}' row length {shape[-1]} is not a multiple of {block}")
+        if offset % alignment:
+            raise src.corrupt(f"tensor '{name}' has offset {offset}, not a multiple of the alignment {alignment}")
         nbytes = math.prod(shape) // block * size
         start = data_offset + offset
         if start + nbytes > len(buf):

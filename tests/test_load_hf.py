@@ -151,10 +151,10 @@ def test_truncated_safetensors(sharded_dir, tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(num_hidden_layers=3), "tensor 'model.layers.2.self_attn.q_proj.weight' is missing"),
+        (dict(num_hidden_layers=3), "config.json: num_hidden_layers is 3 but the weights hold 2 layers"),
         (
             dict(intermediate_size=96),
-            r"tensor 'model.layers.0.mlp.gate_proj.weight' has shape \(128, 64\), the config implies \(96, 64\)",
+            r"config.json: intermediate_size is 96 but the weights hold 128 \(tensor 'model.layers.0.mlp.up_proj.weight'",
         ),
         (dict(model_type="qwen3"), "tensor 'model.layers.0.self_attn.q_norm.weight' is missing"),
     ],

@@ -42,6 +42,7 @@ Facts about llama.cpp's converter this relies on:
 
 from __future__ import annotations
 
+import math
 from collections import ChainMap
 from collections.abc import Mapping
 from pathlib import Path
@@ -98,48 +99,60 @@ _GEMMA_LAYER_NAMES = {
 }
 
 
-def config_from_gguf(meta: Mapping[str, Any], tensor_names: set[str]) -> ModelConfig:
-    """Build the model config from GGUF metadata (raises ``UnsupportedArchitecture`` for unknown archs)."""
-    if meta.get("split.count", 1) > 1:
-        raise UserError("split GGUF files are not supported: merge them first (llama-gguf-split --merge)")
+# Our (Hugging Face) field -> the GGUF metadata key it is read from (under ``<arch>.``), so a wrong value
+# is reported under the name the file uses.
+_KEYS = {
+    "hidden_size": "embedding_length", "num_hidden_layers": "block_count", "intermediate_size": "feed_forward_length",
+    "num_attention_heads": "attention.head_count", "num_key_value_heads": "attention.head_count_kv",
+    "head_dim": "attention.key_length", "rms_norm_eps": "attention.layer_norm_rms_epsilon",
+    "rope_theta": "rope.freq_base", "max_position_embeddings": "context_length", "vocab_size": "vocab_size",
+    "num_experts": "expert_count", "num_experts_per_tok": "expert_used_count",
+    "moe_intermediate_size": "expert_feed_forward_length",
+    "shared_expert_intermediate_size": "expert_shared_feed_forward_length", "n_shared_experts": "expert_shared_count",
+    "first_k_dense_replace": "leading_dense_block_count", "routed_scaling_factor": "expert_weights_scale",
+    "n_group": "expert_group_count", "topk_group": "expert_group_used_count",
+    "sliding_window": "attention.sliding_window", "rope_local_base_freq": "rope.freq_base_swa",
+    "rope_scaling.factor": "rope.scaling.factor",
+    "rope_scaling.original_max_position_embeddings": "rope.scaling.original_context_length",
+}  # fmt: skip
+
+
+def config_from_gguf(meta: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]],
+                     where: str = "GGUF") -> ModelConfig:
+    """Build the model config from GGUF metadata, checked (``ModelConfig.from_hf``) against the tensors'
+    ``shapes`` (GGUF names); raises ``UnsupportedArchitecture`` for unknown archs."""
+    split = meta.get("split.count", 1)
+    if split != 1 and (not isinstance(split, int) or split > 1):
+        raise UserError(f"{where}: split GGUF files are not supported: merge them first (llama-gguf-split --merge)")
     arch = meta.get("general.architecture")
     if arch is None:
-        raise UserError("GGUF metadata has no general.architecture")
+        raise UserError(f"{where}: GGUF metadata has no general.architecture")
     family = family_of(arch)
 
     def get(key: str, default: Any = KeyError) -> Any:
         value = meta.get(f"{arch}.{key}", default)
         if value is KeyError:
-            raise UserError(f"GGUF metadata lacks '{arch}.{key}'")
+            raise UserError(f"{where}: GGUF metadata lacks '{arch}.{key}'")
         if isinstance(value, list):  # per-layer arrays: supported only when uniform
+            if not value or any(isinstance(v, list) for v in value):
+                raise UserError(f"{where}: GGUF '{arch}.{key}' is an empty or nested array, not a value per layer")
             if len(set(value)) != 1:
-                raise UserError(f"GGUF '{arch}.{key}' varies per layer, which this decoder does not support")
+                raise UserError(f"{where}: GGUF '{arch}.{key}' varies per layer, which this decoder does not support")
             value = value[0]
         return value
 
-    hidden, heads = get("embedding_length"), get("attention.head_count")
-    head_dim = get("attention.key_length", hidden // heads)
-    if get("attention.value_length", head_dim) != head_dim:
-        raise UserError("GGUF models with different key and value head sizes are not supported")
-    if get("rope.dimension_count", head_dim) != head_dim:
-        raise UserError("GGUF models with partial rotary embeddings are not supported")
     if get("final_logit_softcapping", 0.0) or get("attn_logit_softcapping", 0.0):
         raise UserError("GGUF models with logit soft-capping are not supported")
-    layers = get("block_count")
     config: dict[str, Any] = {
         "model_type": arch,
-        "hidden_size": hidden,
-        "num_hidden_layers": layers,
-        "intermediate_size": get("feed_forward_length"),
-        "num_attention_heads": heads,
-        "num_key_value_heads": get("attention.head_count_kv", heads),
-        "head_dim": head_dim,
-        "rms_norm_eps": get("attention.layer_norm_rms_epsilon"),
+        **{ours: get(_KEYS[ours]) for ours in ("hidden_size", "num_hidden_layers", "intermediate_size",
+                                                "num_attention_heads", "rms_norm_eps", "vocab_size")},
+        "num_key_value_heads": get("attention.head_count_kv", None),
+        "head_dim": get("attention.key_length", None),
         "rope_theta": get("rope.freq_base", 10000.0),
         "max_position_embeddings": get("context_length", 4096),
-        "vocab_size": get("vocab_size"),
-        "tie_word_embeddings": "output.weight" not in tensor_names,
-        "attention_bias": "blk.0.attn_q.bias" in tensor_names,
+        "tie_word_embeddings": "output.weight" not in shapes,
+        "attention_bias": "blk.0.attn_q.bias" in shapes,
     }
     scaling = get("rope.scaling.type", "none")
     if scaling != "none":
@@ -148,12 +161,11 @@ def config_from_gguf(meta: Mapping[str, Any], tensor_names: set[str]) -> ModelCo
             "factor": get("rope.scaling.factor"),
             "original_max_position_embeddings": get("rope.scaling.original_context_length", None),
         }
-    experts = get("expert_count", 0)
-    if experts:
+    if get("expert_count", 0):
         if arch not in _MOE_NORM:
             raise UserError(f"GGUF mixture-of-experts models of architecture '{arch}' are not supported")
         config.update(
-            num_experts=experts,
+            num_experts=get("expert_count"),
             num_experts_per_tok=get("expert_used_count"),
             moe_intermediate_size=get("expert_feed_forward_length", None),
             shared_expert_intermediate_size=get("expert_shared_feed_forward_length", None),
@@ -161,29 +173,36 @@ def config_from_gguf(meta: Mapping[str, Any], tensor_names: set[str]) -> ModelCo
         )
         if family == "llama":  # Mixtral is stored as a llama with experts
             config["model_type"] = "mixtral"
-        if family == "dots1":  # DeepSeek-V3-style routing
-            shared = get("expert_shared_count", 0)
-            config.update(
-                shared_expert_intermediate_size=shared * config["moe_intermediate_size"] or None,
-                mlp_only_layers=list(range(get("leading_dense_block_count", 0))),
-                routed_scaling_factor=get("expert_weights_scale", 1.0),
-                n_group=get("expert_group_count", 1),
-                topk_group=get("expert_group_used_count", 1),
-            )
+        if family == "dots1":  # DeepSeek-V3-style routing (n_shared_experts and first_k_dense_replace: from_hf's)
+            config.update(n_shared_experts=get("expert_shared_count", 0),
+                          first_k_dense_replace=get("leading_dense_block_count", 0),
+                          routed_scaling_factor=get("expert_weights_scale", 1.0),
+                          n_group=get("expert_group_count", 1), topk_group=get("expert_group_used_count", 1))
+    sliding = None
     if family == "gemma3_text":
-        config.update(
-            sliding_window=get("attention.sliding_window", None),
-            rope_local_base_freq=get("rope.freq_base_swa", 10000.0),
-            query_pre_attn_scalar=hidden // heads if layers == 62 else head_dim,
-        )
+        sliding = get("attention.sliding_window", None)
+        config.update(sliding_window=sliding, rope_local_base_freq=get("rope.freq_base_swa", 10000.0))
         pattern = meta.get(f"{arch}.attention.sliding_window_pattern", 6)
-        if config["sliding_window"] is None:
-            config["layer_types"] = ["full_attention"] * layers
+        if sliding is None:
+            config["sliding_window_pattern"] = 1  # every layer global
         elif isinstance(pattern, list):  # per-layer flags, true = sliding
             config["layer_types"] = ["sliding_attention" if p else "full_attention" for p in pattern]
         else:
             config["sliding_window_pattern"] = pattern
-    return ModelConfig.from_hf(config)
+    names = {ours: f"{arch}.{key}" for ours, key in _KEYS.items()}
+    names["sliding_window_pattern"] = f"{arch}.attention.sliding_window_pattern"
+    final = family_of(config["model_type"])
+    cfg = ModelConfig.from_hf({k: v for k, v in config.items() if v is not None}, where=where, names=names,
+                              weights=lambda: {hf_name(name, final): shape for name, shape in shapes.items()})
+    if get("attention.value_length", cfg.head_dim) != cfg.head_dim:
+        raise UserError("GGUF models with different key and value head sizes are not supported")
+    if get("rope.dimension_count", cfg.head_dim) != cfg.head_dim:
+        raise UserError("GGUF models with partial rotary embeddings are not supported")
+    if family == "gemma3_text":  # llama.cpp's attention scale; its sliding window when the file has one
+        wide = cfg.num_hidden_layers == 62  # the 27B
+        cfg.query_pre_attn_scalar = cfg.hidden_size // cfg.num_attention_heads if wide else cfg.head_dim
+        cfg.sliding_window = sliding
+    return cfg
 
 
 def hf_name(name: str, family: str) -> str:
@@ -241,13 +260,18 @@ class GGUFSource:
         by_name = {t.name: t for t in self.file.tensors}
         meta = self.file.metadata
         arch = meta.get("general.architecture")
-        if f"{arch}.vocab_size" not in meta and "token_embd.weight" in by_name:  # older converters omit it
-            meta = ChainMap({f"{arch}.vocab_size": by_name["token_embd.weight"].shape[0]}, meta)
-        self.config = config_from_gguf(meta, set(by_name))
+        embed = by_name.get("token_embd.weight")
+        if f"{arch}.vocab_size" not in meta and embed is not None and embed.shape:  # older converters omit it
+            meta = ChainMap({f"{arch}.vocab_size": embed.shape[0]}, meta)
+        self.config = config_from_gguf(meta, {t.name: t.shape for t in self.file.tensors}, path.name)
         self.arch = arch
         freq_factors = by_name.pop("rope_freqs.weight", None)
         if freq_factors is not None:  # Llama 3.x long-context RoPE, stored as computed divisors
-            factors = gguf_dequantize(self.raw(freq_factors), freq_factors.qtype).reshape(-1)
+            with np.errstate(all="ignore"):
+                factors = self._floats(freq_factors, self.raw(freq_factors)).reshape(-1)
+            if factors.size != self.config.head_dim // 2 or not np.all(np.isfinite(factors) & (factors > 0)):
+                raise UserError(f"{path.name}: tensor 'rope_freqs.weight' holds {factors.size} values, not "
+                                f"{self.config.head_dim // 2} positive finite RoPE frequency divisors")
             self.config.rope_scaling = {"rope_type": "freq_factors", "factors": factors.tolist()}
         self._tensors = list(by_name.values())
         self.requant_errors: dict[str, list[float]] = {}  # block type -> relative RMS error per tensor
@@ -259,7 +283,7 @@ class GGUFSource:
         family = self.config.model_type
         out = []
         for t in self._tensors:
-            elements = int(np.prod(t.shape, dtype=np.int64))
+            elements = math.prod(t.shape)
             if t.qtype in _FLOAT_BITS:
                 form, bits, group = "float", _FLOAT_BITS[t.qtype], 0
             elif t.qtype in _AFFINE_BITS:
@@ -285,23 +309,27 @@ class GGUFSource:
 
     def raw(self, t: GGUFTensor) -> np.ndarray:
         """The tensor's stored bytes, one row per output row (memory-mapped, not read yet)."""
-        rows = int(np.prod(t.shape[:-1], dtype=np.int64)) if len(t.shape) > 1 else 1
+        rows = math.prod(t.shape[:-1])  # at least 1: the container refuses empty dimensions
         return self.file.tensor_bytes(t).reshape(rows, t.nbytes // rows)
 
     def _decode(self, t: GGUFTensor, raw: np.ndarray) -> Tensor:
-        try:
+        # Stored values may be anything (an f16 scale times -128 overflows to -inf, as in mx.load): data,
+        # not a reason for numpy to print floating-point warnings.
+        with np.errstate(all="ignore"):
             if t.qtype in _AFFINE_BITS:  # rows of a stacked [experts, out, in] tensor regain their stack
                 parts = [self._fix(t, a.reshape(*t.shape[:-1], -1)) for a in _repack(raw, t.qtype)]
                 return Quantized(*(mx.array(a) for a in parts), group_size=32, bits=_AFFINE_BITS[t.qtype])
+            return mx.array(self._fix(t, self._floats(t, raw).reshape(t.shape)))
+
+    def _floats(self, t: GGUFTensor, raw: np.ndarray) -> np.ndarray:
+        try:
             if t.qtype == T.F16:
-                values = raw.view(np.float16)
-            elif t.qtype == T.F32:
-                values = raw.view(np.float32)
-            else:  # BF16 and every block type gguf can decode, to float32
-                values = gguf_dequantize(raw, t.qtype)
+                return raw.view(np.float16)
+            if t.qtype == T.F32:
+                return raw.view(np.float32)
+            return gguf_dequantize(raw, t.qtype)  # BF16 and every block type gguf can decode, to float32
         except NotImplementedError:
             raise UserError(f"tensor '{t.name}' has type {t.qtype.name}, which cannot be decoded") from None
-        return mx.array(self._fix(t, values.reshape(t.shape)))
 
     def _fix(self, t: GGUFTensor, rows: np.ndarray) -> np.ndarray:
         """Undo the converter's transformations (Q/K row permutation, Gemma's norm +1)."""

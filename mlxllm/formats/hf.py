@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import mlx.core as mx
 
 from ..errors import UserError
-from ..model.config import ModelConfig, layer_index
+from ..model.config import ModelConfig, check_quantization_block, layer_index
 from ..model.quantize import MODES
 from .weights import Quantized, Tensor, TensorSpec, finish
 
@@ -34,7 +34,7 @@ _RENAMES = (("language_model.model.", "model."), ("model.language_model.", "mode
 
 
 # Hugging Face MoE checkpoints store experts one by one; the decoder holds them stacked (switch_mlp).
-_EXPERT = re.compile(r"^(.+)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")
+_EXPERT = re.compile(r"^(.+)\.experts\.([0-9]{1,9})\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")
 _MIXTRAL_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
@@ -74,22 +74,54 @@ def _fold_latent_maps(held: dict[str, Tensor], name: str, cfg: ModelConfig, targ
 
 
 def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
-    """Tensor index of one safetensors file; refuses files whose data would end past the file."""
+    """Tensor index of one safetensors file, every entry checked: a known dtype, a shape of whole
+    numbers, data offsets that agree with the shape and lie inside the file."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{size} bytes, too short for a header")
+            (n,) = struct.unpack("<Q", head)
             if 8 + n > size:
-                raise ValueError("header longer than the file")
+                raise ValueError(f"its header length {n:,} runs past the end of the {size:,}-byte file")
             header = json.loads(f.read(n))
-    except (struct.error, ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise UserError(f"{path.name} is not a readable safetensors file ({e})") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path.name} is not a readable safetensors file (its header is a JSON "
+                        f"{type(header).__name__}, not an object)")
     header.pop("__metadata__", None)
     for name, info in header.items():
-        end = 8 + n + info["data_offsets"][1]
-        if end > size:
-            raise UserError(f"{path.name} is truncated: tensor '{name}' ends at byte {end:,} but the file has {size:,}")
+        _check_entry(path.name, name, info, 8 + n, size)
     return header
+
+
+def _check_entry(file: str, name: str, info: Any, data_start: int, size: int) -> None:
+    def bad(problem: str) -> UserError:
+        return UserError(f"{file}: tensor '{name}' {problem}")
+
+    if not isinstance(info, dict):
+        raise bad(f"is described by {info!r}, not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
+        raise bad(f"has unknown dtype {dtype!r} (known: {', '.join(_DTYPE_BYTES)})")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise bad(f"has shape {shape!r}, not a list of whole numbers")
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+        raise bad(f"has data_offsets {offsets!r}, not [begin, end] with 0 <= begin <= end")
+    count = 1
+    for d in shape:
+        count *= d
+    if count * _DTYPE_BYTES[dtype] != offsets[1] - offsets[0]:
+        raise bad(f"has shape {shape} of {dtype} ({count * _DTYPE_BYTES[dtype]:,} bytes) but data_offsets "
+                  f"{offsets} span {offsets[1] - offsets[0]:,} bytes")
+    if data_start + offsets[1] > size:
+        raise UserError(f"{file} is truncated: tensor '{name}' ends at byte {data_start + offsets[1]:,} "
+                        f"but the file has {size:,}")
 
 
 def _normalize(name: str) -> str:
@@ -99,13 +131,24 @@ def _normalize(name: str) -> str:
     return name
 
 
+def _shard_name(name: Any) -> bool:
+    """A file name inside the model directory (no absolute path, no '..', no NUL)."""
+    return isinstance(name, str) and bool(name) and "\0" not in name and not name.startswith("/") and (
+        ".." not in Path(name).parts)
+
+
 def _shards(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
         try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as e:
-            raise UserError(f"{index} is not a valid safetensors index ({e})") from None
+            weight_map = json.loads(index.read_text()).get("weight_map")
+        except (ValueError, RecursionError, AttributeError) as e:
+            detail = "not a JSON object" if isinstance(e, AttributeError) else e
+            raise UserError(f"{index} is not a valid safetensors index ({detail})") from None
+        if not isinstance(weight_map, dict) or not all(_shard_name(name) for name in weight_map.values()):
+            raise UserError(f"{index} is not a valid safetensors index "
+                            "(its weight_map must map tensor names to shard files)")
+        names = sorted(set(weight_map.values()))
         for name in names:
             if not (path / name).exists():
                 raise UserError(f"shard '{name}' listed in {index.name} is missing from {path}")
@@ -121,9 +164,12 @@ def _read_config(path: Path) -> dict[str, Any]:
     if not file.exists():
         raise UserError(f"{path} has no config.json (not a Hugging Face model directory)")
     try:
-        return json.loads(file.read_text())
-    except ValueError as e:
+        config = json.loads(file.read_text())
+    except (ValueError, RecursionError) as e:
         raise UserError(f"{file} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{file} is a JSON {type(config).__name__}, not an object")
+    return config
 
 
 class HFSource:
@@ -135,23 +181,30 @@ class HFSource:
     def __init__(self, path: Path):
         self.path = path
         raw = _read_config(path)
-        self.config = ModelConfig.from_hf(raw)
+        stored: dict[str, tuple[Path, str, dict[str, Any]]] = {}  # our name -> (file, file name, info)
+
+        def shapes() -> dict[str, tuple[int, ...]]:  # the headers, read once the family is known
+            for file in _shards(path):
+                for name, info in read_safetensors_header(file).items():
+                    ours = _normalize(name)
+                    if not (ours.startswith(_UNUSED_PREFIXES) or ours.endswith(_UNUSED_SUFFIXES)):
+                        stored[ours] = (file, name, info)
+            return {ours: tuple(info["shape"]) for ours, (_, _, info) in stored.items()}
+
+        self.config = ModelConfig.from_hf(raw, weights=shapes)
         self.arch = raw.get("model_type")
-        method = (raw.get("quantization_config") or {}).get("quant_method")
+        quant = raw.get("quantization_config")
+        method = quant.get("quant_method") if isinstance(quant, dict) else None
         if method and not self.config.quantization:  # GPTQ, AWQ, bitsandbytes, FP8...: other tensor layouts
             raise UserError(f"{method} checkpoints are not supported: use an unquantized or an MLX-quantized one")
-        self.index: dict[str, tuple[Path, str, dict[str, Any]]] = {}  # our name -> (file, file name, info)
         mtp_layers = raw.get("num_nextn_predict_layers", 0)
-        for file in _shards(path):
-            for name, info in read_safetensors_header(file).items():
-                ours = _normalize(name)
-                if ours.startswith(_UNUSED_PREFIXES) or ours.endswith(_UNUSED_SUFFIXES):
-                    continue
-                if self.config.tie_word_embeddings and ours.startswith("lm_head."):
-                    continue
-                if mtp_layers and (layer_index(ours) or 0) >= self.config.num_hidden_layers:
-                    continue  # DeepSeek-V3's multi-token-prediction layers (speculative heads, not the decoder)
-                self.index[ours] = (file, name, info)
+        self.index = {}
+        for ours, entry in stored.items():
+            if self.config.tie_word_embeddings and ours.startswith("lm_head."):
+                continue
+            if mtp_layers and (layer_index(ours) or 0) >= self.config.num_hidden_layers:
+                continue  # DeepSeek-V3's multi-token-prediction layers (speculative heads, not the decoder)
+            self.index[ours] = entry
         self.quant = self._quantized_modules(raw)
         self.stacks = expert_stacks(list(self.index), self.config.expert_stack_name)
 
@@ -163,6 +216,8 @@ class HFSource:
         q = self.config.quantization or raw.get("quantization_config")
         if not q:
             raise UserError(f"tensor '{prefixes[0]}.scales' is quantized but config.json has no 'quantization' block")
+        key = "quantization" if self.config.quantization else "quantization_config"
+        check_quantization_block(q, "config.json", key)
         overrides = {_normalize(k): v for k, v in q.items() if isinstance(v, (dict, bool))}
         out = {}
         for p in prefixes:
@@ -174,8 +229,23 @@ class HFSource:
             mode = params.get("mode", q.get("mode", "affine"))
             if mode not in MODES:
                 raise UserError(f"quantization mode '{mode}' is not supported ({', '.join(MODES)})")
-            out[p] = (int(params["group_size"]), int(params["bits"]), mode)
+            out[p] = group, bits, _ = (params.get("group_size", q["group_size"]), params.get("bits", q["bits"]), mode)
+            self._check_packing(p, group, bits)
         return out
+
+    def _check_packing(self, prefix: str, group: int, bits: int) -> None:
+        """The stored triple must be what ``bits``-bit groups of ``group`` make: ``in * bits / 32`` words and
+        ``in / group`` scales (and biases) per row, so a wrong quantization block is refused here, not
+        deep inside dequantization."""
+        shape = {leaf: self.index[f"{prefix}.{leaf}"][2]["shape"] for leaf in ("weight", "scales", "biases")
+                 if f"{prefix}.{leaf}" in self.index}
+        w, s = shape.get("weight"), shape["scales"]
+        if w is None:
+            return  # reported as a missing tensor
+        if not w or len(w) != len(s) or w[:-1] != s[:-1] or w[-1] * 32 != s[-1] * group * bits or (
+                shape.get("biases", s) != s):
+            raise UserError(f"config.json: quantization (group_size {group}, bits {bits}) does not fit tensor "
+                            f"'{prefix}': weight {tuple(w)}, scales {tuple(s)}")
 
     @property
     def specs(self) -> list[TensorSpec]:

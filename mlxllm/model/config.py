@@ -2,12 +2,22 @@
 
 Each family is a set of switches on the same decoder (see ``decoder.py``); ``from_hf`` reads a
 Hugging Face ``config.json`` and ``mlxllm.formats.gguf`` builds the same object from GGUF metadata.
+
+Both go through one validation layer before anything is sized from a config: ``check_config`` refuses
+values no model has (sizes that are not whole numbers within generous bounds, non-positive or
+non-finite norms and RoPE bases, malformed rope_scaling and quantization blocks, a non-finite float
+anywhere) and sizes that disagree with what the weights hold; ``check_weights`` then compares the
+built config with the rows of the tensors that carry each size. Every refusal is one line naming the
+file and the field. Longer than ~400 lines for that reason: the checks of every field sit here, next to
+the fields they check, as the one layer both readers go through.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, NoReturn
 
 from ..errors import UserError
 
@@ -53,11 +63,15 @@ class UnsupportedArchitecture(UserError):
 def layer_index(name: str) -> int | None:
     """The decoder layer a parameter name (``model.layers.N. ...``) belongs to, or None."""
     parts = name.split(".")
-    return int(parts[2]) if parts[:2] == ["model", "layers"] and len(parts) > 2 and parts[2].isdigit() else None
+    if parts[:2] == ["model", "layers"] and len(parts) > 2 and parts[2].isascii() and parts[2].isdigit():
+        return int(parts[2]) if len(parts[2]) <= 9 else None  # no real layer number has 10 digits
+    return None
 
 
 def family_of(name: str) -> str:
     """Map a model_type / GGUF architecture name to a supported family, or raise a clear error."""
+    if not isinstance(name, str):
+        raise UnsupportedArchitecture(repr(name))
     family = ALIASES.get(name, name)
     if family not in FAMILIES:
         raise UnsupportedArchitecture(name)
@@ -122,10 +136,17 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.model_type = family_of(self.model_type)
+        check_config({f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"})
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+            if not self.head_dim:
+                raise UserError(f"num_attention_heads is {self.num_attention_heads}, more than hidden_size "
+                                f"({self.hidden_size}) has features")
+        if self.head_dim % 2 and not self.kv_lora_rank or self.qk_rope_head_dim % 2:
+            dims = "qk_rope_head_dim" if self.kv_lora_rank else "head_dim"
+            raise UserError(f"{dims} is {getattr(self, dims)}, not even (RoPE turns pairs of features)")
         if self.layer_types is None:
             self.layer_types = ["full_attention"] * self.num_hidden_layers
         if len(self.layer_types) != self.num_hidden_layers:
@@ -143,9 +164,11 @@ class ModelConfig:
             raise UserError(f"unsupported MoE router '{self.router}'")
         if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
             raise UserError(f"num_experts_per_tok must be in 1..{self.num_experts}, got {self.num_experts_per_tok}")
-        if self.num_experts and self.n_group > 1 and (self.num_experts % self.n_group
-                                                      or not 0 < self.topk_group <= self.n_group):
+        if self.num_experts and (self.num_experts % max(self.n_group, 1) or not 0 < self.topk_group <= self.n_group):
             raise UserError(f"{self.num_experts} experts cannot form {self.n_group} groups with {self.topk_group} chosen")
+        if self.sliding_window is None or self.sliding_window < 1:
+            if any(t == "sliding_attention" for t in self.layer_types):
+                raise UserError(f"sliding_window is {self.sliding_window} but the config has sliding-window layers")
         if self.kv_lora_rank and not (self.qk_rope_head_dim and self.qk_nope_head_dim and self.v_head_dim):
             raise UserError("latent attention needs qk_nope_head_dim, qk_rope_head_dim and v_head_dim")
 
@@ -168,10 +191,18 @@ class ModelConfig:
                 and (layer + 1) % self.decoder_sparse_step == 0)
 
     @classmethod
-    def from_hf(cls, config: dict[str, Any]) -> "ModelConfig":
-        """Build from a Hugging Face / mlx-community ``config.json`` dictionary."""
+    def from_hf(cls, config: Mapping[str, Any], *, where: str = "config.json", names: Mapping[str, str] | None = None,
+                weights: Callable[[], Mapping[str, tuple[int, ...]]] | None = None) -> "ModelConfig":
+        """Build from a Hugging Face / mlx-community ``config.json`` dictionary, validated (``check_config``)
+        before anything is sized from it. ``weights``: the file's tensor index (our names -> shapes),
+        asked for once the family is known, to check the config against; ``where`` and ``names`` (our field
+        -> the file's own name, e.g. GGUF keys) are how errors name the file and the field."""
+        if not isinstance(config, Mapping):
+            raise UserError(f"{where} is not a JSON object")
         config = dict(config)
         if "text_config" in config:  # multimodal wrappers (e.g. Gemma3ForConditionalGeneration)
+            if not isinstance(config["text_config"], Mapping):
+                raise UserError(f"{where}: text_config is not an object")
             text = dict(config["text_config"])
             text.setdefault("model_type", config.get("model_type"))
             for key in ("quantization", "tie_word_embeddings"):
@@ -180,42 +211,57 @@ class ModelConfig:
             config = text
         model_type = config.get("model_type")
         if model_type is None:
-            raise UserError("config.json has no model_type")
+            raise UserError(f"{where} has no model_type")
         family = family_of(model_type)
+        shapes = weights() if weights is not None else None
+        check_config(config, where, names, None if shapes is None else _held(shapes, config))
         values: dict[str, Any] = dict(FAMILIES[family])
-        names = {f.name for f in fields(cls)}
-        values.update({k: v for k, v in config.items() if k in names and v is not None})
+        known = {f.name for f in fields(cls)}
+        values.update({k: v for k, v in config.items() if k in known and v is not None})
         values["model_type"] = family
-        values["extra"] = {k: v for k, v in config.items() if k not in names}
+        values["extra"] = {k: v for k, v in config.items() if k not in known}
+        names = dict(names or {})
         for name in ("num_local_experts", "n_routed_experts"):  # Mixtral's and DeepSeek's names
             if name in config:
                 values["num_experts"] = config[name]
+                names.setdefault("num_experts", name)
         if config.get("n_shared_experts"):  # DeepSeek style: n experts' width, always on
-            values["shared_expert_intermediate_size"] = config["n_shared_experts"] * config["moe_intermediate_size"]
+            width = values.get("moe_intermediate_size") or values.get("intermediate_size", 0)
+            values["shared_expert_intermediate_size"] = config["n_shared_experts"] * width
+            names.setdefault("shared_expert_intermediate_size", "n_shared_experts x moe_intermediate_size")
         if config.get("first_k_dense_replace"):
             values["mlp_only_layers"] = list(range(config["first_k_dense_replace"]))
         if family.startswith("deepseek"):
             _deepseek_routing(values, config)
         if "rope_parameters" in config and "rope_theta" not in config:  # transformers >= 5 layout
-            params = config["rope_parameters"]
-            if "full_attention" in params:
-                values["rope_local_base_freq"] = params["sliding_attention"]["rope_theta"]
-                params = params["full_attention"]
-            values["rope_theta"] = params.get("rope_theta", values.get("rope_theta", 10000.0))
+            try:
+                params = config["rope_parameters"]
+                if "full_attention" in params:
+                    values["rope_local_base_freq"] = params["sliding_attention"]["rope_theta"]
+                    params = params["full_attention"]
+                values["rope_theta"] = params.get("rope_theta", values.get("rope_theta", 10000.0))
+            except (KeyError, TypeError, AttributeError):
+                raise UserError(f"{where}: rope_parameters is not a valid RoPE description") from None
             if params.get("rope_type", "default") != "default":
                 values["rope_scaling"] = params
         if family == "gemma3_text":
             _gemma3_layers(values, config)
         elif config.get("sliding_window") and family in ("mistral", "mixtral"):
-            values["layer_types"] = ["sliding_attention"] * values["num_hidden_layers"]
+            values["layer_types"] = ["sliding_attention"] * values.get("num_hidden_layers", 0)
         elif family in ("qwen2", "qwen2_moe") and not config.get("use_sliding_window"):
             values["sliding_window"] = None
         elif family in ("llama", "qwen3", "qwen3_moe", "olmoe", "dots1", "deepseek_v2", "deepseek_v3"):
             values.pop("sliding_window", None)
         try:
-            return cls(**values)
+            cfg = cls(**values)
         except TypeError as e:
-            raise UserError(f"config.json is missing a field: {e}") from None
+            raise UserError(f"{where} is missing a field: {e}") from None
+        except UserError as e:  # a check of the built config: named as the file names the field
+            first, _, rest = str(e).partition(" ")
+            raise UserError(f"{where}: {names.get(first, first)} {rest}") from None
+        if shapes is not None:
+            check_weights(cfg, shapes, where, names)
+        return cfg
 
 
 def _deepseek_routing(values: dict[str, Any], config: dict[str, Any]) -> None:
@@ -242,5 +288,200 @@ def _gemma3_layers(values: dict[str, Any], config: dict[str, Any]) -> None:
         pattern = config.get("sliding_window_pattern", 6)
         values["layer_types"] = [
             "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
-            for i in range(values["num_hidden_layers"])
+            for i in range(values.get("num_hidden_layers", 0))
         ]
+
+
+# --- validation ----------------------------------------------------------------------------------
+# Every integer size a config may state, under our names and the aliases ``from_hf`` reads: (least,
+# most). The caps are generous (DeepSeek-V3: 61 layers, 7168 wide, 256 experts, 129280 tokens; Llama 3.1
+# 405B: 126 layers, 16384 wide, 53248 FFN; Gemma 3: 262208 tokens; Llama 4 Scout: a 10M-token context)
+# and stop a hostile value from sizing anything before the weights are compared with it.
+_SIZES = {
+    "hidden_size": (1, 2**24), "intermediate_size": (1, 2**24), "num_hidden_layers": (1, 2**20),
+    "num_attention_heads": (1, 2**16), "num_key_value_heads": (1, 2**16), "head_dim": (1, 2**16),
+    "vocab_size": (1, 2**27), "max_position_embeddings": (1, 2**26), "sliding_window": (0, 2**26),
+    "sliding_window_pattern": (1, 2**20), "num_experts": (0, 2**16), "num_local_experts": (0, 2**16),
+    "n_routed_experts": (0, 2**16), "num_experts_per_tok": (0, 2**16), "n_shared_experts": (0, 2**16),
+    "moe_intermediate_size": (0, 2**24), "shared_expert_intermediate_size": (0, 2**24), "n_group": (0, 2**16),
+    "topk_group": (0, 2**16), "first_k_dense_replace": (0, 2**20), "decoder_sparse_step": (1, 2**20),
+    "moe_layer_freq": (1, 2**20), "num_nextn_predict_layers": (0, 2**20), "kv_lora_rank": (0, 2**24),
+    "q_lora_rank": (0, 2**24), "qk_nope_head_dim": (0, 2**16), "qk_rope_head_dim": (0, 2**16),
+    "v_head_dim": (0, 2**16),
+}  # fmt: skip
+# Floats that must be finite and above a bound (a RoPE base of 1 or less has no wavelengths).
+_ABOVE = {"rms_norm_eps": 0, "rope_theta": 1, "rope_local_base_freq": 1, "query_pre_attn_scalar": 0,
+          "routed_scaling_factor": 0}  # fmt: skip
+_BOOLS = {f.name for f in fields(ModelConfig) if f.type == "bool"}
+# What MLX loads, per quantization mode: (group sizes, bits).
+_QUANT = {"affine": ((32, 64, 128), (1, 2, 3, 4, 5, 6, 8)), "mxfp4": ((32,), (4,)), "mxfp8": ((32,), (8,)),
+          "nvfp4": ((16,), (4,))}  # fmt: skip
+_HELD = {"num_hidden_layers": "layers", "vocab_size": "token embeddings", "hidden_size": "features per token"}
+_ROPE_NUMBERS = ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow", "mscale",
+                 "mscale_all_dim", "attention_factor")  # fmt: skip
+
+Fail = Callable[[str, str], NoReturn]
+
+
+def _failure(where: str | None, names: Mapping[str, str] | None) -> Fail:
+    def fail(key: str, problem: str) -> NoReturn:
+        label = (names or {}).get(key, key)
+        raise UserError(f"{where}: {label} {problem}" if where else f"{label} {problem}")
+
+    return fail
+
+
+def _whole(key: str, value: Any, least: int, most: int, fail: Fail, held: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        fail(key, f"is {value!r}, not a whole number")
+    if value < least:
+        fail(key, f"is {value}, less than {least}")
+    if held is not None and value != held:
+        fail(key, f"is {value} but the weights hold {held} {_HELD[key]}")
+    if value > most:
+        fail(key, f"is {value}, more than {most:,} (no model is that large)")
+
+
+def _number(key: str, value: Any, above: float, fail: Fail) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        fail(key, f"is {value!r}, not a number")
+    if not math.isfinite(value) or value <= above:
+        fail(key, f"is {value}; it must be a finite number above {above}")
+
+
+def check_config(values: Mapping[str, Any], where: str | None = None, names: Mapping[str, str] | None = None,
+                 held: Mapping[str, int] | None = None) -> None:
+    """Refuse, in one line naming ``where`` and the field (``names`` maps our names to the file's), any
+    config value no model has, and sizes that disagree with ``held`` (what the weights hold)."""
+    fail = _failure(where, names)
+    stack = list(values.items())
+    while stack:  # a non-finite float anywhere (iteratively: JSON may nest deeply)
+        key, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(key, f"is {value}, not a finite number")
+        if isinstance(value, Mapping):
+            stack.extend((f"{key}.{k}", v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((f"{key}[{i}]", v) for i, v in enumerate(value))
+    for key, value in values.items():
+        if value is None:
+            continue
+        if key in _SIZES:
+            _whole(key, value, *_SIZES[key], fail, (held or {}).get(key))
+        elif key in _ABOVE:
+            _number(key, value, _ABOVE[key], fail)
+        elif key in _BOOLS and not isinstance(value, bool):
+            fail(key, f"is {value!r}, not true or false")
+        elif key in ("model_type", "activation", "router", "expert_stack_name", "ffn_name") and (
+                not isinstance(value, str)):
+            fail(key, f"is {value!r}, not a name")
+    layer_types, dense = values.get("layer_types"), values.get("mlp_only_layers")
+    kinds = ("sliding_attention", "full_attention")
+    if layer_types is not None and not (isinstance(layer_types, list) and all(t in kinds for t in layer_types)):
+        fail("layer_types", "is not a list of 'sliding_attention' / 'full_attention'")
+    if dense is not None:
+        if not isinstance(dense, list):
+            fail("mlp_only_layers", f"is {dense!r}, not a list of layer numbers")
+        for i, layer in enumerate(dense):
+            _whole(f"mlp_only_layers[{i}]", layer, 0, 2**20, fail)
+    if values.get("rope_scaling") is not None:
+        _check_rope_scaling(values["rope_scaling"], fail)
+    if values.get("quantization") is not None:
+        check_quantization_block(values["quantization"], where, "quantization")
+
+
+def _check_rope_scaling(scaling: Any, fail: Fail) -> None:
+    if not isinstance(scaling, Mapping):
+        fail("rope_scaling", f"is {scaling!r}, not an object")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    for key in _ROPE_NUMBERS:
+        if scaling.get(key) is not None:
+            _number(f"rope_scaling.{key}", scaling[key], 0 if "factor" in key else -math.inf, fail)
+    if scaling.get("factor") is None and (kind in ("linear", "llama3", "yarn") or scaling.get("mscale_all_dim")):
+        fail("rope_scaling.factor", f"is missing (rope type {kind!r} needs it)")
+    if kind == "llama3" and scaling.get("low_freq_factor", 1.0) == scaling.get("high_freq_factor", 4.0):
+        fail("rope_scaling.high_freq_factor", "equals low_freq_factor (llama3 scaling ramps between them)")
+    if scaling.get("original_max_position_embeddings") is not None:
+        _whole("rope_scaling.original_max_position_embeddings", scaling["original_max_position_embeddings"],
+               1, 2**26, fail)
+
+
+def check_quantization_block(block: Any, where: str | None, key: str = "quantization") -> None:
+    """An mlx-community quantization block: group size and bits MLX can load for its mode, at the top and
+    in every per-module override."""
+    fail = _failure(where, None)
+    if not isinstance(block, Mapping):
+        fail(key, f"is {block!r}, not an object")
+    for label, params in [(key, block)] + [(f"{key}.{m}", p) for m, p in block.items() if isinstance(p, Mapping)]:
+        mode = params.get("mode", block.get("mode", "affine"))
+        if not isinstance(mode, str) or mode not in _QUANT:
+            fail(f"{label}.mode", f"is {mode!r} (supported: {', '.join(_QUANT)})")
+        for name, allowed in zip(("group_size", "bits"), _QUANT[mode]):
+            value = params.get(name, block.get(name))
+            if isinstance(value, bool) or value not in allowed:
+                fail(f"{label}.{name}", f"is {value!r}, not one of {', '.join(map(str, allowed))} ({mode} mode)")
+
+
+def _held(shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any]) -> dict[str, int]:
+    """Layers, vocabulary and width the weights hold (a DeepSeek checkpoint's multi-token-prediction
+    layers, numbered after the decoder's, not counted)."""
+    ids = {layer_index(name) for name in shapes} - {None}
+    layers = config.get("num_hidden_layers")
+    if config.get("num_nextn_predict_layers") and isinstance(layers, int):
+        ids = {i for i in ids if i < layers}
+    held = {"num_hidden_layers": len(ids)}
+    embed, norm = shapes.get("model.embed_tokens.weight"), shapes.get("model.norm.weight")
+    if embed is not None and len(embed) == 2:
+        held["vocab_size"] = embed[0]
+    if norm is not None and len(norm) == 1:
+        held["hidden_size"] = norm[0]
+    return held
+
+
+def check_weights(cfg: ModelConfig, shapes: Mapping[str, tuple[int, ...]], where: str,
+                  names: Mapping[str, str] | None = None) -> None:
+    """Compare each size of ``cfg`` with the rows of a tensor that carries it (rows only: the packed
+    columns of a quantized tensor say nothing), naming the field; run before anything is built."""
+    def n(*keys: str) -> str:
+        return " x ".join((names or {}).get(k, k) for k in keys)
+
+    a, layers = "model.layers.0.self_attn.", range(cfg.num_hidden_layers)
+    checks = [] if cfg.tie_word_embeddings else [(n("vocab_size"), cfg.vocab_size, "lm_head.weight", 0)]
+    if cfg.kv_lora_rank:
+        q_rows = cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+        checks += [(n("kv_lora_rank"), cfg.kv_lora_rank, a + "kv_a_layernorm.weight", 0),
+                   (f"{n('kv_lora_rank')} + {n('qk_rope_head_dim')}", cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+                    a + "kv_a_proj_with_mqa.weight", 0),
+                   (n("q_lora_rank"), cfg.q_lora_rank, a + "q_a_proj.weight", 0),
+                   (f"{n('num_attention_heads')} x ({n('qk_nope_head_dim')} + {n('qk_rope_head_dim')})", q_rows,
+                    a + ("q_b_proj.weight" if cfg.q_lora_rank else "q_proj.weight"), 0)]
+    else:
+        if cfg.qk_norm and cfg.qk_norm_per_head:
+            checks.append((n("head_dim"), cfg.head_dim, a + "q_norm.weight", 0))
+        kv = cfg.num_key_value_heads * cfg.head_dim
+        q_rows = cfg.num_attention_heads * cfg.head_dim
+        checks += [(n("num_attention_heads", "head_dim"), q_rows, a + "q_proj.weight", 0),
+                   (n("num_key_value_heads", "head_dim"), kv, a + "k_proj.weight", 0),
+                   (n("num_key_value_heads", "head_dim"), kv, a + "v_proj.weight", 0)]
+    dense = next((i for i in layers if not cfg.is_moe(i)), None)
+    if dense is not None:
+        checks.append((n("intermediate_size"), cfg.intermediate_size,
+                       f"model.layers.{dense}.{cfg.ffn_name}.up_proj.weight", 0))
+    moe = next((i for i in layers if cfg.is_moe(i)), None)
+    if moe is not None:
+        p = f"model.layers.{moe}.{cfg.ffn_name}."
+        width = "moe_intermediate_size" if cfg.moe_intermediate_size else "intermediate_size"
+        expert = cfg.moe_intermediate_size or cfg.intermediate_size
+        checks += [(n("num_experts"), cfg.num_experts, p + "gate.weight", 0),
+                   (n("num_experts"), cfg.num_experts, f"{p}{cfg.expert_stack_name}.up_proj.weight", 0),
+                   (n(width), expert, f"{p}{cfg.expert_stack_name}.up_proj.weight", 1),
+                   (n(width), expert, p + "experts.0.up_proj.weight", 0),
+                   (n(width), expert, p + "experts.0.w3.weight", 0)]
+        for shared in ("shared_expert", "shared_experts"):
+            checks.append((n("shared_expert_intermediate_size"), cfg.shared_expert_intermediate_size,
+                           f"{p}{shared}.up_proj.weight", 0))
+    for label, expected, name, dim in checks:
+        shape = shapes.get(name)
+        if shape is not None and len(shape) > dim and shape[dim] != expected:
+            raise UserError(f"{where}: {label} is {expected} but the weights hold {shape[dim]} "
+                                f"(tensor '{name}' has shape {tuple(shape)})")
