@@ -155,7 +155,8 @@ def test_pruning_specs_and_pruned_forward():
         h = teacher.layers[i](h, "causal", None)
     assert mx.allclose(student(x), teacher.head(teacher.model.norm(h)), atol=1e-4).item()
     # layer kinds move with their blocks
-    sliding = random_model({**TEACHER_CONFIG, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"] * 2})
+    sliding = random_model({**TEACHER_CONFIG, "model_type": "qwen2", "use_sliding_window": True, "sliding_window": 8,
+                            "layer_types": ["sliding_attention", "full_attention"] * 2})
     assert S.prune_layers(sliding, [1, 2]).config.layer_types == ["full_attention", "sliding_attention"]
 
 

@@ -80,6 +80,8 @@ def chat_command(model_spec, compute, verbose, adapter_path, system, **kw) -> No
     model, tokenizer = load_for_command(model_spec, compute, verbose, adapter_path)
     if not tokenizer.has_chat_template:
         raise UserError("this model has no chat template; use `mlxllm generate` instead")
+    if tokenizer.chat_template_error:
+        raise UserError(tokenizer.chat_template_error)
     start = [{"role": "system", "content": system}] if system else []
     kv = sampling.pop("kv")  # the kept cache carries the KV settings
     _chat_loop(model, tokenizer, start, kv, kw["max_tokens"], sampling, verbose)

@@ -16,6 +16,8 @@ from typing import NamedTuple, TYPE_CHECKING
 
 import regex
 
+from .checks import building
+
 if TYPE_CHECKING:
     import tiktoken
 
@@ -286,10 +288,13 @@ class BytePairEncoder:
         normalize: Callable[[str], str] | None = None,
         drop_untokenized_bytes: bool = False,
         allow_tiktoken: bool = True,
+        source: str = "the vocabulary",
     ) -> None:
         """`drop_untokenized_bytes` picks what happens to a byte with no token (rare, but SmolLM2
         has none for 0x04): HF `tokenizers` drops it before merging, so its neighbours can merge
-        with each other; llama.cpp keeps it as a symbol nothing merges with, then drops it."""
+        with each other; llama.cpp keeps it as a symbol nothing merges with, then drops it.
+        `source` (a file name) is what errors name; the caller has checked the ids (`checks.py`)."""
+        self._source = source
         self._vocab = dict(vocab)
         self._ranks: dict[tuple[str, str], int] = {}
         for rank, pair in enumerate(merges):
@@ -321,11 +326,15 @@ class BytePairEncoder:
             ranks[byte_level_to_bytes(merged)] = self._vocab[merged]
         # tiktoken runs the last regex stage itself; earlier stages (and no stage) split in Python.
         last = _isolating(patterns[-1]) if patterns else r"[\s\S]+"
-        try:
-            return tiktoken.Encoding(name="mlxllm-bpe", pat_str=last, mergeable_ranks=ranks, special_tokens={})
-        except ValueError as err:  # e.g. a regex fancy-regex cannot compile
-            self.tiktoken_problem = f"tiktoken rejected the vocabulary: {err}"
+        if None in ranks or len(set(ranks.values())) != len(ranks):  # tiktoken would panic on these
+            self.tiktoken_problem = "tokens outside the byte alphabet, or ids shared by two tokens"
             return None
+        with building(self._source, "tiktoken"):  # anything else, a Rust panic included, is an error
+            try:
+                return tiktoken.Encoding(name="mlxllm-bpe", pat_str=last, mergeable_ranks=ranks, special_tokens={})
+            except ValueError as err:  # e.g. a regex fancy-regex cannot compile: the exact path takes over
+                self.tiktoken_problem = f"tiktoken rejected the vocabulary: {err}"
+                return None
 
     def encode(self, text: str) -> list[int]:
         if self._normalize is not None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import bpe, spm
+from .gguf_vocab import check_tokenizer_metadata
 
 
 def _isolated(pattern: str) -> dict[str, Any]:
@@ -56,7 +57,9 @@ def _bpe_json(meta: dict[str, Any], pre: bpe.GGUFPreTokenizer, add_bos: bool, bo
 
 
 def write_hf_tokenizer(meta: dict[str, Any], out: Path) -> None:
-    """Write the tokenizer described by GGUF metadata ``meta`` into the directory ``out``."""
+    """Write the tokenizer described by GGUF metadata ``meta`` into the directory ``out``; malformed
+    metadata raises `TokenizerFileError` (a `UserError`) naming the file, before anything is written."""
+    check_tokenizer_metadata(meta)
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
     kind = meta.get("tokenizer.ggml.model")
 

@@ -8,10 +8,14 @@ Special tokens are cut out of the text before the processor sees it (see `specia
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import sentencepiece
+from google.protobuf.message import DecodeError
 from sentencepiece import sentencepiece_model_pb2 as sp_pb
+
+from .checks import TokenizerFileError, building
 
 # Piece types; GGUF `tokenizer.ggml.token_type` uses the same numbers.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -20,9 +24,12 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 class SentencePieceEncoder:
     """Encodes raw text (no special tokens) with a SentencePiece processor."""
 
-    def __init__(self, proto: sp_pb.ModelProto) -> None:
+    def __init__(self, proto: sp_pb.ModelProto, source: str = "the vocabulary") -> None:
+        """`source` (a file name) is what errors name."""
+        _check_pieces(proto, source)
         self.proto = proto
-        self._sp = sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        with building(source, "sentencepiece"):
+            self._sp = sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
 
     @property
     def add_dummy_prefix(self) -> bool:
@@ -45,9 +52,29 @@ class SentencePieceEncoder:
         return out
 
 
-def from_model_file(data: bytes) -> SentencePieceEncoder:
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _check_pieces(proto: sp_pb.ModelProto, source: str) -> None:
+    """What sentencepiece would refuse (or this module misread), as one error naming the file."""
+    if not proto.pieces:
+        raise TokenizerFileError(f"{source}: the model has no pieces")
+    first: dict[str, int] = {}
+    for i, p in enumerate(proto.pieces):
+        j = first.setdefault(p.piece, i)
+        if j != i:
+            raise TokenizerFileError(f"{source}: piece {p.piece!r:.60} has two ids, {j} and {i}")
+        if p.type == BYTE and not _BYTE_PIECE.fullmatch(p.piece):
+            raise TokenizerFileError(f"{source}: byte piece {i} is {p.piece!r:.60}, not <0xNN>")
+
+
+def from_model_file(data: bytes, source: str = "tokenizer.model") -> SentencePieceEncoder:
     """Processor for the bytes of a `tokenizer.model` file, with its own normalizer settings."""
-    return SentencePieceEncoder(sp_pb.ModelProto.FromString(data))
+    try:
+        proto = sp_pb.ModelProto.FromString(data)
+    except (DecodeError, RuntimeError, ValueError) as err:
+        raise TokenizerFileError(f"{source}: not a SentencePiece model (truncated or corrupt: {err})") from None
+    return SentencePieceEncoder(proto, source)
 
 
 def from_gguf_vocab(
@@ -57,6 +84,7 @@ def from_gguf_vocab(
     *,
     add_space_prefix: bool,
     unknown_token_id: int | None,
+    source: str = "the vocabulary",
 ) -> SentencePieceEncoder:
     """Processor equivalent to llama.cpp's SPM tokenizer over a GGUF `llama` vocabulary."""
     proto = sp_pb.ModelProto()
@@ -75,4 +103,4 @@ def from_gguf_vocab(
     add = proto.pieces.add
     for piece, score, kind in zip(tokens, piece_scores, types):
         add(piece=piece, score=score, type=kind)
-    return SentencePieceEncoder(proto)
+    return SentencePieceEncoder(proto, source)

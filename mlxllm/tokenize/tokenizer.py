@@ -6,12 +6,11 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
-from jinja2.exceptions import TemplateError
-
 from . import bpe, spm
-from .chat import ChatTemplate
+from .chat import ChatTemplate, ChatTemplateError
+from .checks import TokenizerFileError, building
 from .detokenize import StreamingDetokenizer
-from .gguf_vocab import read_gguf_tokenizer_metadata
+from .gguf_vocab import check_tokenizer_metadata, read_gguf_tokenizer_metadata
 from .hf_dir import HFTokenizerFiles
 from .specials import SpecialSplitter
 
@@ -45,10 +44,15 @@ class Tokenizer:
         chat_template: str | None,
         strip_first_space: bool = False,
         unk_token_id: int | None = None,
+        source: str = "the tokenizer files",
+        chat_template_file: str | None = None,
     ) -> None:
         self._encoder = encoder
         self._pieces = piece_bytes
-        self._splitter = SpecialSplitter(specials, longest_first=longest_first_specials)
+        try:
+            self._splitter = SpecialSplitter(specials, longest_first=longest_first_specials)
+        except RecursionError:
+            raise TokenizerFileError(f"{source}: the special tokens nest too deeply to match") from None
         self._skip = frozenset(skip_ids)
         self._strip_first_space = strip_first_space
         self._bos = bos_token_id
@@ -56,11 +60,12 @@ class Tokenizer:
         self._pad = pad_token_id
         self._texts = {tid: text for text, tid in specials.items()}
         self._template: ChatTemplate | None = None
-        self._template_error: TemplateError | None = None
+        self._template_source = chat_template or None
+        self._template_error: ChatTemplateError | None = None
         if chat_template:
             try:
-                self._template = ChatTemplate(chat_template)
-            except TemplateError as err:  # a broken template must not make the tokenizer unusable
+                self._template = ChatTemplate(chat_template, chat_template_file or source)
+            except ChatTemplateError as err:  # reported when the template is used, not at load
                 self._template_error = err
         self._template_vars = {
             name: self._token_text(tid)
@@ -88,7 +93,14 @@ class Tokenizer:
 
     @classmethod
     def from_gguf_metadata(cls, meta: dict[str, Any]) -> Tokenizer:
-        """Tokenizer from GGUF metadata (key -> decoded value), behaving like llama.cpp's."""
+        """Tokenizer from GGUF metadata (key -> decoded value), behaving like llama.cpp's. Malformed
+        metadata raises `TokenizerFileError` (a `UserError`) naming the file."""
+        source = check_tokenizer_metadata(meta)
+        with building(source):
+            return cls._from_checked_gguf_metadata(meta, source)
+
+    @classmethod
+    def _from_checked_gguf_metadata(cls, meta: dict[str, Any], source: str) -> Tokenizer:
         kind = meta.get("tokenizer.ggml.model")
         tokens: list[str] = meta["tokenizer.ggml.tokens"]
         types: list[int] = meta.get("tokenizer.ggml.token_type") or [spm.NORMAL] * len(tokens)
@@ -101,7 +113,8 @@ class Tokenizer:
             pre = bpe.gguf_pre_tokenizer(meta.get("tokenizer.ggml.pre"))
             merges = [_split_merge(m) for m in meta["tokenizer.ggml.merges"]]
             encoder: _TextEncoder = bpe.BytePairEncoder(
-                {tok: i for i, tok in enumerate(tokens)}, merges, pre.stages, ignore_merges=pre.ignore_merges
+                {tok: i for i, tok in enumerate(tokens)}, merges, pre.stages, ignore_merges=pre.ignore_merges,
+                source=source,
             )
             pieces = [
                 tok.encode("utf-8") if t in _MATCHED_WHOLE else (bpe.byte_level_to_bytes(tok) or tok.encode("utf-8"))
@@ -115,11 +128,12 @@ class Tokenizer:
                 types,
                 add_space_prefix=meta.get("tokenizer.ggml.add_space_prefix", True),
                 unknown_token_id=unk,
+                source=source,
             )
             encoder, pieces = sp, sp.piece_bytes()
             default_add_bos, strip_first_space = True, sp.add_dummy_prefix
         else:
-            raise ValueError(f"unsupported GGUF tokenizer model {kind!r} (supported: 'gpt2', 'llama')")
+            raise TokenizerFileError(f"{source}: unsupported tokenizer model {kind!r} (supported: 'gpt2', 'llama')")
         eos = [
             meta[key]
             for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
@@ -138,6 +152,7 @@ class Tokenizer:
             chat_template=meta.get("tokenizer.chat_template"),
             strip_first_space=strip_first_space,
             unk_token_id=unk,
+            source=source,
         )
 
     @classmethod
@@ -146,36 +161,45 @@ class Tokenizer:
         `tokenizer.model` (SentencePiece), with `tokenizer_config.json`, `special_tokens_map.json`,
         `generation_config.json` and `config.json` for special tokens and the chat template."""
         files = HFTokenizerFiles(path)
-        skip = set(files.special_ids)
         if files.byte_level_bpe is not None:
-            model = files.byte_level_bpe
-            encoder: _TextEncoder = bpe.BytePairEncoder(
-                model.vocab,
-                model.merges,
-                bpe.hf_pre_tokenizer(model.pre_tokenizer),
-                ignore_merges=model.ignore_merges,
-                normalize=bpe.hf_normalizer(model.normalizer),
-                drop_untokenized_bytes=True,
-            )
-            texts = {**{i: t for t, i in model.vocab.items()}, **{i: t for t, i in files.added.items()}}
+            source, model = "tokenizer.json", files.byte_level_bpe
+            added = files.resolve_added(model.vocab)
+            with building(source):
+                encoder: _TextEncoder = bpe.BytePairEncoder(
+                    model.vocab,
+                    model.merges,
+                    bpe.hf_pre_tokenizer(model.pre_tokenizer),
+                    ignore_merges=model.ignore_merges,
+                    normalize=bpe.hf_normalizer(model.normalizer),
+                    drop_untokenized_bytes=True,
+                    source=source,
+                )
+            texts = {**{i: t for t, i in model.vocab.items()}, **{i: t for t, i in added.items()}}
             # Decoded as the ByteLevel decoder does: via the byte alphabet if possible, else literally.
             by_id = {i: bpe.byte_level_to_bytes(t) or t.encode("utf-8") for i, t in texts.items()}
-            pieces = [by_id.get(i, b"") for i in range(max(by_id) + 1)]
-            vocab_ids, specials, strip_first_space = model.vocab, dict(files.added), False
+            pieces = [by_id.get(i, b"") for i in range(max(by_id) + 1)]  # ids are checked: checks.id_limit
+            vocab_ids, specials, strip_first_space = model.vocab, dict(added), False
+            skip = set(files.special_ids)
         elif files.sentencepiece is not None:
-            sp = spm.from_model_file(files.sentencepiece)
+            source = "tokenizer.model"
+            with building(source, "sentencepiece"):
+                sp = spm.from_model_file(files.sentencepiece, source=source)
+                pieces = sp.piece_bytes()
             encoder, strip_first_space = sp, sp.add_dummy_prefix
-            pieces = sp.piece_bytes()
             vocab_ids = {p.piece: i for i, p in enumerate(sp.proto.pieces)}
+            added = files.resolve_added(vocab_ids)
             specials = {p.piece: i for i, p in enumerate(sp.proto.pieces) if p.type in _MATCHED_WHOLE}
+            skip = set(files.special_ids)
             skip.update(i for i, p in enumerate(sp.proto.pieces) if p.type in (spm.CONTROL, spm.UNKNOWN))
-            for text, tid in files.added.items():  # added tokens may extend past the model's pieces
+            for text, tid in added.items():  # added tokens may extend past the model's pieces
                 specials[text] = tid
                 if tid >= len(pieces):
                     pieces.extend([b""] * (tid + 1 - len(pieces)))
                     pieces[tid] = text.encode("utf-8")
         else:
-            raise ValueError(f"{os.fspath(path)!r} has neither a byte-level BPE tokenizer.json nor a tokenizer.model")
+            raise TokenizerFileError(
+                f"{os.fspath(path)!r} has neither a byte-level BPE tokenizer.json nor a tokenizer.model"
+            )
         ids_by_text = {**vocab_ids, **specials}
 
         def lookup(text: str | None) -> int | None:
@@ -187,13 +211,15 @@ class Tokenizer:
             specials=specials,
             skip_ids=skip,
             longest_first_specials=False,
-            bos_token_id=files.bos_token_id(lookup),
+            bos_token_id=files.bos_token_id(lookup, len(pieces)),
             add_bos=files.add_bos(default=files.sentencepiece is not None),
-            eos_token_ids=files.eos_token_ids(lookup),
+            eos_token_ids=files.eos_token_ids(lookup, len(pieces)),
             pad_token_id=lookup(files.special_token("pad_token")),
             chat_template=files.chat_template,
             strip_first_space=strip_first_space,
             unk_token_id=lookup(files.special_token("unk_token")),
+            source=source,
+            chat_template_file=files.chat_template_file,
         )
 
     # --- encoding and decoding --------------------------------------------------------------------
@@ -232,11 +258,18 @@ class Tokenizer:
 
     @property
     def has_chat_template(self) -> bool:
-        return self._template is not None
+        """Whether the model comes with a chat template (one that does not compile included: using it
+        raises `ChatTemplateError`, see `chat_template_error`)."""
+        return self._template_source is not None
 
     @property
     def chat_template(self) -> str | None:
-        return self._template.source if self._template is not None else None
+        return self._template_source
+
+    @property
+    def chat_template_error(self) -> str | None:
+        """Why the model's chat template cannot be used (it does not compile), or None."""
+        return str(self._template_error) if self._template_error is not None else None
 
     def apply_chat_template(
         self,
@@ -248,9 +281,9 @@ class Tokenizer:
         """Render `messages` with the model's chat template; extra keyword arguments (e.g. `tools`)
         become template variables. Tokenized, a BOS the template wrote itself is not added again."""
         if self._template_error is not None:
-            raise ValueError(f"the model's chat template does not compile: {self._template_error}")
+            raise ChatTemplateError(str(self._template_error))
         if self._template is None:
-            raise ValueError(
+            raise ChatTemplateError(
                 "this tokenizer has no chat template (base models usually have none); encode the prompt text directly"
             )
         text = self._template.render(messages, add_generation_prompt, **{**self._template_vars, **kwargs})
