@@ -338,6 +338,16 @@ def test_detokenizer_reset(smollm):
     assert detok.last_segment == ""
 
 
+def test_detokenizer_ids_past_the_vocabulary_have_no_text(smollm):
+    """A model whose embedding table is padded past its tokenizer can sample such an id."""
+    detok = smollm.detokenizer()
+    ids = smollm.encode("hello", add_special_tokens=False)
+    text = "".join(detok.add_token(i) for i in [ids[0], smollm.vocab_size, smollm.vocab_size + 100, *ids[1:]])
+    assert text + detok.finalize() == "hello"
+    with pytest.raises(ValueError):
+        smollm.decode([smollm.vocab_size])
+
+
 # --- chat templates ----------------------------------------------------------------------------------
 
 CONVERSATION = [

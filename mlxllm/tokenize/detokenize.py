@@ -30,8 +30,9 @@ class StreamingDetokenizer:
         self.last_segment = ""
 
     def add_token(self, token: int) -> str:
-        """Feed one id; return the text it completes (possibly empty)."""
-        data = self._pieces[token]
+        """Feed one id; return the text it completes (possibly empty). An id past the vocabulary (a
+        model's embedding table padded beyond its tokenizer, as Qwen's is) has no text."""
+        data = self._pieces[token] if 0 <= token < len(self._pieces) else b""
         if self._first:
             self._first = False
             if self._strip_first_space and data.startswith(b" "):

@@ -251,7 +251,8 @@ class Tokenizer:
         return b"".join(chunks).decode("utf-8", errors="replace")
 
     def detokenizer(self) -> StreamingDetokenizer:
-        """A new streaming detokenizer; its text is exactly `decode` of the ids fed so far."""
+        """A new streaming detokenizer; its text is exactly `decode` of the ids fed so far (ids past
+        the vocabulary, which `decode` refuses, add no text)."""
         return StreamingDetokenizer(self._pieces, self._strip_first_space)
 
     # --- chat ---------------------------------------------------------------------------------------
