@@ -12,6 +12,7 @@ their per-module override when there is one (mlx-lm's rule).
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from pathlib import Path
@@ -21,7 +22,6 @@ import mlx.core as mx
 
 from ..errors import UserError
 from ..model.config import ModelConfig, check_quantization_block, layer_index
-from ..model.quantize import MODES
 from .weights import Quantized, Tensor, TensorSpec, finish
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
@@ -113,9 +113,7 @@ def _check_entry(file: str, name: str, info: Any, data_start: int, size: int) ->
     if not (isinstance(offsets, list) and len(offsets) == 2
             and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
         raise bad(f"has data_offsets {offsets!r}, not [begin, end] with 0 <= begin <= end")
-    count = 1
-    for d in shape:
-        count *= d
+    count = math.prod(shape)
     if count * _DTYPE_BYTES[dtype] != offsets[1] - offsets[0]:
         raise bad(f"has shape {shape} of {dtype} ({count * _DTYPE_BYTES[dtype]:,} bytes) but data_offsets "
                   f"{offsets} span {offsets[1] - offsets[0]:,} bytes")
@@ -226,9 +224,7 @@ class HFSource:
                 raise UserError(f"tensor '{p}.scales' exists but config.json marks '{p}' as not quantized")
             if not isinstance(params, dict):  # an override of `true` means the defaults
                 params = q
-            mode = params.get("mode", q.get("mode", "affine"))
-            if mode not in MODES:
-                raise UserError(f"quantization mode '{mode}' is not supported ({', '.join(MODES)})")
+            mode = params.get("mode", q.get("mode", "affine"))  # checked by check_quantization_block
             out[p] = group, bits, _ = (params.get("group_size", q["group_size"]), params.get("bits", q["bits"]), mode)
             self._check_packing(p, group, bits)
         return out
@@ -253,9 +249,7 @@ class HFSource:
         for name, (_, _, info) in self.index.items():
             prefix, _, leaf = name.rpartition(".")
             nbytes = info["data_offsets"][1] - info["data_offsets"][0]
-            count = 1
-            for d in info["shape"]:
-                count *= d
+            count = math.prod(info["shape"])
             if prefix in self.quant:
                 if leaf != "weight":
                     continue  # scales and biases are accounted with their weight

@@ -313,8 +313,8 @@ _SIZES = {
 _ABOVE = {"rms_norm_eps": 0, "rope_theta": 1, "rope_local_base_freq": 1, "query_pre_attn_scalar": 0,
           "routed_scaling_factor": 0}  # fmt: skip
 _BOOLS = {f.name for f in fields(ModelConfig) if f.type == "bool"}
-# What MLX loads, per quantization mode: (group sizes, bits).
-_QUANT = {"affine": ((32, 64, 128), (1, 2, 3, 4, 5, 6, 8)), "mxfp4": ((32,), (4,)), "mxfp8": ((32,), (8,)),
+# What MLX loads, per quantization mode: (group sizes, bits); ``quantize.MODES`` is what convert offers of it.
+QUANT_MODES = {"affine": ((32, 64, 128), (1, 2, 3, 4, 5, 6, 8)), "mxfp4": ((32,), (4,)), "mxfp8": ((32,), (8,)),
           "nvfp4": ((16,), (4,))}  # fmt: skip
 _HELD = {"num_hidden_layers": "layers", "vocab_size": "token embeddings", "hidden_size": "features per token"}
 _ROPE_NUMBERS = ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow", "mscale",
@@ -414,9 +414,9 @@ def check_quantization_block(block: Any, where: str | None, key: str = "quantiza
         fail(key, f"is {block!r}, not an object")
     for label, params in [(key, block)] + [(f"{key}.{m}", p) for m, p in block.items() if isinstance(p, Mapping)]:
         mode = params.get("mode", block.get("mode", "affine"))
-        if not isinstance(mode, str) or mode not in _QUANT:
-            fail(f"{label}.mode", f"is {mode!r} (supported: {', '.join(_QUANT)})")
-        for name, allowed in zip(("group_size", "bits"), _QUANT[mode]):
+        if not isinstance(mode, str) or mode not in QUANT_MODES:
+            fail(f"{label}.mode", f"is {mode!r} (supported: {', '.join(QUANT_MODES)})")
+        for name, allowed in zip(("group_size", "bits"), QUANT_MODES[mode]):
             value = params.get(name, block.get(name))
             if isinstance(value, bool) or value not in allowed:
                 fail(f"{label}.{name}", f"is {value!r}, not one of {', '.join(map(str, allowed))} ({mode} mode)")

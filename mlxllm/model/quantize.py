@@ -13,13 +13,14 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..errors import UserError
-from .config import layer_index
+from .config import QUANT_MODES, layer_index
 from .decoder import Model
 
-# What convert quantizes to, per mode: (group sizes, bits). MLX's affine mode also takes 1 bit, too
-# lossy to offer. mxfp4/mxfp8/nvfp4 store small floats with one shared 8-bit scale per group.
-MODES = {"affine": ((32, 64, 128), (2, 3, 4, 5, 6, 8)), "mxfp4": ((32,), (4,)), "mxfp8": ((32,), (8,)),
-         "nvfp4": ((16,), (4,))}
+# What convert quantizes to, per mode: (group sizes, bits): what MLX loads, less affine's 1 bit (too
+# lossy to offer). mxfp4/mxfp8/nvfp4 store small floats with one shared 8-bit scale per group.
+MODES = {mode: (groups, tuple(b for b in bits if b > 1)) for mode, (groups, bits) in QUANT_MODES.items()}
+
+
 def check_quantization(bits: int, group_size: int, mode: str) -> None:
     if mode not in MODES:
         raise UserError(f"quantization mode '{mode}' is not supported (supported: {', '.join(MODES)})")
