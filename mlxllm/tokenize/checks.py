@@ -134,6 +134,15 @@ def check_one_text_per_id(source: str, what: str, ids: Mapping[str, int], others
             raise TokenizerFileError(f"{source}: id {tid} is both {_shown(first)} and {_shown(text)} ({what})")
 
 
+def check_one_id_per_text(source: str, what: str, texts: Iterable[str]) -> None:
+    """No text of `texts` (in id order) stands at two ids."""
+    first: dict[str, int] = {}
+    for i, text in enumerate(texts):
+        j = first.setdefault(text, i)
+        if j != i:
+            raise TokenizerFileError(f"{source}: {what} {text!r:.60} has two ids, {j} and {i}")
+
+
 def check_special_lengths(source: str, texts: Iterable[str]) -> None:
     for text in texts:
         if len(text) > MAX_SPECIAL_CHARS:

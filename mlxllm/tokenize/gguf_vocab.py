@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from ..gguf_file import GGUFFile, read_gguf
-from .checks import TokenizerFileError, check_special_lengths, check_token_id
+from .checks import TokenizerFileError, check_one_id_per_text, check_special_lengths, check_token_id
 
 # Special ids a tokenizer uses; each must name one of the file's tokens.
 SPECIAL_ID_KEYS = ("bos_token_id", "eos_token_id", "eot_token_id", "eom_token_id", "padding_token_id",
@@ -65,11 +65,7 @@ def check_tokenizer_metadata(meta: dict[str, Any]) -> str:
         merges = meta.get("tokenizer.ggml.merges")
         if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
             raise fail("tokenizer.ggml.merges must be an array of strings")
-    first: dict[str, int] = {}
-    for i, tok in enumerate(tokens):
-        j = first.setdefault(tok, i)
-        if j != i:
-            raise fail(f"token {tok!r} has two ids, {j} and {i}")
+    check_one_id_per_text(source, "token", tokens)
     for key in SPECIAL_ID_KEYS:
         tid = meta.get(f"tokenizer.ggml.{key}")
         if tid is not None:

@@ -15,7 +15,7 @@ import sentencepiece
 from google.protobuf.message import DecodeError
 from sentencepiece import sentencepiece_model_pb2 as sp_pb
 
-from .checks import TokenizerFileError, building
+from .checks import TokenizerFileError, building, check_one_id_per_text
 
 # Piece types; GGUF `tokenizer.ggml.token_type` uses the same numbers.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -59,11 +59,8 @@ def _check_pieces(proto: sp_pb.ModelProto, source: str) -> None:
     """What sentencepiece would refuse (or this module misread), as one error naming the file."""
     if not proto.pieces:
         raise TokenizerFileError(f"{source}: the model has no pieces")
-    first: dict[str, int] = {}
+    check_one_id_per_text(source, "piece", (p.piece for p in proto.pieces))
     for i, p in enumerate(proto.pieces):
-        j = first.setdefault(p.piece, i)
-        if j != i:
-            raise TokenizerFileError(f"{source}: piece {p.piece!r:.60} has two ids, {j} and {i}")
         if p.type == BYTE and not _BYTE_PIECE.fullmatch(p.piece):
             raise TokenizerFileError(f"{source}: byte piece {i} is {p.piece!r:.60}, not <0xNN>")
 
