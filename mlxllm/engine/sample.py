@@ -107,13 +107,43 @@ def make_repetition_penalty(penalty: float, context_size: int = 20) -> LogitsPro
     return process
 
 
+def make_presence_frequency_penalty(presence: float, frequency: float, prompt_tokens: int) -> LogitsProcessor:
+    """OpenAI's penalties: each token already generated (the tokens after the first ``prompt_tokens``)
+    loses ``presence`` once and ``frequency`` per time it occurred."""
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        generated = tokens[..., prompt_tokens:]
+        if generated.size == 0:
+            return logits
+        counts = _counts(generated, logits.shape)
+        penalty = presence * (counts > 0) + frequency * counts
+        return logits - penalty.astype(logits.dtype)
+
+    return process
+
+
+def _counts(tokens: mx.array, shape: tuple[int, ...]) -> mx.array:
+    """How often each vocabulary id occurs in each row of ``tokens [B, T]``: ``[B, V]``."""
+    rows = mx.broadcast_to(mx.arange(shape[0])[:, None], tokens.shape)
+    return mx.zeros(shape, dtype=mx.float32).at[rows, tokens].add(1.0)
+
+
 def make_logits_processors(
-    repetition_penalty: float | None = None, repetition_context_size: int = 20
+    repetition_penalty: float | None = None, repetition_context_size: int = 20, *,
+    presence_penalty: float = 0.0, frequency_penalty: float = 0.0, prompt_tokens: int = 0,
 ) -> list[LogitsProcessor]:
+    """The processors these settings ask for (none for the neutral values); the presence and
+    frequency penalties count only tokens after the first ``prompt_tokens`` of the history."""
     check_sampling(repetition_penalty=repetition_penalty)
-    if repetition_penalty is None or repetition_penalty == 1.0:
-        return []
-    return [make_repetition_penalty(repetition_penalty, repetition_context_size)]
+    for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if not (math.isfinite(value) and -2 <= value <= 2):
+            raise UserError(f"{name} must be a number from -2 to 2, got {value}")
+    processors = []
+    if repetition_penalty is not None and repetition_penalty != 1.0:
+        processors.append(make_repetition_penalty(repetition_penalty, repetition_context_size))
+    if presence_penalty or frequency_penalty:
+        processors.append(make_presence_frequency_penalty(presence_penalty, frequency_penalty, prompt_tokens))
+    return processors
 
 
 def apply_processors(processors: Sequence[LogitsProcessor], tokens: mx.array, logits: mx.array) -> mx.array:

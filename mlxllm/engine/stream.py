@@ -60,7 +60,7 @@ def _stop_hold(text: str, stops: Sequence[str]) -> int:
     return hold
 
 
-class _TextStream:
+class TextStream:
     """Token ids in, finished text out: UTF-8 completed by the detokenizer, stop strings cut (and held
     back while they may still be forming), the finish reason decided."""
 
@@ -150,7 +150,7 @@ def stream_generate(
     max_tokens = _fit_context(model, ids.size, prompt_cache, max_tokens)
     if max_tokens == 0:
         return
-    text_stream = _TextStream(tokenizer, stop)
+    text_stream = TextStream(tokenizer, stop)
     mx.reset_peak_memory()
     with wired_limit(model):
         prefill_start = time.perf_counter()

@@ -61,6 +61,14 @@ class KVCache:
         self.offset -= min(n, self.offset)
         return True
 
+    def copy(self) -> "KVCache":
+        """An independent cache of the same positions, holding only what is used (for the prefix cache)."""
+        new = type(self)()
+        if self.keys is not None and self.offset:
+            new.keys, new.values = (mx.contiguous(x[..., : self.offset, :]) for x in (self.keys, self.values))
+        new.offset = self.offset
+        return new
+
     @property
     def nbytes(self) -> int:
         return 0 if self.keys is None else (self.keys.nbytes + self.values.nbytes) * self.offset // self.keys.shape[2]

@@ -155,6 +155,22 @@ class QuantizedKVCache(KVCache):
         self.offset -= n
         return True
 
+    def copy(self) -> "QuantizedKVCache":
+        """An independent cache of the same positions (new arrays: updates write in place)."""
+        if not self.quantized:
+            new = super().copy()
+        else:
+            new = QuantizedKVCache(self.bits, self.group_size, self.start, self.float_prefix)
+            if self.prefix is not None:
+                new.prefix = tuple(a[..., :, :] for a in self.prefix)
+            packed = self.offset - self.n_prefix
+            if self.keys is not None and packed:
+                new.keys, new.values = (tuple(mx.contiguous(a[..., :packed, :]) for a in t) for t in (self.keys, self.values))
+            new.offset, new.center, new.rotation = self.offset, self.center, self.rotation
+        new.bits, new.group_size, new.start, new.float_prefix = self.bits, self.group_size, self.start, self.float_prefix
+        new.quantized = self.quantized
+        return new
+
     @property
     def nbytes(self) -> int:
         if not self.quantized:

@@ -57,6 +57,14 @@ class RotatingKVCache:
             self.keys, self.values = self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
         return True
 
+    def copy(self) -> "RotatingKVCache":
+        """An independent cache of the same positions, its ring put back in time order."""
+        new = RotatingKVCache(self.window)
+        if self.keys is not None:
+            new.keys, new.values = (mx.contiguous(self._in_time_order(x)[..., :, :]) for x in (self.keys, self.values))
+        new.offset = self.offset
+        return new
+
     def mask(self, n_queries: int) -> Mask:
         if n_queries == 1:
             return None

@@ -14,12 +14,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from ...model.cache import KVSettings
-
-
-def activation_dtype(model: Any) -> mx.Dtype:
-    """The dtype activations, and so the KV cache, take in this model."""
-    return model.embed(mx.array([[0]])).dtype
+from ...model.cache.size import activation_dtype, kv_bytes
 
 
 def _own_arrays(module: nn.Module) -> list[mx.array]:
@@ -50,29 +45,6 @@ def decode_weight_bytes(model: nn.Module, batch: int = 1) -> int:
         else:
             total += size
     return round(total)
-
-
-def kv_bytes(model: nn.Module, context: int, batch: int = 1, dtype: mx.Dtype | None = None,
-             kv: KVSettings | None = None) -> int:
-    """Bytes of K and V a decode step at ``context`` positions reads (sliding layers hold their window
-    in ``dtype``, default the model's activation dtype; with a quantized ``kv`` the global layers hold
-    packed values plus a scale and bias per group, past the float prefix; everything is float until
-    ``kv.start`` is crossed)."""
-    kv = kv or KVSettings()
-    cfg = model.config
-    dtype = dtype or activation_dtype(model)
-    heads, width = cfg.kv_cache_width
-    numbers = heads * width  # per token and layer
-    per_token = numbers * dtype.size
-    quantized = numbers * kv.bits // 8 + 2 * (numbers // kv.group_size) * dtype.size if kv.quantized else per_token
-    total = 0
-    for i in range(cfg.num_hidden_layers):
-        if cfg.is_sliding(i):
-            total += min(context, cfg.sliding_window) * per_token
-        else:
-            held_float = (context if context <= kv.start else min(context, kv.float_prefix)) if kv.quantized else 0
-            total += held_float * per_token + (context - held_float) * quantized
-    return batch * total
 
 
 def _macs_per_token(module: nn.Module) -> int:

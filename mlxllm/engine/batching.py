@@ -1,0 +1,447 @@
+"""Continuous batching: requests join and leave one running batch at step boundaries.
+
+Each ``BatchEngine.step`` runs one decode step for every running sequence at once (the weights are
+read once for all rows; ``model/cache/batch.py`` keeps each row's own positions) and, within the
+per-step token budget (``max_step_tokens``, the decode rows counted first), chunks of newcomers'
+prompts, so a long prompt is read a little per step while the streams keep flowing. A sequence
+whose prompt is in samples its first token and joins the batch; one that finishes or is cancelled
+leaves it before the next step and its KV memory goes with it.
+
+Every request carries its own sampling settings, stop strings, token limit and seed (its own
+random key, so a seeded request draws the same tokens alone or batched). Prompts reuse the longest
+prefix the ``PrefixCache`` holds, and admission holds weights + the KV that running requests may
+grow to + the prefix cache under a memory limit: a request that does not fit waits, and a full
+queue refuses new ones (``QueueFull``). Events go out through each request's callback as plain
+Python values; nothing outside the engine's thread touches an MLX array.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import queue
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import mlx.core as mx
+
+from ..errors import UserError
+from ..model.cache import KVSettings, activation_dtype, kv_bytes
+from ..model.cache.batch import batch_cache
+from .prefix_cache import PrefixCache
+from .sample import apply_processors, check_sampling, make_distribution, make_logits_processors
+from .stream import TextStream
+
+
+class QueueFull(Exception):
+    """The waiting queue is at ``max_queue``: try again later (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One request's generation settings (the names mlx-lm and the OpenAI API use)."""
+
+    max_tokens: int | None = None  # None: up to the model's context
+    temp: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: none; n >= 0: the chosen token's log-probability and the n most likely
+
+    def check(self) -> None:
+        check_sampling(self.temp, self.top_p, self.top_k, self.min_p, self.repetition_penalty, seed=self.seed,
+                       stop=self.stop)
+        make_logits_processors(presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty)
+        if self.max_tokens is not None and self.max_tokens < 0:
+            raise UserError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise UserError(f"top_logprobs must be from 0 to 20, got {self.logprobs}")
+
+
+@dataclass
+class Request:
+    """A prompt as token ids and how to continue it; ``boundaries`` are prompt lengths (message ends)
+    where a prefix snapshot is worth keeping for models whose caches cannot be trimmed."""
+
+    prompt: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    boundaries: tuple[int, ...] = ()
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely (token, logprob) pairs, best first
+
+
+@dataclass
+class Event:
+    """What a request receives after a step: the text completed since the last event, the ids behind
+    it, and on the last one ``finish_reason`` ("stop", "length", "cancelled" or "error")."""
+
+    request_id: str
+    text: str
+    tokens: list[int]
+    logprobs: list[TokenLogprob] | None
+    prompt_tokens: int
+    cached_tokens: int
+    generation_tokens: int
+    finish_reason: str | None = None
+    error: str | None = None
+    ttft: float | None = None  # seconds from submission to the first token, on the event that carries it
+
+
+Callback = Callable[[Event], None]
+
+
+class _Sequence:
+    def __init__(self, request: Request, on_event: Callback, max_tokens: int, reserve: int, engine: "BatchEngine"):
+        self.request, self.on_event, self.max_tokens, self.reserve = request, on_event, max_tokens, reserve
+        params = request.params
+        self.ids = request.prompt
+        self.cache: list | None = None  # per-sequence caches while the prompt is read
+        self.fed = 0  # prompt positions in the cache
+        self.cached = 0  # of which came from the prefix cache
+        self.generated: list[int] = []
+        self.text = TextStream(engine.tokenizer, params.stop)
+        self.distribution = make_distribution(params.temp, params.top_p, params.min_p, params.top_k)
+        self.processors = make_logits_processors(params.repetition_penalty, presence_penalty=params.presence_penalty,
+                                                 frequency_penalty=params.frequency_penalty, prompt_tokens=len(self.ids))
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        self.key = mx.random.key(seed)
+        self.submitted = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.finish: str | None = None
+
+    @property
+    def plain(self) -> bool:
+        """Greedy with nothing to adjust or report: the whole batch can share one argmax."""
+        return self.distribution is None and not self.processors and self.request.params.logprobs is None
+
+    def pick(self, logits: mx.array) -> tuple[mx.array, mx.array | None]:
+        """The next token for ``logits [1, V]`` (and the log-probabilities it came from, when asked)."""
+        if self.processors:
+            history = mx.array(self.ids + self.generated, dtype=mx.int32)[None]
+            logits = apply_processors(self.processors, history, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if self.distribution is None:
+            token = mx.argmax(logprobs, axis=-1)
+        else:
+            self.key, sub = mx.random.split(self.key)
+            token = mx.random.categorical(self.distribution(logprobs), axis=-1, key=sub)
+        return token, logprobs if self.request.params.logprobs is not None else None
+
+
+def _logprob_record(token: int, logprobs: mx.array, n: int) -> TokenLogprob:
+    row = logprobs[0]
+    top = []
+    if n:
+        order = mx.argsort(-row)[:n]
+        top = list(zip(order.tolist(), row[order].tolist()))
+    return TokenLogprob(token, row[token].item(), top)
+
+
+class BatchEngine:
+    """The scheduler and batched decode loop around one model. ``submit``/``cancel`` may be called from
+    any thread; ``step`` (or ``run``, which loops over it) only from the one thread that owns the model."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, kv: KVSettings | None = None, max_batch: int = 32,
+                 max_step_tokens: int = 512, max_queue: int = 256, max_memory: int | None = None,
+                 prefix_cache: PrefixCache | None = None, weights_bytes: int = 0) -> None:
+        if max_batch < 1 or max_step_tokens < 1 or max_queue < 0:
+            raise UserError("--max-batch and --max-step-tokens must be >= 1 and --max-queue >= 0")
+        self.model, self.tokenizer = model, tokenizer
+        self.kv = kv.checked(model.config) if kv is not None else None
+        self.max_batch, self.max_step_tokens, self.max_queue = max_batch, max_step_tokens, max_queue
+        self.prefix_cache = prefix_cache
+        self.context = model.config.max_position_embeddings
+        self.max_memory, self.weights_bytes = max_memory, weights_bytes
+        self._dtype = activation_dtype(model)
+        self._trims = not any(model.config.is_sliding(i) for i in range(model.config.num_hidden_layers))
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._cancelled: set[str] = set()
+        self._lock = threading.Lock()
+        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._prefilling: collections.deque[_Sequence] = collections.deque()
+        self._running: list[_Sequence] = []
+        self._batch: list | None = None  # one batched cache per layer
+        self._wake = threading.Event()
+        self.reserved = 0  # KV bytes admitted requests may grow to
+        self.steps = 0
+        self.kv_bytes_now = 0  # KV bytes held after the last step (read by metrics from other threads)
+
+    # -- any thread -------------------------------------------------------------------------
+    def submit(self, request: Request, on_event: Callback) -> None:
+        """Queue ``request``; its events go to ``on_event`` (called on the engine's thread). Raises
+        ``UserError`` for a request that can never run and ``QueueFull`` when the queue is full."""
+        request.params.check()
+        n = len(request.prompt)
+        if n == 0:
+            raise UserError("the prompt is empty")
+        if n >= self.context:
+            raise UserError(f"the prompt is {n} tokens; the model's context is {self.context} tokens")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in request.prompt):
+            raise UserError(f"prompt token ids must be in [0, {vocab})")
+        limit = request.params.max_tokens
+        max_tokens = self.context - n if limit is None else min(limit, self.context - n)
+        reserve = kv_bytes(self.model, n + max_tokens, dtype=self._dtype, kv=self.kv)
+        if self.max_memory is not None and self.weights_bytes + reserve > self.max_memory:
+            raise UserError(f"the request needs {reserve / 1e9:.2f} GB of KV cache for {n} + {max_tokens} tokens; "
+                            f"the memory limit leaves {(self.max_memory - self.weights_bytes) / 1e9:.2f} GB "
+                            "(lower max_tokens)")
+        if max_tokens == 0:
+            on_event(Event(request.id, "", [], None, n, 0, 0, "length"))
+            return
+        with self._lock:
+            if self.queued >= self.max_queue:
+                raise QueueFull(f"{self.queued} requests are waiting")
+            self._inbox.put(_Sequence(request, on_event, max_tokens, reserve, self))
+            self._queued_count += 1
+        self._wake.set()
+
+    _queued_count = 0
+
+    @property
+    def queued(self) -> int:
+        """Requests submitted and not yet admitted."""
+        return self._queued_count
+
+    def cancel(self, request_id: str) -> None:
+        """Stop ``request_id`` at the next step boundary (its KV is freed; it gets a "cancelled" event)."""
+        with self._lock:
+            self._cancelled.add(request_id)
+        self._wake.set()
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def prefilling(self) -> int:
+        return len(self._prefilling)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        batch = sum(c.nbytes for c in self._batch) if self._batch else 0
+        return batch + sum(sum(c.nbytes for c in s.cache) for s in list(self._prefilling) if s.cache)
+
+    @property
+    def idle(self) -> bool:
+        return not (self._running or self._prefilling or self._waiting) and self._inbox.empty()
+
+    # -- the engine thread ----------------------------------------------------------------------
+    def run(self, stop: threading.Event, drain: threading.Event | None = None) -> None:
+        """Step until ``stop`` is set (or, once ``drain`` is set, until no request is left)."""
+        while not stop.is_set():
+            if drain is not None and drain.is_set() and self.idle:
+                return
+            if not self.step():
+                self._wake.wait(0.05)
+                self._wake.clear()
+
+    def step(self) -> bool:
+        """One scheduling step; False when there was nothing to do."""
+        self._take_inbox()
+        self._apply_cancels()
+        self._admit()
+        if not (self._running or self._prefilling):
+            return False
+        self.steps += 1
+        decode = self._decode_graph() if self._running else None
+        joining = self._prefill(max(self.max_step_tokens - len(self._running), 1))
+        if decode is not None:
+            self._finish_decode(*decode)
+        self._join(joining)
+        self.kv_bytes_now = self.kv_cache_bytes
+        return True
+
+    def _take_inbox(self) -> None:
+        while True:
+            try:
+                seq = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            self._waiting.append(seq)
+
+    def _apply_cancels(self) -> None:
+        with self._lock:
+            cancelled, self._cancelled = self._cancelled, set()
+        if not cancelled:
+            return
+        for pool in (self._waiting, self._prefilling):
+            for seq in [s for s in pool if s.request.id in cancelled]:
+                pool.remove(seq)
+                if pool is self._waiting:
+                    self._dequeued()
+                else:
+                    self.reserved -= seq.reserve
+                self._end(seq, "cancelled")
+        self._leave([i for i, s in enumerate(self._running) if s.request.id in cancelled], "cancelled")
+
+    def _dequeued(self) -> None:
+        with self._lock:
+            self._queued_count -= 1
+
+    def _fits(self, seq: _Sequence) -> bool:
+        if self.max_memory is None:
+            return True
+        short = self.weights_bytes + self.reserved + seq.reserve - self.max_memory
+        cached = self.prefix_cache.nbytes if self.prefix_cache is not None else 0
+        if short + cached > 0 and self.prefix_cache is not None:
+            self.prefix_cache.release(short + cached)
+            cached = self.prefix_cache.nbytes
+        return short + cached <= 0
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._running) + len(self._prefilling) < self.max_batch:
+            seq = self._waiting[0]
+            if not self._fits(seq):
+                return
+            self._waiting.popleft()
+            self._dequeued()
+            self.reserved += seq.reserve
+            if self.prefix_cache is not None:
+                seq.cache, seq.cached = self.prefix_cache.lookup(seq.ids)
+                seq.fed = seq.cached
+            if seq.cache is None:
+                seq.cache = self.model.make_cache(self.kv)
+            self._prefilling.append(seq)
+
+    def _prefill(self, budget: int) -> list[_Sequence]:
+        """Feed prompt chunks (oldest request first) until ``budget`` tokens; return the sequences
+        whose first token was just sampled and that continue."""
+        joining = []
+        while budget > 0 and self._prefilling:
+            seq = self._prefilling[0]
+            end = min(len(seq.ids), seq.fed + budget)
+            if not self._trims:  # stop at a message boundary to snapshot there
+                end = min([b for b in seq.request.boundaries if seq.fed < b < end] + [end])
+            h = self.model.hidden(mx.array(seq.ids[seq.fed:end], dtype=mx.int32)[None], seq.cache)
+            budget -= end - seq.fed
+            seq.fed = end
+            if end < len(seq.ids):
+                mx.eval([c.state for c in seq.cache])
+                if seq.fed in seq.request.boundaries and not self._trims and self.prefix_cache is not None:
+                    self.prefix_cache.insert(seq.ids[:end], [c.copy() for c in seq.cache])
+                continue
+            self._prefilling.popleft()
+            token, logprobs = seq.pick(self.model.head(h[:, -1, :]))
+            mx.eval(token, logprobs, [c.state for c in seq.cache])
+            if self._emit(seq, token.item(), logprobs):
+                joining.append(seq)
+            else:
+                self._snapshot(seq, seq.cache)
+                self.reserved -= seq.reserve
+        return joining
+
+    def _decode_graph(self) -> tuple[mx.array, list]:
+        seqs = self._running
+        inputs = mx.array([s.generated[-1] for s in seqs], dtype=mx.int32)[:, None]
+        logits = self.model.head(self.model.hidden(inputs, self._batch)[:, -1, :])
+        if all(s.plain for s in seqs):
+            tokens, logprobs = mx.argmax(logits, axis=-1), [None] * len(seqs)
+        else:
+            picks = [s.pick(logits[i : i + 1]) for i, s in enumerate(seqs)]
+            tokens = mx.concatenate([t for t, _ in picks])
+            logprobs = [lp for _, lp in picks]
+        mx.async_eval(tokens, [lp for lp in logprobs if lp is not None], [c.state for c in self._batch])
+        return tokens, logprobs
+
+    def _finish_decode(self, tokens: mx.array, logprobs: list) -> None:
+        ids = tokens.tolist()
+        done = [i for i, (s, t, lp) in enumerate(zip(self._running, ids, logprobs)) if not self._emit(s, t, lp)]
+        self._leave(done, None)
+
+    def _emit(self, seq: _Sequence, token: int, logprobs: mx.array | None) -> bool:
+        """Record ``token``, send its event; whether the sequence goes on."""
+        seq.generated.append(token)
+        text, finish = seq.text.push(token, len(seq.generated) >= seq.max_tokens)
+        ttft = None
+        if seq.first_token_at is None:
+            seq.first_token_at = time.perf_counter()
+            ttft = seq.first_token_at - seq.submitted
+        n = seq.request.params.logprobs
+        record = [_logprob_record(token, logprobs, n)] if logprobs is not None else None
+        seq.finish = finish
+        seq.on_event(Event(seq.request.id, text, [token], record, len(seq.ids), seq.cached, len(seq.generated),
+                           finish, ttft=ttft))
+        return finish is None
+
+    def _end(self, seq: _Sequence, reason: str) -> None:
+        seq.on_event(Event(seq.request.id, "", [], None, len(seq.ids), seq.cached, len(seq.generated), reason))
+
+    def _snapshot(self, seq: _Sequence, caches: list) -> None:
+        """Keep what ``caches`` hold (prompt + all generated tokens but the last, never fed) for reuse."""
+        if self.prefix_cache is not None:
+            held = (seq.ids + seq.generated)[: caches[0].offset]
+            self.prefix_cache.insert(held, caches)
+
+    def _leave(self, rows: list[int], reason: str | None) -> None:
+        """Take ``rows`` out of the running batch (snapshotting them; ``reason``: tell them why)."""
+        if not rows:
+            return
+        gone = set(rows)
+        for i in rows:
+            seq = self._running[i]
+            if reason is None:
+                self._snapshot(seq, [c.row(i) for c in self._batch])
+            else:
+                self._end(seq, reason)
+            self.reserved -= seq.reserve
+        keep = [i for i in range(len(self._running)) if i not in gone]
+        for c in self._batch:
+            c.filter(keep)
+        mx.eval([c.state for c in self._batch])  # the rows that left are released now, not at the next step
+        self._running = [self._running[i] for i in keep]
+        if not self._running:
+            self._batch = None
+        mx.clear_cache()
+
+    def _join(self, seqs: list[_Sequence]) -> None:
+        if not seqs:
+            return
+        if self._batch is None:
+            self._batch = [batch_cache(c) for c in seqs[0].cache]
+        for layer, c in enumerate(self._batch):
+            c.extend([s.cache[layer] for s in seqs])
+        for s in seqs:
+            s.cache = None
+        self._running.extend(seqs)
+
+    def fail_all(self, message: str) -> None:
+        """After an error inside a step: end every request with it and start from an empty batch."""
+        for seq in [*self._waiting, *self._prefilling, *self._running]:
+            seq.on_event(Event(seq.request.id, "", [], None, len(seq.ids), seq.cached, len(seq.generated), "error",
+                               error=message))
+        self._waiting.clear()
+        self._prefilling.clear()
+        self._running, self._batch, self.reserved = [], None, 0
+        with self._lock:
+            self._queued_count = 0
+        mx.clear_cache()
+
+
+def memory_limit(fraction: float = 0.9) -> int:
+    """The default ``--max-memory``: what the device can hold (on Metal its recommended working set,
+    elsewhere ``fraction`` of physical memory)."""
+    try:
+        if mx.metal.is_available():
+            return int(mx.metal.device_info()["max_recommended_working_set_size"])
+    except (AttributeError, KeyError, RuntimeError):
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * fraction)
+
+
+__all__ = ["BatchEngine", "Event", "QueueFull", "Request", "SamplingParams", "TokenLogprob", "memory_limit"]
