@@ -1,9 +1,9 @@
-"""The ``mlxllm`` command line: generate, chat, info, bench, convert, perplexity, lora, fuse, distill.
+"""The ``mlxllm`` command line: generate, chat, serve, info, bench, convert, perplexity, lora, fuse, distill.
 
 Every user mistake ends as one ``error: ...`` line on stderr and a nonzero exit; tracebacks only with
 ``--verbose``. This module holds the group, that error handler (``main``, the entry point) and the
-registration of the commands, which live by topic in ``generation``, ``models``, ``measure`` and
-``training``; the options they share are declared once in ``options``.
+registration of the commands, which live by topic in ``generation``, ``serve``, ``models``, ``measure``
+and ``training``; the options they share are declared once in ``options``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from ..errors import UserError
 from .generation import chat_command, generate_command
 from .measure import bench_command, perplexity_command
 from .models import convert_command, fuse_command, info_command
+from .serve import serve_command
 from .training import distill_command, lora_command
 
 
@@ -31,7 +32,7 @@ def cli_group() -> None:
 cli = cli_group
 
 for _command in (generate_command, chat_command, info_command, bench_command, convert_command, perplexity_command,
-                 lora_command, fuse_command, distill_command):
+                 lora_command, fuse_command, distill_command, serve_command):
     cli.add_command(_command)
 del _command
 

@@ -100,6 +100,7 @@ class Event:
     finish_reason: str | None = None
     error: str | None = None
     ttft: float | None = None  # seconds from submission to the first token, on the event that carries it
+    stop_sequence: str | None = None  # the stop string that ended generation
 
 
 Callback = Callable[[Event], None]
@@ -168,7 +169,7 @@ class BatchEngine:
         self.context = model.config.max_position_embeddings
         self.max_memory, self.weights_bytes = max_memory, weights_bytes
         self._dtype = activation_dtype(model)
-        self._trims = not any(model.config.is_sliding(i) for i in range(model.config.num_hidden_layers))
+        self.trims = not any(model.config.is_sliding(i) for i in range(model.config.num_hidden_layers))
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
@@ -326,14 +327,14 @@ class BatchEngine:
         while budget > 0 and self._prefilling:
             seq = self._prefilling[0]
             end = min(len(seq.ids), seq.fed + budget)
-            if not self._trims:  # stop at a message boundary to snapshot there
+            if not self.trims:  # stop at a message boundary to snapshot there
                 end = min([b for b in seq.request.boundaries if seq.fed < b < end] + [end])
             h = self.model.hidden(mx.array(seq.ids[seq.fed:end], dtype=mx.int32)[None], seq.cache)
             budget -= end - seq.fed
             seq.fed = end
             if end < len(seq.ids):
                 mx.eval([c.state for c in seq.cache])
-                if seq.fed in seq.request.boundaries and not self._trims and self.prefix_cache is not None:
+                if seq.fed in seq.request.boundaries and not self.trims and self.prefix_cache is not None:
                     self.prefix_cache.insert(seq.ids[:end], [c.copy() for c in seq.cache])
                 continue
             self._prefilling.popleft()
@@ -376,7 +377,7 @@ class BatchEngine:
         record = [_logprob_record(token, logprobs, n)] if logprobs is not None else None
         seq.finish = finish
         seq.on_event(Event(seq.request.id, text, [token], record, len(seq.ids), seq.cached, len(seq.generated),
-                           finish, ttft=ttft))
+                           finish, ttft=ttft, stop_sequence=seq.text.matched))
         return finish is None
 
     def _end(self, seq: _Sequence, reason: str) -> None:

@@ -35,17 +35,22 @@ class GenerationResponse:
     draft_acceptance: float | None = None  # speculative decoding: draft tokens kept / proposed so far
 
 
+def prompt_ids(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of prompt text: special tokens added unless a chat template already wrote the BOS."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # lone surrogates: bytes that were not UTF-8 (argv, stdin)
+        raise UserError(f"the prompt is not valid UTF-8 text (position {e.start})") from None
+    bos = tokenizer.bos_token_id
+    bos_text = tokenizer.decode([bos]) if bos is not None else None
+    add_special = not (bos_text and text.startswith(bos_text))  # a chat template may have written it
+    return tokenizer.encode(text, add_special_tokens=add_special)
+
+
 def encode_prompt(tokenizer: Any, prompt: str | Sequence[int] | mx.array) -> mx.array:
-    """Prompt text (special tokens added unless a chat template already wrote the BOS) or ids as int32."""
+    """Prompt text (as ``prompt_ids``) or ids as int32."""
     if isinstance(prompt, str):
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError as e:  # lone surrogates: bytes that were not UTF-8 (argv, stdin)
-            raise UserError(f"the prompt is not valid UTF-8 text (position {e.start})") from None
-        bos = tokenizer.bos_token_id
-        bos_text = tokenizer.decode([bos]) if bos is not None else None
-        add_special = not (bos_text and prompt.startswith(bos_text))  # a chat template may have written it
-        prompt = tokenizer.encode(prompt, add_special_tokens=add_special)
+        prompt = prompt_ids(tokenizer, prompt)
     return mx.array(prompt, dtype=mx.int32) if not isinstance(prompt, mx.array) else prompt.astype(mx.int32)
 
 
@@ -68,6 +73,7 @@ class TextStream:
         self.eos, self.stop = set(tokenizer.eos_token_ids), stop
         self.detok = tokenizer.detokenizer()
         self.pending = ""  # text held back because it may be the start of a stop string
+        self.matched: str | None = None  # the stop string that ended the text
 
     def push(self, token: int, last: bool) -> tuple[str, str | None]:
         finish = None
@@ -79,8 +85,9 @@ class TextStream:
                 finish, piece = "length", piece + self.detok.finalize()
         pending = self.pending + piece
         if self.stop:
-            hit = min((pending.find(s) for s in self.stop if s in pending), default=-1)
-            if hit >= 0:
+            hits = [(pending.find(s), s) for s in self.stop if s in pending]
+            if hits:
+                hit, self.matched = min(hits)
                 pending, finish = pending[:hit], "stop"
         hold = _stop_hold(pending, self.stop) if self.stop and finish is None else 0
         text, self.pending = pending[: len(pending) - hold], pending[len(pending) - hold :]

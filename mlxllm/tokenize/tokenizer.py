@@ -59,14 +59,6 @@ class Tokenizer:
         self._add_bos = add_bos and bos_token_id is not None
         self._pad = pad_token_id
         self._texts = {tid: text for text, tid in specials.items()}
-        self._template: ChatTemplate | None = None
-        self._template_source = chat_template or None
-        self._template_error: ChatTemplateError | None = None
-        if chat_template:
-            try:
-                self._template = ChatTemplate(chat_template, chat_template_file or source)
-            except ChatTemplateError as err:  # reported when the template is used, not at load
-                self._template_error = err
         self._template_vars = {
             name: self._token_text(tid)
             for name, tid in [
@@ -77,12 +69,33 @@ class Tokenizer:
             ]
             if tid is not None
         }
-        eos = list(dict.fromkeys(eos_token_ids))
+        self._specials, self._own_eos = specials, list(dict.fromkeys(eos_token_ids))
+        self._use_template(chat_template or None, chat_template_file or source)
+
+    def _use_template(self, source: str | None, where: str) -> None:
+        """Compile the chat template (an error is kept and reported when it is used) and add the
+        token that ends its turns to the EOS ids."""
+        self._template: ChatTemplate | None = None
+        self._template_source = source
+        self._template_error: ChatTemplateError | None = None
+        if source:
+            try:
+                self._template = ChatTemplate(source, where)
+            except ChatTemplateError as err:
+                self._template_error = err
+        eos = list(self._own_eos)
         if self._template is not None:
-            end = self._template.end_of_turn(specials, **self._template_vars)
-            if end is not None and specials[end] not in eos:
-                eos.append(specials[end])
+            end = self._template.end_of_turn(self._specials, **self._template_vars)
+            if end is not None and self._specials[end] not in eos:
+                eos.append(self._specials[end])
         self._eos = eos
+
+    def set_chat_template(self, source: str, where: str) -> None:
+        """Use ``source`` (read from ``where``, which errors name) instead of the model's own chat
+        template, as ``--chat-template FILE`` asks; one that does not compile is refused now."""
+        self._use_template(source, where)
+        if self._template_error is not None:
+            raise self._template_error
 
     # --- construction ---------------------------------------------------------------------------
 

@@ -1,0 +1,175 @@
+"""The ASGI application: routes of both APIs, the key check, the body-size cap, CORS, metrics,
+and every error answered in the shape of the API it was asked through."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..engine.batching import QueueFull
+from ..errors import UserError
+from . import anthropic_api, openai_api
+from .errors import ApiError, error_response
+from .state import ServerState
+from .worker import NotReady
+
+log = logging.getLogger("mlxllm.server")
+
+RETRY_AFTER = {"Retry-After": "1"}
+PUBLIC_PATHS = ("/health",)
+
+
+class _BodyLimit:
+    """Refuse a request body over ``limit`` bytes with 413, whether its length is declared or not."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await _too_large(scope, receive, send, self.limit)
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise ApiError(f"the request body is over {self.limit} bytes", 413)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+async def _too_large(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+    response = error_response(scope["path"], 413, f"the request body is over {limit} bytes")
+    await response(scope, receive, send)
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    content: str
+    add_special: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    tokens: list[int] = Field(max_length=1 << 20)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "the request is not valid", None
+    first = errors[0]
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    return (f"{where}: {first.get('msg')}" if where else str(first.get("msg"))), where or None
+
+
+def create_app(state: ServerState, *, api_key: str | None = None, cors_origins: tuple[str, ...] = (),
+               max_body_bytes: int = 4 << 20) -> FastAPI:
+    """The app for one served model; ``state.worker`` must be started by whoever runs it."""
+    app = FastAPI(title="mlxllm", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = state
+    metrics = state.worker.metrics
+    app.include_router(openai_api.router)
+    app.include_router(anthropic_api.router)
+
+    @app.middleware("http")
+    async def check_key_and_count(request: HTTPRequest, call_next):
+        path = request.url.path
+        if api_key is not None and path not in PUBLIC_PATHS and request.method != "OPTIONS":
+            bearer = request.headers.get("authorization", "")
+            given = bearer[7:] if bearer.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+            if not hmac.compare_digest(given.encode(), api_key.encode()):
+                response = error_response(path, 401, "a valid API key is required (Authorization: Bearer KEY or x-api-key)")
+                metrics.requests.labels(_endpoint(request), "401").inc()
+                return response
+        try:
+            response = await call_next(request)
+        except ApiError as e:  # raised while reading the body (the size cap)
+            response = error_response(path, e.status, str(e), e.headers)
+        metrics.requests.labels(_endpoint(request), str(response.status_code)).inc()
+        return response
+
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["*"])
+    app.add_middleware(_BodyLimit, limit=max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: HTTPRequest, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return error_response(request.url.path, 400, message, param=param)
+
+    @app.exception_handler(UserError)
+    async def user_error(request: HTTPRequest, exc: UserError) -> JSONResponse:
+        return error_response(request.url.path, 400, str(exc))
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: HTTPRequest, exc: ApiError) -> JSONResponse:
+        return error_response(request.url.path, exc.status, str(exc), exc.headers)
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(request: HTTPRequest, exc: QueueFull) -> JSONResponse:
+        return error_response(request.url.path, 503, f"the server is busy ({exc}); retry shortly", RETRY_AFTER)
+
+    @app.exception_handler(NotReady)
+    async def not_ready(request: HTTPRequest, exc: NotReady) -> JSONResponse:
+        return error_response(request.url.path, 503, f"not ready: {exc}", RETRY_AFTER)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: HTTPRequest, exc: HTTPException) -> JSONResponse:
+        return error_response(request.url.path, exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal(request: HTTPRequest, exc: Exception) -> JSONResponse:
+        log.exception("request failed")
+        return error_response(request.url.path, 500, f"internal error: {type(exc).__name__}")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        worker = state.worker
+        if worker.ready:
+            return JSONResponse({"status": "ok"})
+        if worker.load_error:
+            return JSONResponse({"status": "error", "error": worker.load_error}, status_code=503)
+        return JSONResponse({"status": "loading"}, status_code=503, headers=RETRY_AFTER)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        return {"tokens": state.tokenizer().encode(body.content, add_special_tokens=body.add_special)}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        tokenizer = state.tokenizer()
+        if any(not 0 <= t < tokenizer.vocab_size for t in body.tokens):
+            raise UserError(f"token ids must be in [0, {tokenizer.vocab_size})")
+        return {"content": tokenizer.decode(body.tokens)}
+
+    return app
+
+
+def _endpoint(request: HTTPRequest) -> str:
+    """The route's path (not the raw one: unknown paths all count as one label)."""
+    route = request.scope.get("route")
+    return getattr(route, "path", "other")

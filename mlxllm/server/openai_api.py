@@ -1,0 +1,265 @@
+"""The OpenAI API: ``/v1/chat/completions``, ``/v1/completions`` and ``/v1/models``, in OpenAI's own
+request fields, response objects, SSE chunks and usage."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Request as HTTPRequest
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from ..engine.batching import Event, Request, SamplingParams, TokenLogprob
+from ..errors import UserError
+from .errors import ApiError
+from .prompts import chat_prompt, text_prompt
+from .state import ServerState
+
+router = APIRouter()
+
+
+class _Model(BaseModel):
+    # Unknown fields are accepted and ignored, as OpenAI's own clients send fields a server may not know.
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class ContentPart(_Model):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Model):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class StreamOptions(_Model):
+    include_usage: bool = False
+
+
+class _Generation(_Model):
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=0)
+    max_completion_tokens: int | None = Field(default=None, ge=0)
+    temperature: float | int | None = Field(default=None, ge=0, le=2)
+    top_p: float | int | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    min_p: float | int | None = Field(default=None, ge=0, lt=1)
+    repetition_penalty: float | int | None = Field(default=None, gt=0)
+    presence_penalty: float | int | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | int | None = Field(default=None, ge=-2, le=2)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    stop: str | list[str] | None = None
+    n: int | None = None
+    user: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    def params(self, logprobs: int | None) -> SamplingParams:
+        if self.n not in (None, 1):
+            raise UserError("n must be 1: this server returns one choice per request")
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stop) > 16:
+            raise UserError("stop takes at most 16 strings")
+        limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        params = SamplingParams(
+            max_tokens=limit, temp=float(1.0 if self.temperature is None else self.temperature),
+            top_p=float(self.top_p or 1.0), top_k=self.top_k or 0, min_p=float(self.min_p or 0.0),
+            repetition_penalty=None if self.repetition_penalty is None else float(self.repetition_penalty),
+            presence_penalty=float(self.presence_penalty or 0.0), frequency_penalty=float(self.frequency_penalty or 0.0),
+            seed=self.seed, stop=tuple(stop), logprobs=logprobs)
+        params.check()
+        return params
+
+
+class ChatRequest(_Generation):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+class CompletionRequest(_Generation):
+    prompt: str | list[int] | list[str]
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    suffix: str | None = None
+
+
+def _unsupported(body: ChatRequest | CompletionRequest) -> None:
+    if getattr(body, "tools", None):
+        raise UserError("tools are not supported by this server yet")
+    fmt = getattr(body, "response_format", None)
+    if fmt and fmt.get("type") not in (None, "text"):
+        raise UserError(f"response_format {fmt.get('type')!r} is not supported by this server yet")
+    if getattr(body, "suffix", None):
+        raise UserError("suffix (fill-in-the-middle) is not supported")
+
+
+def _usage(last: Event | None, prompt_tokens: int) -> dict[str, Any]:
+    generated = last.generation_tokens if last else 0
+    cached = last.cached_tokens if last else 0
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": generated, "total_tokens": prompt_tokens + generated,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _finish(event: Event) -> str:
+    return {"stop": "stop", "length": "length"}.get(event.finish_reason, "stop")
+
+
+def _token_entry(tokenizer: Any, token: int, logprob: float) -> dict[str, Any]:
+    text = tokenizer.decode([token])
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def _chat_logprobs(tokenizer: Any, records: list[TokenLogprob]) -> dict[str, Any]:
+    return {"content": [{**_token_entry(tokenizer, r.token, r.logprob),
+                         "top_logprobs": [_token_entry(tokenizer, t, lp) for t, lp in r.top]} for r in records],
+            "refusal": None}
+
+
+def _completion_logprobs(tokenizer: Any, records: list[TokenLogprob], start: int) -> dict[str, Any]:
+    tokens, offsets, at = [], [], start
+    for r in records:
+        text = tokenizer.decode([r.token])
+        tokens.append(text)
+        offsets.append(at)
+        at += len(text)
+    return {"tokens": tokens, "token_logprobs": [r.logprob for r in records],
+            "top_logprobs": [{tokenizer.decode([t]): lp for t, lp in r.top} for r in records], "text_offset": offsets}
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+@router.get("/v1/models")
+async def list_models(request: HTTPRequest) -> dict[str, Any]:
+    state: ServerState = request.app.state.server
+    return {"object": "list", "data": [state.model_card()]}
+
+
+@router.get("/v1/models/{name:path}")
+async def get_model(name: str, request: HTTPRequest) -> dict[str, Any]:
+    state: ServerState = request.app.state.server
+    if name != state.model_name:
+        raise ApiError(f"the model {name!r} does not exist; this server serves {state.model_name!r}", 404)
+    return state.model_card()
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatRequest, request: HTTPRequest):
+    state: ServerState = request.app.state.server
+    _unsupported(body)
+    tokenizer = state.tokenizer()
+    n_top = (body.top_logprobs or 0) if body.logprobs else None
+    params = body.params(n_top)
+    messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    ids, ends = await run_in_threadpool(chat_prompt, tokenizer, messages, not state.trims)
+    state.check_prompt(ids)
+    req = Request(ids, params, ends, id=f"chatcmpl-{uuid.uuid4().hex}")
+    created = int(time.time())
+    head = {"id": req.id, "created": created, "model": state.model_name, "system_fingerprint": state.fingerprint}
+    if body.stream:
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _stream(state, req, lambda e: _chat_chunks(head, e, tokenizer), usage, len(ids), head,
+                       "chat.completion.chunk")
+    text, events = await state.complete(req, request)
+    records = [r for e in events for r in (e.logprobs or [])]
+    last = events[-1] if events else None
+    choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+              "logprobs": _chat_logprobs(tokenizer, records) if n_top is not None else None,
+              "finish_reason": _finish(last) if last else "length"}
+    return {**head, "object": "chat.completion", "choices": [choice], "usage": _usage(last, len(ids))}
+
+
+def _chat_chunks(head: dict[str, Any], event: Event | None, tokenizer: Any) -> dict[str, Any]:
+    """One chunk: the opening one (``event`` None: the role), then the text and logprobs of each event."""
+    if event is None:
+        delta, logprobs, finish = {"role": "assistant", "content": ""}, None, None
+    else:
+        delta = {"content": event.text} if event.text else {}
+        logprobs = _chat_logprobs(tokenizer, event.logprobs) if event.logprobs else None
+        finish = _finish(event) if event.finish_reason else None
+    return {**head, "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: HTTPRequest):
+    state: ServerState = request.app.state.server
+    _unsupported(body)
+    tokenizer = state.tokenizer()
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if len(prompt) != 1:
+            raise UserError("prompt as a list of strings takes exactly one: this server returns one choice")
+        prompt = prompt[0]
+    if isinstance(prompt, list) and not prompt or prompt == "":
+        raise UserError("the prompt is empty")
+    params = body.params(body.logprobs)
+    ids = await run_in_threadpool(text_prompt, tokenizer, prompt)
+    state.check_prompt(ids)
+    req = Request(ids, params, id=f"cmpl-{uuid.uuid4().hex}")
+    head = {"id": req.id, "created": int(time.time()), "model": state.model_name, "system_fingerprint": state.fingerprint}
+    echo = (prompt if isinstance(prompt, str) else tokenizer.decode(ids)) if body.echo else ""
+    if body.stream:
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        offset = [len(echo)]
+
+        def chunk(event: Event | None) -> dict[str, Any] | None:
+            if event is None:
+                if not echo:
+                    return None
+                text, logprobs, finish = echo, None, None
+            else:
+                text, finish = event.text, _finish(event) if event.finish_reason else None
+                logprobs = _completion_logprobs(tokenizer, event.logprobs, offset[0]) if event.logprobs else None
+                offset[0] += len(text)
+            return {**head, "object": "text_completion",
+                    "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+
+        return _stream(state, req, chunk, usage, len(ids), head, "text_completion")
+    text, events = await state.complete(req, request)
+    records = [r for e in events for r in (e.logprobs or [])]
+    last = events[-1] if events else None
+    choice = {"index": 0, "text": echo + text,
+              "logprobs": _completion_logprobs(tokenizer, records, len(echo)) if body.logprobs is not None else None,
+              "finish_reason": _finish(last) if last else "length"}
+    return {**head, "object": "text_completion", "choices": [choice], "usage": _usage(last, len(ids))}
+
+
+def _stream(state: ServerState, req: Request, chunk, include_usage: bool, n_prompt: int,
+            head: dict[str, Any], kind: str) -> StreamingResponse:
+    """SSE: the opening chunk, one chunk per event, the usage chunk if asked, then ``[DONE]``. The
+    request is admitted before the response starts, so a full queue or a bad prompt is still a
+    plain HTTP error."""
+    events = state.worker.open(req)  # the response watches for the client leaving
+
+    async def body() -> AsyncIterator[str]:
+        last = None
+        opening = chunk(None)
+        if opening is not None:
+            yield _sse(opening)
+        async for event in events:
+            last = event
+            if event.finish_reason == "error":
+                yield _sse({"error": {"message": event.error or "generation failed", "type": "server_error",
+                                      "param": None, "code": None}})
+                return
+            if event.text or event.logprobs or event.finish_reason:
+                yield _sse(chunk(event))
+        if include_usage:
+            yield _sse({**head, "object": kind, "choices": [], "usage": _usage(last, n_prompt)})
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+

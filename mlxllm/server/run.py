@@ -1,0 +1,118 @@
+"""Starting and stopping the server: the model loads on the engine thread while uvicorn already
+listens; SIGTERM or Ctrl-C stops accepting, lets in-flight requests finish (up to
+``shutdown_timeout``) and exits cleanly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..engine.batching import BatchEngine, memory_limit
+from ..engine.prefix_cache import PrefixCache
+from ..errors import UserError
+from ..model.cache import KVSettings
+from .app import create_app
+from .metrics import Metrics
+from .state import ServerState
+from .worker import Loaded, Worker
+
+log = logging.getLogger("mlxllm.server")
+
+
+@dataclass
+class ServeOptions:
+    model: str | None = None
+    compute: str = "auto"
+    adapter_path: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    model_name: str | None = None
+    max_batch: int = 32
+    max_step_tokens: int = 512
+    max_queue: int = 64
+    max_memory: int | None = None  # bytes; None: what the device can hold
+    prompt_cache_bytes: int | None = None  # None: a quarter of what --max-memory leaves after the weights
+    prompt_cache_dir: str | None = None
+    kv: KVSettings | None = None
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    chat_template: tuple[str, str] | None = None  # (template source, the file it came from)
+    shutdown_timeout: float = 30.0
+    max_body_bytes: int = 4 << 20
+    log_level: str = "INFO"
+
+
+def _model_key(model, opts: ServeOptions) -> str:
+    """Names the weights, compute path and KV settings a cached prefix belongs to."""
+    path = Path(model.load_report.path)
+    stat = path.stat() if path.exists() else None
+    facts = [str(path.resolve()), stat.st_size if stat else 0, stat.st_mtime_ns if stat else 0,
+             getattr(model, "compute_path", opts.compute), repr(opts.kv), opts.adapter_path,
+             opts.chat_template[0] if opts.chat_template else None]
+    return hashlib.sha256(json.dumps(facts, default=str).encode()).hexdigest()[:24]
+
+
+def load_engine(opts: ServeOptions) -> Loaded:
+    """Load the model and build the engine around it (on the engine thread)."""
+    from mlx.utils import tree_flatten
+
+    from ..formats.loader import load
+
+    model, tokenizer = load(opts.model, compute=opts.compute, adapter_path=opts.adapter_path)
+    if opts.chat_template is not None:
+        tokenizer.set_chat_template(*opts.chat_template)
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    limit = opts.max_memory if opts.max_memory is not None else memory_limit()
+    budget = opts.prompt_cache_bytes if opts.prompt_cache_bytes is not None else max(0, limit - weights) // 4
+    prefix = PrefixCache(budget, opts.prompt_cache_dir, _model_key(model, opts)) if budget > 0 else None
+    engine = BatchEngine(model, tokenizer, kv=opts.kv, max_batch=opts.max_batch, max_step_tokens=opts.max_step_tokens,
+                         max_queue=opts.max_queue, max_memory=limit, prefix_cache=prefix, weights_bytes=weights)
+    cached = f", {len(prefix)} cached prefixes reloaded" if prefix is not None and prefix.directory and len(prefix) else ""
+    log.info("model ready: %s (%s, %.2f GB weights; memory limit %.2f GB, prefix cache %.2f GB%s)",
+             model.load_report.path, getattr(model, "compute_path", opts.compute), weights / 1e9, limit / 1e9,
+             budget / 1e9, cached)
+    return Loaded(engine, tokenizer, model.config.max_position_embeddings)
+
+
+def model_name(opts: ServeOptions) -> str:
+    if opts.model_name:
+        return opts.model_name
+    if opts.model is None:
+        return "SmolLM2-135M-Instruct"
+    return Path(opts.model).stem if os.path.exists(opts.model) else opts.model
+
+
+def run_server(opts: ServeOptions) -> None:
+    """Run the server until SIGTERM / SIGINT."""
+    import uvicorn
+
+    logging.basicConfig(level=opts.log_level, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    metrics = Metrics()
+    worker = Worker(lambda: load_engine(opts), metrics, on_load_failure=lambda: setattr(server, "should_exit", True))
+    name = model_name(opts)
+    state = ServerState(worker, name)
+    app = create_app(state, api_key=opts.api_key, cors_origins=opts.cors_origins, max_body_bytes=opts.max_body_bytes)
+    config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=opts.shutdown_timeout, timeout_keep_alive=5,
+                            h11_max_incomplete_event_size=64 * 1024, lifespan="off")
+    server = uvicorn.Server(config)
+    worker.start()
+    host = f"[{opts.host}]" if ":" in opts.host else opts.host
+    url = f"http://{host}:{opts.port}"
+    key = ' -H "Authorization: Bearer $KEY"' if opts.api_key else ""
+    print(f"mlxllm serve: {name} at {url}  (OpenAI {url}/v1, Anthropic {url}/v1/messages, {url}/health, "
+          f"{url}/metrics)", file=sys.stderr, flush=True)
+    print(f"  curl {url}/v1/chat/completions{key} -H 'Content-Type: application/json' "
+          f"-d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'", file=sys.stderr, flush=True)
+    try:
+        server.run()
+    finally:
+        worker.stop(timeout=opts.shutdown_timeout)
+    if worker.load_error is not None:
+        raise UserError(worker.load_error)
+    log.info("stopped")
