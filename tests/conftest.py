@@ -38,3 +38,69 @@ def gemma3(gemma3_path):
     from mlxllm.formats.loader import load_model
 
     return load_model(gemma3_path, compute="float32")
+
+
+class ServerProcess:
+    """``mlxllm serve`` in a child process on a free localhost port; ``stop`` sends SIGTERM and waits."""
+
+    def __init__(self, *args: str, env: dict | None = None, ready: bool = True) -> None:
+        import os
+        import socket
+        import subprocess
+        import sys
+        import tempfile
+        import time
+
+        import httpx
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+        self.proc = subprocess.Popen([sys.executable, "-m", "mlxllm", "serve", "--port", str(self.port), *args],
+                                     stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + 120
+        while ready:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited ({self.proc.returncode}): {self.output()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"the server did not become ready: {self.output()}")
+            time.sleep(0.2)
+
+    def output(self) -> str:
+        self.log.flush()
+        with open(self.log.name) as f:
+            return f.read()
+
+    def stop(self, timeout: float = 60) -> int:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except Exception:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def smollm2_server(smollm2_path):
+    """One shared server on SmolLM2 with an API key (every client test passes it)."""
+    server = ServerProcess("-m", str(smollm2_path), "--api-key", "test-key", "--max-batch", "32",
+                           "--max-step-tokens", "256", "--model-name", "smollm2")
+    server.key = "test-key"
+    yield server
+    server.stop()

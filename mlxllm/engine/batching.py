@@ -56,6 +56,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: none; n >= 0: the chosen token's log-probability and the n most likely
+    ignore_eos: bool = False  # generate through end-of-sequence tokens up to max_tokens (benchmarks)
 
     def check(self) -> None:
         check_sampling(self.temp, self.top_p, self.top_k, self.min_p, self.repetition_penalty, seed=self.seed,
@@ -115,7 +116,7 @@ class _Sequence:
         self.fed = 0  # prompt positions in the cache
         self.cached = 0  # of which came from the prefix cache
         self.generated: list[int] = []
-        self.text = TextStream(engine.tokenizer, params.stop)
+        self.text = TextStream(engine.tokenizer, params.stop, ignore_eos=params.ignore_eos)
         self.distribution = make_distribution(params.temp, params.top_p, params.min_p, params.top_k)
         self.processors = make_logits_processors(params.repetition_penalty, presence_penalty=params.presence_penalty,
                                                  frequency_penalty=params.frequency_penalty, prompt_tokens=len(self.ids))

@@ -69,8 +69,8 @@ class TextStream:
     """Token ids in, finished text out: UTF-8 completed by the detokenizer, stop strings cut (and held
     back while they may still be forming), the finish reason decided."""
 
-    def __init__(self, tokenizer: Any, stop: Sequence[str]) -> None:
-        self.eos, self.stop = set(tokenizer.eos_token_ids), stop
+    def __init__(self, tokenizer: Any, stop: Sequence[str], ignore_eos: bool = False) -> None:
+        self.eos, self.stop = set() if ignore_eos else set(tokenizer.eos_token_ids), stop
         self.detok = tokenizer.detokenizer()
         self.pending = ""  # text held back because it may be the start of a stop string
         self.matched: str | None = None  # the stop string that ended the text

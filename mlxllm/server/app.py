@@ -28,8 +28,9 @@ RETRY_AFTER = {"Retry-After": "1"}
 PUBLIC_PATHS = ("/health",)
 
 
-class _BodyLimit:
-    """Refuse a request body over ``limit`` bytes with 413, whether its length is declared or not."""
+class _JSONBodies:
+    """Every body is read as JSON, whatever its declared type (``curl -d`` says form data), and one
+    over ``limit`` bytes is refused with 413, whether its length is declared or not."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -37,7 +38,9 @@ class _BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-type"]
+        scope = {**scope, "headers": headers + [(b"content-type", b"application/json")]}
+        declared = dict(headers).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
             return await _too_large(scope, receive, send, self.limit)
         seen = 0
@@ -110,7 +113,7 @@ def create_app(state: ServerState, *, api_key: str | None = None, cors_origins: 
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["*"])
-    app.add_middleware(_BodyLimit, limit=max_body_bytes)
+    app.add_middleware(_JSONBodies, limit=max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: HTTPRequest, exc: RequestValidationError) -> JSONResponse:

@@ -61,6 +61,7 @@ class _Generation(_Model):
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # an extension (vLLM, llama.cpp): generate exactly max_tokens
 
     def params(self, logprobs: int | None) -> SamplingParams:
         if self.n not in (None, 1):
@@ -74,7 +75,7 @@ class _Generation(_Model):
             top_p=float(self.top_p or 1.0), top_k=self.top_k or 0, min_p=float(self.min_p or 0.0),
             repetition_penalty=None if self.repetition_penalty is None else float(self.repetition_penalty),
             presence_penalty=float(self.presence_penalty or 0.0), frequency_penalty=float(self.frequency_penalty or 0.0),
-            seed=self.seed, stop=tuple(stop), logprobs=logprobs)
+            seed=self.seed, stop=tuple(stop), logprobs=logprobs, ignore_eos=self.ignore_eos)
         params.check()
         return params
 
