@@ -227,7 +227,7 @@ def _wait_idle(server, timeout: float = 30) -> None:
 def test_dropped_streams_are_cancelled_and_free_their_cache(server):
     """8 streams; 4 clients hang up after their first chunk; the rest finish whole, the batch drains
     and the next request succeeds."""
-    body = {"messages": [{"role": "user", "content": "Count from one to one hundred."}], "max_tokens": 120,
+    body = {"messages": [{"role": "user", "content": "Count from one to one hundred."}], "max_tokens": 64,
             "temperature": 0, "stream": True, "ignore_eos": True}
 
     async def one(client: httpx.AsyncClient, drop: bool) -> int:
@@ -248,10 +248,10 @@ def test_dropped_streams_are_cancelled_and_free_their_cache(server):
     _wait_idle(server)
     before = _metric(server, "mlxllm_generated_tokens_total")
     counts = asyncio.run(main())
-    assert counts[0::2] == [3] * 4 and all(c > 60 for c in counts[1::2])
+    assert counts[0::2] == [3] * 4 and all(c > 40 for c in counts[1::2])
     _wait_idle(server)
     generated = _metric(server, "mlxllm_generated_tokens_total") - before
-    assert generated < 8 * 120  # the dropped ones stopped early
+    assert generated < 8 * 64  # the dropped ones stopped early
     r = httpx.post(server.url + "/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 8, "temperature": 0},
                    headers=_headers(server))
     assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"]

@@ -244,14 +244,10 @@ class BatchEngine:
         return not (self._running or self._prefilling or self._waiting) and self._inbox.empty()
 
     # -- the engine thread ----------------------------------------------------------------------
-    def run(self, stop: threading.Event, drain: threading.Event | None = None) -> None:
-        """Step until ``stop`` is set (or, once ``drain`` is set, until no request is left)."""
-        while not stop.is_set():
-            if drain is not None and drain.is_set() and self.idle:
-                return
-            if not self.step():
-                self._wake.wait(0.05)
-                self._wake.clear()
+    def wait(self, timeout: float) -> None:
+        """Sleep until a request arrives or is cancelled, or ``timeout`` seconds pass."""
+        self._wake.wait(timeout)
+        self._wake.clear()
 
     def step(self) -> bool:
         """One scheduling step; False when there was nothing to do."""

@@ -1,6 +1,6 @@
-"""Starting and stopping the server: the model loads on the engine thread while uvicorn already
-listens; SIGTERM or Ctrl-C stops accepting, lets in-flight requests finish (up to
-``shutdown_timeout``) and exits cleanly."""
+"""Starting and stopping the server: uvicorn listens on its own thread while the model loads and
+then steps on the main thread; SIGTERM or Ctrl-C stops accepting, lets in-flight requests finish
+(up to ``shutdown_timeout``) and exits cleanly."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,11 +52,11 @@ class ServeOptions:
 
 def _model_key(model, opts: ServeOptions) -> str:
     """Names the weights, compute path and KV settings a cached prefix belongs to."""
-    path = Path(model.load_report.path)
+    report = model.load_report
+    path = Path(report.path)
     stat = path.stat() if path.exists() else None
-    facts = [str(path.resolve()), stat.st_size if stat else 0, stat.st_mtime_ns if stat else 0,
-             getattr(model, "compute_path", opts.compute), repr(opts.kv), opts.adapter_path,
-             opts.chat_template[0] if opts.chat_template else None]
+    facts = [str(path.resolve()), stat.st_size if stat else 0, stat.st_mtime_ns if stat else 0, report.target,
+             report.detail, repr(opts.kv), opts.adapter_path, opts.chat_template[0] if opts.chat_template else None]
     return hashlib.sha256(json.dumps(facts, default=str).encode()).hexdigest()[:24]
 
 
@@ -73,8 +76,7 @@ def load_engine(opts: ServeOptions) -> Loaded:
     engine = BatchEngine(model, tokenizer, kv=opts.kv, max_batch=opts.max_batch, max_step_tokens=opts.max_step_tokens,
                          max_queue=opts.max_queue, max_memory=limit, prefix_cache=prefix, weights_bytes=weights)
     cached = f", {len(prefix)} cached prefixes reloaded" if prefix is not None and prefix.directory and len(prefix) else ""
-    log.info("model ready: %s (%s, %.2f GB weights; memory limit %.2f GB, prefix cache %.2f GB%s)",
-             model.load_report.path, getattr(model, "compute_path", opts.compute), weights / 1e9, limit / 1e9,
+    log.info("model ready: %s; memory limit %.2f GB, prefix cache %.2f GB%s", model.load_report, limit / 1e9,
              budget / 1e9, cached)
     return Loaded(engine, tokenizer, model.config.max_position_embeddings)
 
@@ -101,7 +103,14 @@ def run_server(opts: ServeOptions) -> None:
                             timeout_graceful_shutdown=opts.shutdown_timeout, timeout_keep_alive=5,
                             h11_max_incomplete_event_size=64 * 1024, lifespan="off")
     server = uvicorn.Server(config)
-    worker.start()
+    http = threading.Thread(target=server.run, name="mlxllm-http", daemon=True)
+
+    def on_signal(sig: int, frame: object) -> None:  # stop accepting; in-flight requests finish
+        server.force_exit = server.should_exit  # a second signal: stop now
+        server.should_exit = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
     host = f"[{opts.host}]" if ":" in opts.host else opts.host
     url = f"http://{host}:{opts.port}"
     key = ' -H "Authorization: Bearer $KEY"' if opts.api_key else ""
@@ -109,10 +118,13 @@ def run_server(opts: ServeOptions) -> None:
           f"{url}/metrics)", file=sys.stderr, flush=True)
     print(f"  curl {url}/v1/chat/completions{key} -H 'Content-Type: application/json' "
           f"-d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'", file=sys.stderr, flush=True)
-    try:
-        server.run()
-    finally:
-        worker.stop(timeout=opts.shutdown_timeout)
+    http.start()
+    while not server.started and http.is_alive():
+        time.sleep(0.01)
+    if not server.started:
+        raise UserError(f"could not listen on {opts.host}:{opts.port} (in use, or not an address here)")
+    worker.run(done=lambda: not http.is_alive())  # the engine steps until the HTTP side has shut down
+    http.join(opts.shutdown_timeout + 5)
     if worker.load_error is not None:
         raise UserError(worker.load_error)
     log.info("stopped")

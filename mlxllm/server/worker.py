@@ -1,16 +1,16 @@
-"""The bridge between the HTTP side and the engine: one thread owns the model and steps the
-``BatchEngine``; requests come in from the event loop and their events go back to it as plain values.
+"""The bridge between the HTTP side and the engine: one thread (the main one) owns the model and
+steps the ``BatchEngine``; requests come in from the event loop, which runs on its own thread, and
+their events go back to it as plain values.
 
-Loading happens on that thread too, after the server is already listening, so ``/health`` can say
-503 until the model is in. An exception inside a step ends the requests of that step with an error
-and the loop goes on: one bad request never takes the server down.
+Loading happens on the engine's thread too, after the server is already listening, so ``/health``
+can say 503 until the model is in. An exception inside a step ends the requests of that step with an
+error and the loop goes on: one bad request never takes the server down.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
@@ -35,7 +35,8 @@ class NotReady(Exception):
 
 
 class Worker:
-    """Runs ``load`` and then the engine loop on its own thread."""
+    """Runs ``load`` and then the engine loop, on the thread that calls ``run`` (the main thread:
+    MLX is used from that one thread only)."""
 
     def __init__(self, load: Callable[[], Loaded], metrics: Metrics, on_load_failure: Callable[[], None] | None = None):
         self.metrics = metrics
@@ -43,17 +44,12 @@ class Worker:
         self.loaded: Loaded | None = None
         self.load_error: str | None = None
         self._load = load
-        self._stop = threading.Event()
-        self._drain = threading.Event()
-        self._thread = threading.Thread(target=self._main, name="mlxllm-engine", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def _main(self) -> None:
+    def run(self, done: Callable[[], bool]) -> None:
+        """Load the model, then step the engine until ``done()`` (the HTTP side has shut down)."""
         try:
             self.loaded = self._load()
-        except BaseException as e:  # noqa: BLE001  (reported through /health and the log)
+        except BaseException as e:  # noqa: BLE001  (reported through /health and at exit)
             self.load_error = str(e) or type(e).__name__
             log.debug("loading failed", exc_info=True)
             if self._on_load_failure is not None:
@@ -61,23 +57,13 @@ class Worker:
             return
         self.metrics.watch(self.loaded.engine)
         engine = self.loaded.engine
-        while not self._stop.is_set():
-            if self._drain.is_set() and engine.idle:
-                return
+        while not done():
             try:
                 if not engine.step():
-                    engine._wake.wait(0.05)
-                    engine._wake.clear()
+                    engine.wait(0.05)
             except Exception as e:  # noqa: BLE001
                 log.exception("engine step failed; ending its requests")
                 engine.fail_all(f"internal error: {type(e).__name__}: {e}")
-
-    def stop(self, timeout: float) -> None:
-        """Let in-flight requests finish (up to ``timeout`` seconds), then stop the loop."""
-        self._drain.set()
-        self._thread.join(timeout)
-        self._stop.set()
-        self._thread.join(1.0)
 
     @property
     def ready(self) -> bool:
