@@ -278,7 +278,7 @@ def run_all(server: ServerProcess, cases: list[Case], workers: int = 8) -> None:
                     problem = f"the client raised {type(e).__name__}: {e}"
                 if problem is not None:
                     problems[i] = problem
-                    # a failed case may leave its kept-alive connection closed under the next one: start afresh
+                    # a failed case may leave its kept-alive connection closed under the next one: afresh
                     client.close()
                     client = httpx.Client(base_url=server.url, timeout=TIMEOUT)
         finally:
