@@ -2,8 +2,9 @@
 
 Each ``BatchEngine.step`` runs one decode step for every running sequence at once (the weights are
 read once for all rows; ``model/cache/batch.py`` keeps each row's own positions) and, within the
-per-step token budget (``max_step_tokens``, the decode rows counted first), chunks of newcomers'
-prompts, so a long prompt is read a little per step while the streams keep flowing. A sequence
+per-step token budget (``max_step_tokens``, the decode rows counted first; while streams run, also
+no more prompt than one decode step's measured time is worth), chunks of newcomers' prompts, so a
+long prompt is read a little per step while the streams keep flowing. A sequence
 whose prompt is in samples its first token and joins the batch; one that finishes or is cancelled
 leaves it before the next step and its KV memory goes with it.
 
@@ -182,6 +183,8 @@ class BatchEngine:
         self.reserved = 0  # KV bytes admitted requests may grow to
         self.steps = 0
         self.kv_bytes_now = 0  # KV bytes held after the last step (read by metrics from other threads)
+        self._decode_s: float | None = None  # seconds a decode step takes (moving average)
+        self._token_s: float | None = None  # seconds one prompt token takes
 
     # -- any thread -------------------------------------------------------------------------
     def submit(self, request: Request, on_event: Callback) -> None:
@@ -257,13 +260,38 @@ class BatchEngine:
         if not (self._running or self._prefilling):
             return False
         self.steps += 1
-        decode = self._decode_graph() if self._running else None
-        joining = self._prefill(max(self.max_step_tokens - len(self._running), 1))
+        started, decoding = time.perf_counter(), bool(self._running)
+        decode = self._decode_graph() if decoding else None
+        fed, joining = self._prefill(self._prompt_budget())
         if decode is not None:
             self._finish_decode(*decode)
         self._join(joining)
+        self._time(time.perf_counter() - started, decoding, fed)
         self.kv_bytes_now = self.kv_cache_bytes
         return True
+
+    MIN_CHUNK = 16  # prompt tokens a step reads at least, so a prompt always moves
+
+    def _prompt_budget(self) -> int:
+        """Prompt tokens this step may read: what ``max_step_tokens`` leaves after the decode rows, and
+        while streams run no more than one decode step's time is worth (as measured), so a long prompt
+        arriving at most about doubles their inter-token latency."""
+        budget = self.max_step_tokens - len(self._running)
+        if self._running and self._decode_s and self._token_s:
+            budget = min(budget, int(self._decode_s / self._token_s))
+        return max(budget, self.MIN_CHUNK)
+
+    def _time(self, seconds: float, decoding: bool, fed: int) -> None:
+        """Keep moving averages of a decode step's time and of one prompt token's."""
+        def mix(old: float | None, new: float) -> float:
+            return new if old is None else 0.7 * old + 0.3 * new
+
+        if decoding and not fed:
+            self._decode_s = mix(self._decode_s, seconds)
+        elif fed:
+            spent = seconds - ((self._decode_s or 0.0) if decoding else 0.0)
+            if spent > 0:
+                self._token_s = mix(self._token_s, spent / fed)
 
     def _take_inbox(self) -> None:
         while True:
@@ -302,11 +330,25 @@ class BatchEngine:
             cached = self.prefix_cache.nbytes
         return short + cached <= 0
 
+    SHARED_PREFIX = 64  # prompt tokens two requests must share for the later one to wait for the first's KV
+
+    def _reading_same_prefix(self, seq: _Sequence) -> bool:
+        """Whether a request being prefilled starts with the same tokens (a shared system prompt): then
+        ``seq`` waits for it and reuses its KV from the prefix cache instead of computing it again."""
+        if self.prefix_cache is None or len(seq.ids) <= self.SHARED_PREFIX:
+            return False
+        head = seq.ids[: self.SHARED_PREFIX]
+        return any(p.ids[: self.SHARED_PREFIX] == head and p.fed < len(p.ids) for p in self._prefilling)
+
     def _admit(self) -> None:
+        held: list[_Sequence] = []
         while self._waiting and len(self._running) + len(self._prefilling) < self.max_batch:
             seq = self._waiting[0]
+            if self._reading_same_prefix(seq):
+                held.append(self._waiting.popleft())
+                continue
             if not self._fits(seq):
-                return
+                break
             self._waiting.popleft()
             self._dequeued()
             self.reserved += seq.reserve
@@ -316,11 +358,12 @@ class BatchEngine:
             if seq.cache is None:
                 seq.cache = self.model.make_cache(self.kv)
             self._prefilling.append(seq)
+        self._waiting.extendleft(reversed(held))
 
-    def _prefill(self, budget: int) -> list[_Sequence]:
-        """Feed prompt chunks (oldest request first) until ``budget`` tokens; return the sequences
-        whose first token was just sampled and that continue."""
-        joining = []
+    def _prefill(self, budget: int) -> tuple[int, list[_Sequence]]:
+        """Feed prompt chunks (oldest request first) until ``budget`` tokens; return how many were fed
+        and the sequences whose first token was just sampled and that continue."""
+        joining, total = [], budget
         while budget > 0 and self._prefilling:
             seq = self._prefilling[0]
             end = min(len(seq.ids), seq.fed + budget)
@@ -337,12 +380,14 @@ class BatchEngine:
             self._prefilling.popleft()
             token, logprobs = seq.pick(self.model.head(h[:, -1, :]))
             mx.eval(token, logprobs, [c.state for c in seq.cache])
+            if self.prefix_cache is not None:  # the prompt, for requests that share it and arrive meanwhile
+                self.prefix_cache.insert(seq.ids, [c.copy() for c in seq.cache])
             if self._emit(seq, token.item(), logprobs):
                 joining.append(seq)
             else:
                 self._snapshot(seq, seq.cache)
                 self.reserved -= seq.reserve
-        return joining
+        return total - budget, joining
 
     def _decode_graph(self) -> tuple[mx.array, list]:
         seqs = self._running
@@ -384,7 +429,7 @@ class BatchEngine:
         """Keep what ``caches`` hold (prompt + all generated tokens but the last, never fed) for reuse."""
         if self.prefix_cache is not None:
             held = (seq.ids + seq.generated)[: caches[0].offset]
-            self.prefix_cache.insert(held, caches)
+            self.prefix_cache.insert(held, caches, replaces_prefixes=self.trims)
 
     def _leave(self, rows: list[int], reason: str | None) -> None:
         """Take ``rows`` out of the running batch (snapshotting them; ``reason``: tell them why)."""

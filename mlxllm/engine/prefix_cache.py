@@ -91,8 +91,10 @@ class PrefixCache:
         self.hits += 1
         return caches, n
 
-    def insert(self, tokens: list[int], caches: list) -> None:
-        """Keep ``caches`` (per-sequence caches holding exactly ``tokens``; the caller's, not copied)."""
+    def insert(self, tokens: list[int], caches: list, replaces_prefixes: bool = False) -> None:
+        """Keep ``caches`` (per-sequence caches holding exactly ``tokens``; the caller's, not copied).
+        ``replaces_prefixes``: the caches can be trimmed, so entries for leading parts of ``tokens``
+        are dropped (this one serves them)."""
         key = tuple(tokens)
         if not key:
             return
@@ -102,6 +104,9 @@ class PrefixCache:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 return
+            if replaces_prefixes:
+                for shorter in self._prefixes_of(key):
+                    self._remove(shorter)
             if nbytes > self.max_bytes:
                 return
             entry = _Entry(key, caches, nbytes)
@@ -109,6 +114,16 @@ class PrefixCache:
             self._shrink(self.max_bytes)
         if self.directory is not None and key in self._entries:
             self._persist(entry)
+
+    def _prefixes_of(self, key: tuple[int, ...]) -> list[tuple[int, ...]]:
+        node, found = self._root, []
+        for t in key[:-1]:
+            node = node.children.get(t)
+            if node is None:
+                break
+            if node.entry is not None:
+                found.append(node.entry)
+        return found
 
     def _add(self, entry: _Entry) -> None:
         node = self._root

@@ -35,12 +35,19 @@ class GenerationResponse:
     draft_acceptance: float | None = None  # speculative decoding: draft tokens kept / proposed so far
 
 
-def prompt_ids(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of prompt text: special tokens added unless a chat template already wrote the BOS."""
+def check_utf8(text: str, what: str = "the prompt") -> str:
+    """``text``, once it is known to be encodable: lone surrogates (bytes that were not UTF-8 in argv,
+    stdin or a JSON escape) are refused with one line."""
     try:
         text.encode("utf-8")
-    except UnicodeEncodeError as e:  # lone surrogates: bytes that were not UTF-8 (argv, stdin)
-        raise UserError(f"the prompt is not valid UTF-8 text (position {e.start})") from None
+    except UnicodeEncodeError as e:
+        raise UserError(f"{what} is not valid UTF-8 text (position {e.start})") from None
+    return text
+
+
+def prompt_ids(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of prompt text: special tokens added unless a chat template already wrote the BOS."""
+    check_utf8(text)
     bos = tokenizer.bos_token_id
     bos_text = tokenizer.decode([bos]) if bos is not None else None
     add_special = not (bos_text and text.startswith(bos_text))  # a chat template may have written it

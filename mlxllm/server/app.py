@@ -16,6 +16,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..engine.batching import QueueFull
+from ..engine.stream import check_utf8
 from ..errors import UserError
 from . import anthropic_api, openai_api
 from .errors import ApiError, error_response
@@ -30,7 +31,8 @@ PUBLIC_PATHS = ("/health",)
 
 class _JSONBodies:
     """Every body is read as JSON, whatever its declared type (``curl -d`` says form data), and one
-    over ``limit`` bytes is refused with 413, whether its length is declared or not."""
+    over ``limit`` bytes is refused with 413, whether its length is declared or not: the body is read
+    here (it is small), then handed on whole."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -43,18 +45,23 @@ class _JSONBodies:
         declared = dict(headers).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
             return await _too_large(scope, receive, send, self.limit)
-        seen = 0
-
-        async def counted() -> Message:
-            nonlocal seen
+        body, first = bytearray(), None
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise ApiError(f"the request body is over {self.limit} bytes", 413)
-            return message
+            if message["type"] != "http.request":
+                first = message  # the client left while sending: the app sees that
+                break
+            body += message.get("body", b"")
+            if len(body) > self.limit:
+                return await _too_large(scope, receive, send, self.limit)
+            if not message.get("more_body", False):
+                break
+        pending = [first or {"type": "http.request", "body": bytes(body), "more_body": False}]
 
-        await self.app(scope, counted, send)
+        async def replay() -> Message:
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
 
 
 async def _too_large(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
@@ -105,8 +112,9 @@ def create_app(state: ServerState, *, api_key: str | None = None, cors_origins: 
                 return response
         try:
             response = await call_next(request)
-        except ApiError as e:  # raised while reading the body (the size cap)
-            response = error_response(path, e.status, str(e), e.headers)
+        except Exception:
+            metrics.requests.labels(_endpoint(request), "500").inc()
+            raise
         metrics.requests.labels(_endpoint(request), str(response.status_code)).inc()
         return response
 
@@ -160,7 +168,8 @@ def create_app(state: ServerState, *, api_key: str | None = None, cors_origins: 
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
-        return {"tokens": state.tokenizer().encode(body.content, add_special_tokens=body.add_special)}
+        tokenizer = state.tokenizer()
+        return {"tokens": tokenizer.encode(check_utf8(body.content, "content"), add_special_tokens=body.add_special)}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
