@@ -139,7 +139,9 @@ class BenchConfig:
     guidellm: str
     log_dir: str
     out: str
+    try_vllm_mlx: bool = False
     start_timeout_s: float = 300.0
+    warmup_timeout_s: float = 300.0
 
 
 def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
@@ -173,6 +175,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     p.add_argument("--llama-server", default=str(DEFAULT_LLAMA_SERVER))
     p.add_argument("--vllm-mlx", default=str(DEFAULT_VLLM_MLX))
     p.add_argument("--guidellm", default=str(DEFAULT_GUIDELLM))
+    p.add_argument("--try-vllm-mlx", action="store_true", help="run vllm-mlx even off macOS (it hangs here)")
     p.add_argument("--log-dir", default="/tmp/serve_load_logs", help="server logs")
     p.add_argument("--out", default=None,
                    help="JSON results (default bench/results/serve_load.json; quick: serve_load.quick.json)")
@@ -189,7 +192,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
         inject_after=a.inject_after, requests_per_worker=pick(a.requests_per_worker, 3, 2),
         min_requests=pick(a.min_requests, 8, 4), threads=a.threads, baseline=a.baseline, client=a.client,
         quick=q, gguf=a.gguf, mlx_dir=a.mlx_dir, llama_server=a.llama_server, vllm_mlx=a.vllm_mlx,
-        guidellm=a.guidellm, log_dir=a.log_dir, out=out)
+        guidellm=a.guidellm, log_dir=a.log_dir, out=out, try_vllm_mlx=a.try_vllm_mlx)
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -426,7 +429,14 @@ class ServerLauncher:
         raise NotImplementedError
 
     def extra_body(self) -> dict[str, Any]:
-        return {"ignore_eos": True}
+        """Fields every request to this server carries besides the common ones."""
+        body: dict[str, Any] = {"ignore_eos": True}
+        if self.model_field is not None:
+            body["model"] = self.model_field
+        return body
+
+    #: the request's "model" (None: omitted; mlxllm and llama-server serve one model and ignore it)
+    model_field: str | None = None
 
     def env(self) -> dict[str, str]:
         return dict(os.environ)
@@ -464,9 +474,12 @@ class MlxLmLauncher(ServerLauncher):
         return [str(VENV_BIN / "mlx_lm.server"), "--model", self.cfg.mlx_dir, "--host", "127.0.0.1",
                 "--port", str(port), "--log-level", "WARNING"]
 
+    model_field = "default_model"  # mlx_lm.server's name for its --model (other names are loaded as paths)
+
     def extra_body(self) -> dict[str, Any]:
         # mlx_lm.server reads no ignore_eos; ban the EOS ids instead (batchable, unlike seed / kv_bits)
-        return {"logit_bias": {str(i): -1e9 for i in eos_ids(Path(self.cfg.mlx_dir))}}
+        return {"model": self.model_field,
+                "logit_bias": {str(i): -1e9 for i in eos_ids(Path(self.cfg.mlx_dir))}}
 
     def version(self) -> str | None:
         return importlib.metadata.version("mlx-lm")
@@ -493,18 +506,46 @@ class LlamaCppLauncher(ServerLauncher):
             return None
 
 
+VLLM_MLX_LINUX = ("vllm-mlx 0.6.0 (PyPI) installs on Linux (with --no-deps plus its text-serving deps) and "
+                  "starts (/health answers), but no request ever gets a token on MLX's CPU backend: the "
+                  "first prefill's mx.eval, run from vllm-mlx's generation thread, never returns (same "
+                  "with the batched and the simple engine, with mlx 0.31.2 or 0.32.4, mlx-lm 0.31.3 or "
+                  "0.32.2; plain mlx_lm.generate from a non-main thread hangs the same way with mlx-lm "
+                  "0.31.3). It is built for Apple Silicon (Metal); --try-vllm-mlx runs it anyway.")
+
+
 class VllmMlxLauncher(ServerLauncher):
     name = "vllm-mlx"
 
     def unavailable(self) -> str | None:
         if not os.access(self.cfg.vllm_mlx, os.X_OK):
-            return (f"no vllm-mlx at {self.cfg.vllm_mlx}: vllm-mlx (PyPI) targets Apple Silicon "
-                    "(see vllm_mlx_status in the results)")
+            return f"no vllm-mlx at {self.cfg.vllm_mlx} ({VLLM_MLX_LINUX})"
+        if sys.platform != "darwin" and not self.cfg.try_vllm_mlx:
+            return VLLM_MLX_LINUX
         return None
+
+    @property
+    def model_field(self) -> str:  # type: ignore[override]
+        return self.cfg.mlx_dir  # vllm-mlx requires the field and names the model by its path
 
     def command(self, port: int, slots: int, ctx_per_slot: int) -> list[str]:
         return [self.cfg.vllm_mlx, "serve", self.cfg.mlx_dir, "--host", "127.0.0.1", "--port", str(port),
-                "--continuous-batching"]
+                "--continuous-batching", "--max-num-seqs", str(max(slots, 1))]
+
+    def env(self) -> dict[str, str]:
+        # it saves its prefix cache under ~/.cache/vllm-mlx at shutdown: keep that under /tmp
+        home = Path(tempfile.gettempdir()) / "vllm-mlx-home"
+        home.mkdir(exist_ok=True)
+        return {**os.environ, "HOME": str(home)}
+
+    def version(self) -> str | None:
+        try:
+            r = subprocess.run([str(Path(self.cfg.vllm_mlx).parent / "python"), "-c",
+                                "import importlib.metadata as m; print(m.version('vllm-mlx'))"],
+                               capture_output=True, text=True, timeout=60)
+            return r.stdout.strip() or None
+        except Exception:  # noqa: BLE001
+            return None
 
 
 LAUNCHERS: dict[str, type[ServerLauncher]] = {
@@ -741,22 +782,24 @@ def guidellm_load(cfg: BenchConfig, server: RunningServer, concurrency: int, n: 
     data = f"kind=synthetic_text,prompt_tokens={prompt_tokens},output_tokens={cfg.max_tokens}"
     if prefix_tokens:
         data += f",prefix_tokens={prefix_tokens},prefix_count=1"
-    backend = {"kind": "openai_http", "target": server.base, "model": "default_model",
-               "request_format": "/v1/chat/completions", "http2": False}
-    extra = {k: v for k, v in server.launcher.extra_body().items() if k != "ignore_eos"}
-    if extra:
-        backend["extras"] = {"body": extra}
+    backend: dict[str, Any] = {"kind": "openai_http", "target": server.base,
+                               "model": server.launcher.model_field or "default",
+                               "request_format": "/v1/chat/completions", "http2": False}
+    # guidellm sets max_tokens, ignore_eos, stream and stream_options itself; the rest (temperature,
+    # mlx_lm's EOS logit_bias) goes in through its backend extras
+    extra = {k: v for k, v in server.launcher.extra_body().items() if k not in ("ignore_eos", "model")}
+    backend["extras"] = {"body": {"temperature": 0, **extra}}
     cmd = [cfg.guidellm, "run", "--backend", json.dumps(backend),
            "--profile", f"kind=concurrent,streams={concurrency}",
            "--constraint", f"kind=max_requests,max_requests={n}",
-           "--data", data, "--tokenizer", f"kind=hf_auto,source={cfg.mlx_dir}", "--seed", f"kind=static,seed={seed}",
-           "--output", f"kind=json,path={out}", "--disable-console-interactive"]
+           "--data", data, "--tokenizer", json.dumps({"kind": "hf_auto", "model": cfg.mlx_dir}),
+           "--seed", f"kind=static,seed={seed}", "--output", f"kind=json,path={out}", "--disable-console-interactive"]
     log("  guidellm: " + " ".join(cmd))
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if r.returncode != 0 or not out.exists():
         return {"error": f"guidellm rc={r.returncode}: {(r.stderr or r.stdout)[-800:]}"}
     report = json.loads(out.read_text())
-    return {"guidellm": parse_guidellm_report(report), "guidellm_report": str(out)}
+    return {**parse_guidellm_report(report), "client": "guidellm", "guidellm_report": str(out)}
 
 
 def parse_guidellm_report(report: dict[str, Any]) -> dict[str, Any]:
@@ -764,30 +807,37 @@ def parse_guidellm_report(report: dict[str, Any]) -> dict[str, Any]:
     bench = report["benchmarks"][0]
     m = bench["metrics"]
 
-    def dist(name: str) -> dict[str, Any]:
-        d = m[name]
-        d = d.get("successful", d) if isinstance(d, dict) else d
-        return d
+    def ok(name: str) -> dict[str, Any]:
+        return m[name]["successful"]
 
     def pct(name: str, p: str) -> float | None:
-        d = dist(name)
-        v = (d.get("percentiles") or {}).get(p) if isinstance(d, dict) else None
-        return None if v is None else float(v)
+        v = (ok(name).get("percentiles") or {}).get(p)
+        return None if v is None else round(float(v), 2)
 
-    tps = dist("output_tokens_per_second")
+    tokens = ok("output_token_count")
+    duration = float(bench.get("duration") or 0)
     return {
+        "requests": tokens.get("count"), "tokens": int(tokens.get("total_sum") or 0),
+        "full_length": tokens.get("min") == tokens.get("max"),
+        "tok_s": round(tokens["total_sum"] / duration, 2) if duration else None,
+        "tok_s_guidellm_mean": round(float(ok("output_tokens_per_second")["mean"]), 2),
         "ttft_p50_ms": pct("time_to_first_token_ms", "p50"), "ttft_p95_ms": pct("time_to_first_token_ms", "p95"),
         "itl_p50_ms": pct("inter_token_latency_ms", "p50"), "itl_p95_ms": pct("inter_token_latency_ms", "p95"),
-        "tok_s": tps.get("mean") if isinstance(tps, dict) else None,
+        "tpot_p50_ms": pct("time_per_output_token_ms", "p50"),
+        "errors": (m.get("request_totals") or {}).get("errored"),
     }
 
 
 # --------------------------------------------------------------------------------------- workloads
 
 
-async def warmup(client: Client, prompts: PromptFactory, tag: str) -> None:
+async def warmup(client: Client, prompts: PromptFactory, tag: str, timeout: float) -> None:
+    """Two short distinct requests, not measured (loads lazily loaded models, compiles kernels)."""
     for i in range(2):
-        r = await client.chat(prompts.distinct_messages(16, f"warmup-{tag}-{i}"), 8)
+        try:
+            r = await asyncio.wait_for(client.chat(prompts.distinct_messages(16, f"warmup-{tag}-{i}"), 8), timeout)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"warm-up request got no answer in {timeout:.0f}s") from None
         if r.error:
             raise RuntimeError(f"warm-up failed: {r.error}")
 
@@ -915,7 +965,7 @@ async def _cell(cfg: BenchConfig, launcher: ServerLauncher, prompts: PromptFacto
         assert server.sampler is not None
         client = Client(server.base, launcher.extra_body(), max_connections=max(64, slots * 2))
         try:
-            await warmup(client, prompts, tag)
+            await warmup(client, prompts, tag, cfg.warmup_timeout_s)
             time.sleep(0.3)
             server.sampler.reset_peak()
             rss_idle = server.sampler.last

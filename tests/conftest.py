@@ -104,3 +104,27 @@ def smollm2_server(smollm2_path):
     server.key = "test-key"
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tmp_path_factory, smollm2_path):
+    """A tiny random llama (2 layers, width 64) with SmolLM2's real tokenizer and chat template, written
+    as a Hugging Face directory: a model the server can batch many requests of quickly."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from mlxllm.formats.save import save_model
+    from mlxllm.model.config import ModelConfig
+    from mlxllm.model.decoder import Model
+    from mlxllm.tokenize import read_gguf_tokenizer_metadata
+    from mlxllm.tokenize.export import write_hf_tokenizer
+
+    mx.random.seed(3)
+    model = Model(ModelConfig.from_hf(dict(
+        model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=49152, rms_norm_eps=1e-5, rope_theta=10000.0,
+        max_position_embeddings=2048, tie_word_embeddings=True)))
+    model.update(tree_unflatten([(k, mx.random.normal(v.shape) * 0.05) for k, v in tree_flatten(model.parameters())]))
+    tokenizer_dir = tmp_path_factory.mktemp("tiny-tokenizer")
+    write_hf_tokenizer(read_gguf_tokenizer_metadata(smollm2_path), tokenizer_dir)
+    return save_model(model, tmp_path_factory.mktemp("tiny-chat") / "tiny-chat", tokenizer_dir)

@@ -11,6 +11,8 @@ import time
 import httpx
 import pytest
 
+from conftest import ServerProcess
+
 openai = pytest.importorskip("openai")
 anthropic = pytest.importorskip("anthropic")
 
@@ -257,12 +259,22 @@ def test_dropped_streams_are_cancelled_and_free_their_cache(server):
     assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"]
 
 
-def test_32_concurrent_streams_each_complete_once_with_the_right_count(server):
+@pytest.fixture(scope="module")
+def tiny_server(tiny_chat_dir):
+    server = ServerProcess("-m", str(tiny_chat_dir), "--model-name", "tiny", "--max-batch", "32")
+    server.key = "unused"  # no --api-key: any key is accepted
+    yield server
+    assert server.stop() == 0, server.output()
+
+
+def test_32_concurrent_streams_each_complete_once_with_the_right_count(tiny_server):
+    """A short load test on a tiny model: 32 streaming clients at once, each gets one stream with
+    its own id, exactly the tokens it asked for, one [DONE]; through both APIs."""
     async def one(client: httpx.AsyncClient, i: int) -> tuple[str, int, int]:
         body = {"messages": [{"role": "user", "content": f"Say the number {i} in words, then keep talking."}],
-                "max_tokens": 12, "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
-                "ignore_eos": True}
-        ids, text, usage, done = set(), [], None, 0
+                "max_tokens": 24 + i, "temperature": 0.8, "seed": i, "stream": True,
+                "stream_options": {"include_usage": True}, "ignore_eos": True}
+        ids, chunks, usage, done = set(), 0, None, 0
         async with client.stream("POST", "/v1/chat/completions", json=body) as r:
             assert r.status_code == 200
             async for line in r.aiter_lines():
@@ -271,18 +283,21 @@ def test_32_concurrent_streams_each_complete_once_with_the_right_count(server):
                 elif line.startswith("data: "):
                     chunk = json.loads(line[6:])
                     ids.add(chunk["id"])
-                    if chunk["choices"]:
-                        text.append(chunk["choices"][0]["delta"].get("content", ""))
-                    if chunk.get("usage"):
-                        usage = chunk["usage"]
+                    chunks += bool(chunk["choices"] and chunk["choices"][0]["delta"].get("content"))
+                    usage = chunk.get("usage") or usage
         assert len(ids) == 1 and done == 1
-        return ids.pop(), usage["completion_tokens"], len("".join(text))
+        return ids.pop(), usage["completion_tokens"], chunks
 
     async def main():
-        async with httpx.AsyncClient(base_url=server.url, headers=_headers(server), timeout=300) as client:
+        async with httpx.AsyncClient(base_url=tiny_server.url, timeout=300) as client:
             return await asyncio.gather(*(one(client, i) for i in range(32)))
 
     results = asyncio.run(main())
     assert len({rid for rid, _, _ in results}) == 32
-    assert all(n == 12 and chars > 0 for _, n, chars in results)
-    _wait_idle(server)
+    assert [n for _, n, _ in results] == [24 + i for i in range(32)]
+    assert all(chunks > 0 for _, _, chunks in results)
+    claude = anthropic.Anthropic(base_url=tiny_server.url, api_key="none", max_retries=0, timeout=300)
+    with claude.messages.stream(model="tiny", max_tokens=10, messages=QUESTION, extra_body=GREEDY) as stream:
+        final = stream.get_final_message()
+    assert final.usage.output_tokens <= 10
+    assert _metric(tiny_server, "mlxllm_running_batch_size") == 0
