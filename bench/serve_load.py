@@ -1149,11 +1149,15 @@ def print_tables(cfg: BenchConfig, summary: dict[str, Any], rat: dict[str, Any])
 
 def vllm_mlx_status(cfg: BenchConfig) -> dict[str, Any]:
     """What is known about vllm-mlx here (recorded in the results)."""
-    st: dict[str, Any] = {"binary": cfg.vllm_mlx, "installed": os.access(cfg.vllm_mlx, os.X_OK)}
-    st["note"] = ("vllm-mlx 0.6.0 is on PyPI (pure-Python wheel, 'Operating System :: MacOS', 'for Apple "
-                  "Silicon'); it pins mlx-lm<0.32 and pulls mlx-vlm, torchvision, opencv, gradio. See the "
-                  "benchmark report for the outcome of trying it on Linux with MLX's CPU backend.")
-    return st
+    return {"binary": cfg.vllm_mlx, "installed": os.access(cfg.vllm_mlx, os.X_OK), "platform": sys.platform,
+            "pypi": "vllm-mlx 0.6.0: pure-Python wheel, 'Operating System :: MacOS', pins mlx-lm<0.32 and pulls "
+                    "mlx-vlm, mlx-embeddings, torchvision, opencv-python, gradio",
+            "linux_cpu": VLLM_MLX_LINUX,
+            "install": f"python3 -m venv /tmp/vllm-mlx-venv && /tmp/vllm-mlx-venv/bin/pip install 'mlx[cpu]' "
+                       "'mlx-lm==0.31.3' vllm-mlx==0.6.0 --no-deps && /tmp/vllm-mlx-venv/bin/pip install "
+                       "'transformers>=5' tokenizers huggingface-hub numpy pillow tqdm pyyaml requests tabulate "
+                       "psutil fastapi 'starlette>=1.0.1' uvicorn prometheus-client jsonschema pytz jinja2 "
+                       "protobuf sentencepiece python-multipart"}
 
 
 async def amain(cfg: BenchConfig) -> dict[str, Any]:

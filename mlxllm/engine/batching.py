@@ -32,7 +32,7 @@ import mlx.core as mx
 
 from ..errors import UserError
 from ..model.cache import KVSettings, activation_dtype, kv_bytes
-from ..model.cache.batch import batch_cache
+from ..model.cache.batch import FusedStep, batch_cache
 from .prefix_cache import PrefixCache
 from .sample import apply_processors, check_sampling, make_distribution, make_logits_processors
 from .stream import TextStream
@@ -261,8 +261,11 @@ class BatchEngine:
             return False
         self.steps += 1
         started, decoding = time.perf_counter(), bool(self._running)
-        decode = self._decode_graph() if decoding else None
-        fed, joining = self._prefill(self._prompt_budget())
+        if decoding and self._prefilling:
+            decode, fed, joining = self._fused_step(self._prompt_budget())
+        else:
+            decode = self._decode_graph() if decoding else None
+            fed, joining = self._prefill(self._prompt_budget())
         if decode is not None:
             self._finish_decode(*decode)
         self._join(joining)
@@ -360,39 +363,64 @@ class BatchEngine:
             self._prefilling.append(seq)
         self._waiting.extendleft(reversed(held))
 
+    def _chunk_end(self, seq: _Sequence, budget: int) -> int:
+        """Where this step's chunk of ``seq``'s prompt ends: ``budget`` tokens on, or at the next message
+        boundary when the model's caches cannot be trimmed (a snapshot is taken there)."""
+        end = min(len(seq.ids), seq.fed + budget)
+        if not self.trims:
+            end = min([b for b in seq.request.boundaries if seq.fed < b < end] + [end])
+        return end
+
     def _prefill(self, budget: int) -> tuple[int, list[_Sequence]]:
         """Feed prompt chunks (oldest request first) until ``budget`` tokens; return how many were fed
         and the sequences whose first token was just sampled and that continue."""
         joining, total = [], budget
         while budget > 0 and self._prefilling:
             seq = self._prefilling[0]
-            end = min(len(seq.ids), seq.fed + budget)
-            if not self.trims:  # stop at a message boundary to snapshot there
-                end = min([b for b in seq.request.boundaries if seq.fed < b < end] + [end])
+            end = self._chunk_end(seq, budget)
             h = self.model.hidden(mx.array(seq.ids[seq.fed:end], dtype=mx.int32)[None], seq.cache)
             budget -= end - seq.fed
             seq.fed = end
-            if end < len(seq.ids):
-                mx.eval([c.state for c in seq.cache])
-                if seq.fed in seq.request.boundaries and not self.trims and self.prefix_cache is not None:
-                    self.prefix_cache.insert(seq.ids[:end], [c.copy() for c in seq.cache])
-                continue
-            self._prefilling.popleft()
-            token, logprobs = seq.pick(self.model.head(h[:, -1, :]))
-            mx.eval(token, logprobs, [c.state for c in seq.cache])
-            if self.prefix_cache is not None:  # the prompt, for requests that share it and arrive meanwhile
-                self.prefix_cache.insert(seq.ids, [c.copy() for c in seq.cache])
-            if self._emit(seq, token.item(), logprobs):
-                joining.append(seq)
-            else:
-                self._snapshot(seq, seq.cache)
-                self.reserved -= seq.reserve
+            joining += self._chunk_done(seq, h[:, -1, :])
         return total - budget, joining
 
+    def _fused_step(self, budget: int) -> tuple[tuple[mx.array, list], int, list[_Sequence]]:
+        """The decode step and the oldest prompt's next chunk as one pass through the model."""
+        seq, rows = self._prefilling[0], len(self._running)
+        end = self._chunk_end(seq, budget)
+        tokens = [s.generated[-1] for s in self._running] + seq.ids[seq.fed:end]
+        caches = [FusedStep(b, c, rows) for b, c in zip(self._batch, seq.cache)]
+        h = self.model.hidden(mx.array(tokens, dtype=mx.int32)[None], caches)[0]
+        decode = self._sample_rows(self.model.head(h[:rows]))
+        fed, seq.fed = end - seq.fed, end
+        return decode, fed, self._chunk_done(seq, h[None, -1])
+
+    def _chunk_done(self, seq: _Sequence, last: mx.array) -> list[_Sequence]:
+        """After a chunk of ``seq``'s prompt (``last``: its final hidden state ``[1, hidden]``): a
+        boundary snapshot, or, once the prompt is in, the first token; ``[seq]`` if it joins the batch."""
+        if seq.fed < len(seq.ids):
+            mx.eval([c.state for c in seq.cache])
+            if seq.fed in seq.request.boundaries and not self.trims and self.prefix_cache is not None:
+                self.prefix_cache.insert(seq.ids[: seq.fed], [c.copy() for c in seq.cache])
+            return []
+        self._prefilling.popleft()
+        token, logprobs = seq.pick(self.model.head(last))
+        mx.eval(token, logprobs, [c.state for c in seq.cache])
+        if self.prefix_cache is not None:  # the prompt, for requests that share it and arrive meanwhile
+            self.prefix_cache.insert(seq.ids, [c.copy() for c in seq.cache])
+        if self._emit(seq, token.item(), logprobs):
+            return [seq]
+        self._snapshot(seq, seq.cache)
+        self.reserved -= seq.reserve
+        return []
+
     def _decode_graph(self) -> tuple[mx.array, list]:
+        inputs = mx.array([s.generated[-1] for s in self._running], dtype=mx.int32)[:, None]
+        return self._sample_rows(self.model.head(self.model.hidden(inputs, self._batch)[:, -1, :]))
+
+    def _sample_rows(self, logits: mx.array) -> tuple[mx.array, list]:
+        """The running rows' next tokens from ``logits [rows, vocab]`` (queued, not yet evaluated)."""
         seqs = self._running
-        inputs = mx.array([s.generated[-1] for s in seqs], dtype=mx.int32)[:, None]
-        logits = self.model.head(self.model.hidden(inputs, self._batch)[:, -1, :])
         if all(s.plain for s in seqs):
             tokens, logprobs = mx.argmax(logits, axis=-1), [None] * len(seqs)
         else:

@@ -10,6 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .cache import KVCache, KVSettings, QuantizedKVCache, RotatingKVCache, causal_mask
+from .cache.batch import FusedStep
 from .config import ModelConfig
 from .mla import LatentAttention
 from .moe import MoE
@@ -62,15 +63,21 @@ class Attention(nn.Module):
         if norm and self.qk_norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
+        if isinstance(cache, FusedStep):  # decode rows and a prompt chunk in one pass
+            out = cache.split((q, k, v), self._attend)
+        else:
+            out = self._attend(q, k, v, mask, cache)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def _attend(self, q: mx.array, k: mx.array, v: mx.array, mask, cache) -> mx.array:
+        """Positions, the cache update and attention for ``q, k, v [B, heads, L, head_dim]``."""
         offset = 0 if cache is None else cache.offset
         q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         if isinstance(k, tuple):  # a quantized cache hands back packed (weights, scales, biases)
-            out = cache.attend(q, k, v, self.scale, mask)
-        else:
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+            return cache.attend(q, k, v, self.scale, mask)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
 
 
 def _activation(cfg: ModelConfig):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from .cache.batch import FusedStep
 from .config import ModelConfig
 from .rope import make_rope, yarn_mscale
 
@@ -68,6 +69,15 @@ class LatentAttention(nn.Module):
         kv = self.kv_a_proj_with_mqa(x)
         latent = self.kv_a_layernorm(kv[..., : self.rank])[:, None]  # [B, 1, L, rank]
         k_pe = kv[..., self.rank :][:, None]  # [B, 1, L, rope]: one RoPE key shared by all heads
+        if isinstance(cache, FusedStep):  # decode rows and a prompt chunk in one pass
+            out = cache.split((q_nope, q_pe, latent, k_pe), self._attend)
+        else:
+            out = self._attend(q_nope, q_pe, latent, k_pe, mask, cache)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def _attend(self, q_nope: mx.array, q_pe: mx.array, latent: mx.array, k_pe: mx.array, mask, cache) -> mx.array:
+        """Positions, the cache update and attention for one batch's queries and new latents."""
+        B, L = q_nope.shape[0], q_nope.shape[2]
         offset = 0 if cache is None else cache.offset
         q_pe, k_pe = self.rope(q_pe, offset=offset), self.rope(k_pe, offset=offset)
         if cache is not None:
@@ -84,7 +94,7 @@ class LatentAttention(nn.Module):
             queries = mx.concatenate([q_nope, q_pe], axis=-1)
             values = self._kv_map("v", latent)
             out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return out
 
     def _absorb(self, n_queries: int, n_keys: int) -> bool:
         """Whether attending over the latent costs fewer multiply-adds than expanding it."""

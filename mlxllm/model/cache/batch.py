@@ -253,6 +253,28 @@ class BatchRowsCache:
 BatchCache = BatchKVCache | BatchRingCache | BatchRowsCache
 
 
+class FusedStep:
+    """One layer's caches for a step that runs the batch's decode tokens and one sequence's prompt
+    chunk through the model together, laid out as one row ``[1, rows + chunk]``: the linear layers
+    read their weights once for both, and attention is split, each part over its own cache."""
+
+    def __init__(self, batch: BatchCache, chunk: KVCache | RotatingKVCache, rows: int) -> None:
+        self.batch, self.chunk, self.rows = batch, chunk, rows
+
+    def mask(self, n_queries: int) -> Mask:
+        return None  # each part makes its own in ``split``
+
+    def split(self, tensors: tuple[mx.array, ...], attend) -> mx.array:
+        """``attend(*parts, mask, cache)`` on the decode part of ``tensors`` (each ``[1, heads, rows +
+        chunk, dims]``, moved to ``[rows, heads, 1, dims]``) and on the chunk part; outputs rejoined."""
+        n = self.rows
+        decode = [t[:, :, :n].transpose(2, 1, 0, 3) for t in tensors]
+        chunk = [t[:, :, n:] for t in tensors]
+        out_decode = attend(*decode, self.batch.mask(1), self.batch)
+        out_chunk = attend(*chunk, self.chunk.mask(chunk[0].shape[2]), self.chunk)
+        return mx.concatenate([out_decode.transpose(2, 1, 0, 3), out_chunk], axis=2)
+
+
 def batch_cache(cache: KVCache | RotatingKVCache) -> BatchCache:
     """An empty batched cache for rows shaped like ``cache``."""
     if isinstance(cache, QuantizedKVCache):
