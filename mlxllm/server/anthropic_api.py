@@ -9,35 +9,26 @@ from typing import Any, AsyncIterator, Literal
 
 from fastapi import APIRouter, Request as HTTPRequest
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from ..engine.batching import Event, Request, SamplingParams
 from ..errors import UserError
-from .prompts import chat_prompt, content_text
+from .prompts import ApiModel, TextPart, chat_prompt, content_text
 from .state import ServerState
 
 router = APIRouter()
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
-
-
-class TextBlock(_Model):
-    type: str
-    text: str | None = None
-
-
-class Message(_Model):
+class Message(ApiModel):
     role: Literal["user", "assistant"]
-    content: str | list[TextBlock]
+    content: str | list[TextPart]
 
 
-class _Prompt(_Model):
+class _Prompt(ApiModel):
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
-    system: str | list[TextBlock] | None = None
+    system: str | list[TextPart] | None = None
     tools: list[dict[str, Any]] | None = None
 
     def chat(self) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -20,6 +20,7 @@ from ..engine.stream import check_utf8
 from ..errors import UserError
 from . import anthropic_api, openai_api
 from .errors import ApiError, error_response
+from .prompts import ApiModel
 from .state import ServerState
 from .worker import NotReady
 
@@ -69,14 +70,12 @@ async def _too_large(scope: Scope, receive: Receive, send: Send, limit: int) -> 
     await response(scope, receive, send)
 
 
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
+class TokenizeRequest(ApiModel):
     content: str
     add_special: bool = False
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
+class DetokenizeRequest(ApiModel):
     tokens: list[int] = Field(max_length=1 << 20)
 
 

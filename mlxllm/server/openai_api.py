@@ -10,41 +10,31 @@ from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request as HTTPRequest
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from ..engine.batching import Event, Request, SamplingParams, TokenLogprob
 from ..errors import UserError
 from .errors import ApiError
-from .prompts import chat_prompt, text_prompt
+from .prompts import ApiModel, TextPart, chat_prompt, text_prompt
 from .state import ServerState
 
 router = APIRouter()
 
 
-class _Model(BaseModel):
-    # Unknown fields are accepted and ignored, as OpenAI's own clients send fields a server may not know.
-    model_config = ConfigDict(extra="allow", strict=True)
-
-
-class ContentPart(_Model):
-    type: str
-    text: str | None = None
-
-
-class ChatMessage(_Model):
+class ChatMessage(ApiModel):
     role: str
-    content: str | list[ContentPart] | None = None
+    content: str | list[TextPart] | None = None
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
 
 
-class StreamOptions(_Model):
+class StreamOptions(ApiModel):
     include_usage: bool = False
 
 
-class _Generation(_Model):
+class _Generation(ApiModel):
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=0)
     max_completion_tokens: int | None = Field(default=None, ge=0)

@@ -5,10 +5,26 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
 from ..engine.stream import prompt_ids
 from ..errors import UserError
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class ApiModel(BaseModel):
+    """The base of every request model: types are checked strictly (a string is not a number), and
+    unknown fields are accepted and ignored, as both APIs' own clients send fields a server may not know."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class TextPart(ApiModel):
+    """A content part (OpenAI) or block (Anthropic); only ``text`` ones are supported."""
+
+    type: str
+    text: str | None = None
 
 
 def content_text(content: Any, where: str) -> str:
