@@ -3,6 +3,10 @@
     .venv/bin/python bench/serve_load.py                      # full run (3 reps, c = 1,4,8,16)
     .venv/bin/python bench/serve_load.py --quick              # smoke test: 1 rep, c = 1,4, short prompts
     .venv/bin/python bench/serve_load.py --servers mlxllm,llama.cpp --concurrency 1,8 --reps 5
+    .venv/bin/python bench/serve_load.py --render bench/results/serve_load.json   # tables again
+
+The peers live outside the repository, under /tmp: ``bash bench/serve_load_setup.sh`` builds
+llama-server and the vllm-mlx venv (``bash bench/serve_load_setup.sh guidellm`` for guidellm).
 
 Servers (each a separate process the script starts and stops, on 127.0.0.1, one at a time, never two at
 once; a fresh process for every measured cell so no cell inherits another's caches or memory):
@@ -25,15 +29,19 @@ once; a fresh process for every measured cell so no cell inherits another's cach
   prompt cache is on.
 * ``llama.cpp`` ``llama-server`` built from the llama.cpp vendored in llama-cpp-python (see
   ``--llama-server``), ``-t/-tb`` = ``--threads``, ``-np`` = the cell's concurrency (5 for the
-  interference workload), ``-c`` = np x (longest prompt + max tokens + template margin).
-* ``vllm-mlx``  ``vllm-mlx serve <dir>`` when ``--vllm-mlx`` points at a working install; it targets
-  Apple Silicon (see the ``vllm_mlx_status`` entry in the JSON for why it is skipped on Linux).
+  interference workload), ``-c`` = np x (longest prompt + max tokens + template margin), the smallest
+  context that fits the cell (llama-server allocates and clears its whole KV cache at start, so -c
+  shows up in its RSS). Other flags at their defaults (continuous batching, prompt cache, --cache-ram).
+* ``vllm-mlx``  ``vllm-mlx serve <dir> --continuous-batching`` (float32 directory, OpenBLAS preloaded,
+  as for mlx_lm) from a separate venv, by default /tmp/vllm-mlx-venv (``--vllm-mlx``); skipped with the
+  reason recorded when it is not installed. It is built for Apple Silicon but runs on MLX's CPU backend;
+  see ``vllm_mlx_status`` in the JSON for how it was installed.
 
 Requests: ``/v1/chat/completions`` with ``stream: true``, ``stream_options.include_usage``, greedy
-(``temperature: 0``), a fixed ``max_tokens`` and a forced full length: ``ignore_eos: true`` for mlxllm,
-llama-server and vllm-mlx; mlx_lm.server has no ``ignore_eos`` (its request handler reads no such
-field), so it gets ``logit_bias`` of -1e9 on the model's EOS ids (``generation_config.json``), which it
-applies with batching still on. Each result records whether every request produced exactly
+(``temperature: 0``), a fixed ``max_tokens`` and a forced full length: ``ignore_eos: true`` for mlxllm
+and llama-server; mlx_lm.server and vllm-mlx read no ``ignore_eos`` (their request models have no such
+field), so they get ``logit_bias`` of -1e9 on the model's EOS ids (``generation_config.json``), which
+both apply with batching still on. Each result records whether every request produced exactly
 ``max_tokens`` tokens (``full_length``).
 
 Measurement (built-in asyncio + httpx streaming client, one client process, closed loop):
@@ -47,7 +55,10 @@ Measurement (built-in asyncio + httpx streaming client, one client process, clos
 * memory: RSS of the server's process group (the server and any children), sampled every 50 ms from
   /proc (psutil when importable): ``rss_idle_mib`` after warm-up, ``rss_peak_mib`` while the workload runs.
   ``server_cpu_s_per_ktok``: the server's user+system CPU seconds per 1000 generated tokens (less
-  sensitive to other load on the machine than wall-clock figures).
+  sensitive to other load on the machine than wall-clock figures). ``other_cpu_share``: the share of
+  the machine's CPU that neither the server nor this client used during the cell (from /proc/stat);
+  above a few percent the cell was contended (a warning is printed): llama-server's OpenMP threads
+  (-t 2 on 2 cores) slowed down 4-10x here when another process took a core.
 * warm-up: after /health answers, two short distinct requests (not measured).
 
 Workloads, per server and repetition:
@@ -71,16 +82,22 @@ Repetitions alternate the server order (rep r starts at server r mod n); the sum
 repetitions of the per-repetition figures (percentiles are taken within a repetition), and ratios of
 every server to the baseline (--baseline, mlxllm): for tok/s higher is better, for times lower is better.
 
-guidellm (``--client guidellm``): guidellm 0.8.1 installs from PyPI into /tmp/guidellm-venv (it pulls in
-torch, ~6 GB) and can drive these servers: ``guidellm run --backend kind=openai_http,target=URL
---profile kind=concurrent,streams=C --constraint kind=max_requests,max_requests=N --data
+guidellm (``--client guidellm``): guidellm 0.8.1 installs from PyPI into a separate venv
+(``python3 -m venv /tmp/guidellm-venv && /tmp/guidellm-venv/bin/pip install guidellm==0.8.1``; it pulls
+in torch, ~6 GB) and drives these servers with fixed concurrency, reporting TTFT/ITL percentiles:
+``guidellm run --backend '{"kind": "openai_http", "target": URL, "extras": {"body": {...}}}' --profile
+kind=concurrent,streams=C --constraint kind=max_requests,count=N --data
 kind=synthetic_text,prompt_tokens=P,output_tokens=G[,prefix_tokens=S,prefix_count=1] --tokenizer
-kind=hf_auto,... --output kind=json,path=F`` (its synthetic requests set ``ignore_eos`` and ``max_tokens``
-themselves; the shared prefix is sent as the system message). It can express the load phases of (a) and
-(b), which then run through it (TTFT / ITL / output tok/s from its JSON report, the rest as above); the
-cold/warm probes and (c) (a prompt injected into running streams) cannot be expressed in it and always
-use the built-in client. The default is the built-in client for everything: one lightweight client
-competes less with the server for the 2 cores, and all servers see exactly the same requests.
+'{"kind": "hf_auto", "model": DIR}' --seed kind=static,value=R --output kind=json,path=F`` (its synthetic
+requests set ``max_tokens``, ``ignore_eos`` and ``stream_options`` themselves; temperature 0 and the EOS
+``logit_bias`` for mlx_lm / vllm-mlx go in through the backend extras; the shared prefix is sent as the
+system message). It expresses the load phases of (a) and (b), which then run through it (TTFT / ITL /
+TPOT percentiles and tokens from its JSON report; tok/s = its output tokens / its benchmark duration;
+memory and CPU as above, its CPU counted as client CPU). The cold/warm probes of (b) and all of (c) (a
+prompt injected into running streams) cannot be expressed in it and always use the built-in client.
+The default is the built-in client for everything: guidellm's own CPU use (20-25 CPU-seconds per cell
+here, mostly start-up) competes with the server for the 2 cores, and the built-in client sends every
+server exactly the same requests.
 """
 
 from __future__ import annotations
@@ -93,7 +110,6 @@ import os
 import platform
 import random
 import resource
-import shutil
 import signal
 import socket
 import statistics
@@ -149,11 +165,11 @@ class BenchConfig:
     guidellm: str
     log_dir: str
     out: str
-    try_vllm_mlx: bool = False
     mlx_lm_weights: str = "float32"
     mlx_lm_blas: str = "openblas"
     start_timeout_s: float = 300.0
     warmup_timeout_s: float = 300.0
+    render: str | None = None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
@@ -172,10 +188,10 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     p.add_argument("--question-tokens", type=int, default=16, help="(b) distinct question length")
     p.add_argument("--long-prompt-tokens", type=int, default=None, help="(c) injected prompt (4096; quick 1024)")
     p.add_argument("--long-max-tokens", type=int, default=8, help="(c) tokens the injected request generates")
-    p.add_argument("--stream-tokens", type=int, default=None, help="(c) tokens per running stream (384; quick 128)")
+    p.add_argument("--stream-tokens", type=int, default=None, help="(c) tokens per running stream (512; quick 128)")
     p.add_argument("--interference-streams", type=int, default=4)
     p.add_argument("--inject-after", type=int, default=16, help="(c) chunks every stream has before injection")
-    p.add_argument("--requests-per-worker", type=int, default=None, help="(a)/(b) requests per worker (3; quick 2)")
+    p.add_argument("--requests-per-worker", type=int, default=None, help="(a)/(b) requests per worker (2; quick 2)")
     p.add_argument("--min-requests", type=int, default=None, help="(a)/(b) at least this many requests (8; quick 4)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="llama-server -t / -tb")
     p.add_argument("--baseline", default="mlxllm", help="server the ratios divide by")
@@ -188,7 +204,6 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     p.add_argument("--llama-server", default=str(DEFAULT_LLAMA_SERVER))
     p.add_argument("--vllm-mlx", default=str(DEFAULT_VLLM_MLX))
     p.add_argument("--guidellm", default=str(DEFAULT_GUIDELLM))
-    p.add_argument("--try-vllm-mlx", action="store_true", help="run vllm-mlx even off macOS (it hangs here)")
     p.add_argument("--mlx-lm-weights", choices=["float32", "4bit"], default="float32",
                    help="weights mlx_lm.server / vllm-mlx serve: the dequantized float32 copy or the exact 4-bit dir")
     p.add_argument("--mlx-lm-blas", default="openblas",
@@ -197,20 +212,32 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     p.add_argument("--log-dir", default="/tmp/serve_load_logs", help="server logs")
     p.add_argument("--out", default=None,
                    help="JSON results (default bench/results/serve_load.json; quick: serve_load.quick.json)")
+    p.add_argument("--render", metavar="JSON", default=None,
+                   help="print the tables of an existing results file (summary and ratios recomputed) and exit")
     a = p.parse_args(argv)
+    if a.render:
+        saved = json.loads(Path(a.render).read_text())
+        fields = {k: v for k, v in saved["config"].items() if k in BenchConfig.__dataclass_fields__}
+        cfg = BenchConfig(**fields)
+        cfg.render = a.render
+        return cfg
     q = a.quick
-    pick = lambda v, full, quick: v if v is not None else (quick if q else full)  # noqa: E731
+
+    def pick(v: Any, full: Any, quick: Any) -> Any:
+        """The option's value if given, else the full or the quick default."""
+        return v if v is not None else (quick if q else full)
+
     out = a.out or str(ROOT / "bench/results" / ("serve_load.quick.json" if q else "serve_load.json"))
     return BenchConfig(
         servers=a.servers, concurrency=pick(a.concurrency, [1, 4, 8, 16], [1, 4]), reps=pick(a.reps, 3, 1),
         workloads=a.workloads, max_tokens=pick(a.max_tokens, 64, 32), prompt_tokens=pick(a.prompt_tokens, 256, 64),
         system_tokens=pick(a.system_tokens, 2048, 256), question_tokens=a.question_tokens,
         long_prompt_tokens=pick(a.long_prompt_tokens, 4096, 1024), long_max_tokens=a.long_max_tokens,
-        stream_tokens=pick(a.stream_tokens, 384, 128), interference_streams=a.interference_streams,
-        inject_after=a.inject_after, requests_per_worker=pick(a.requests_per_worker, 3, 2),
+        stream_tokens=pick(a.stream_tokens, 512, 128), interference_streams=a.interference_streams,
+        inject_after=a.inject_after, requests_per_worker=pick(a.requests_per_worker, 2, 2),
         min_requests=pick(a.min_requests, 8, 4), threads=a.threads, baseline=a.baseline, client=a.client,
         quick=q, gguf=a.gguf, mlx_dir=a.mlx_dir, llama_server=a.llama_server, vllm_mlx=a.vllm_mlx,
-        guidellm=a.guidellm, log_dir=a.log_dir, out=out, try_vllm_mlx=a.try_vllm_mlx,
+        guidellm=a.guidellm, log_dir=a.log_dir, out=out,
         mlx_lm_weights=a.mlx_lm_weights, mlx_lm_blas=a.mlx_lm_blas)
 
 
@@ -247,6 +274,17 @@ def loadavg() -> list[float]:
         return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
     except OSError:
         return list(os.getloadavg())
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores have spent busy since boot (/proc/stat: everything but idle and iowait)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError):
+        return float("nan")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    busy = sum(fields[:8]) - idle  # user nice system idle iowait irq softirq steal (guest is inside user)
+    return busy / os.sysconf("SC_CLK_TCK")
 
 
 def log(msg: str) -> None:
@@ -332,7 +370,7 @@ class PromptFactory:
                 words.append(w.capitalize() + "." if rng.random() < 0.08 else w)
             ids = self._tok.encode(" ".join(words), add_special_tokens=False).ids
             if len(ids) >= n_tokens:
-                return self._tok.decode(ids[:n_tokens])
+                return str(self._tok.decode(ids[:n_tokens]))
 
     def distinct_messages(self, n_tokens: int, seed: str) -> list[dict[str, str]]:
         return [{"role": "user", "content": f"[{seed}] {self.text(n_tokens, seed)}\nContinue the story."}]
@@ -467,6 +505,10 @@ class ServerLauncher:
         """The weights the server loads."""
         return self.cfg.gguf
 
+    def preload(self) -> str | None:
+        """The LD_PRELOAD the server runs with."""
+        return None
+
 
 class MlxllmLauncher(ServerLauncher):
     name = "mlxllm"
@@ -513,6 +555,9 @@ class MlxLmLauncher(ServerLauncher):
     def env(self) -> dict[str, str]:
         return mlx_env(self.cfg)
 
+    def preload(self) -> str | None:
+        return mlx_env(self.cfg).get("LD_PRELOAD")
+
 
 class LlamaCppLauncher(ServerLauncher):
     name = "llama.cpp"
@@ -535,12 +580,12 @@ class LlamaCppLauncher(ServerLauncher):
             return None
 
 
-VLLM_MLX_LINUX = ("vllm-mlx 0.6.0 (PyPI) installs on Linux (with --no-deps plus its text-serving deps) and "
-                  "starts (/health answers), but no request ever gets a token on MLX's CPU backend: the "
-                  "first prefill's mx.eval, run from vllm-mlx's generation thread, never returns (same "
-                  "with the batched and the simple engine, with mlx 0.31.2 or 0.32.4, mlx-lm 0.31.3 or "
-                  "0.32.2; plain mlx_lm.generate from a non-main thread hangs the same way with mlx-lm "
-                  "0.31.3). It is built for Apple Silicon (Metal); --try-vllm-mlx runs it anyway.")
+VLLM_MLX_NOTE = ("vllm-mlx 0.6.0 (PyPI, a pure-Python wheel marked 'Operating System :: MacOS') runs on "
+                 "Linux with MLX's CPU backend when installed with --no-deps plus its text-serving deps "
+                 "(its hard deps mlx-vlm, mlx-embeddings, torchvision, opencv-python and gradio are only "
+                 "needed for vision/audio/UI). It has no ignore_eos (EOS is banned with logit_bias, as for "
+                 "mlx_lm) and requires the request's model field. Like mlx_lm it is served the float32 "
+                 "directory with OpenBLAS preloaded: on the 4-bit directory a request takes minutes.")
 
 
 class VllmMlxLauncher(ServerLauncher):
@@ -548,33 +593,48 @@ class VllmMlxLauncher(ServerLauncher):
 
     def unavailable(self) -> str | None:
         if not os.access(self.cfg.vllm_mlx, os.X_OK):
-            return f"no vllm-mlx at {self.cfg.vllm_mlx} ({VLLM_MLX_LINUX})"
-        if sys.platform != "darwin" and not self.cfg.try_vllm_mlx:
-            return VLLM_MLX_LINUX
+            return f"no vllm-mlx at {self.cfg.vllm_mlx} (install: see vllm_mlx_status.install in the results)"
+        try:
+            served_mlx_dir(self.cfg)
+        except Exception as e:  # noqa: BLE001
+            return f"could not make the mlx directory: {e}"
         return None
 
     @property
     def model_field(self) -> str:  # type: ignore[override]
         return str(served_mlx_dir(self.cfg))  # vllm-mlx requires the field and names the model by its path
 
+    def extra_body(self) -> dict[str, Any]:
+        # no ignore_eos in vllm-mlx's request model: ban the EOS ids (its batched engine applies logit_bias)
+        return {"model": self.model_field,
+                "logit_bias": {str(i): -1e9 for i in eos_ids(Path(self.cfg.mlx_dir))}}
+
     def command(self, port: int, slots: int, ctx_per_slot: int) -> list[str]:
+        # defaults kept: --max-num-seqs 256, --prefill-batch-size 8, --completion-batch-size 32, prefix cache on
         return [self.cfg.vllm_mlx, "serve", str(served_mlx_dir(self.cfg)), "--host", "127.0.0.1", "--port", str(port),
-                "--continuous-batching", "--max-num-seqs", str(max(slots, 1))]
+                "--continuous-batching"]
 
     def env(self) -> dict[str, str]:
-        # it saves its prefix cache under ~/.cache/vllm-mlx at shutdown: keep that under /tmp
-        home = Path(tempfile.gettempdir()) / "vllm-mlx-home"
-        home.mkdir(exist_ok=True)
-        return {**mlx_env(self.cfg), "HOME": str(home)}
+        # it saves its prefix cache under ~/.cache/vllm-mlx at shutdown and reloads it at start: a fresh
+        # HOME under /tmp per process keeps every cell cold and keeps it out of the real home
+        root = Path(tempfile.gettempdir()) / "serve_load_vllm_mlx_home"
+        root.mkdir(exist_ok=True)
+        return {**mlx_env(self.cfg), "HOME": tempfile.mkdtemp(dir=root)}
+
+    def preload(self) -> str | None:
+        return mlx_env(self.cfg).get("LD_PRELOAD")
 
     def version(self) -> str | None:
         try:
             r = subprocess.run([str(Path(self.cfg.vllm_mlx).parent / "python"), "-c",
-                                "import importlib.metadata as m; print(m.version('vllm-mlx'))"],
+                                "import importlib.metadata as m; print(m.version('vllm-mlx'), m.version('mlx-lm'))"],
                                capture_output=True, text=True, timeout=60)
             return r.stdout.strip() or None
         except Exception:  # noqa: BLE001
             return None
+
+    def model_path(self) -> str:
+        return str(served_mlx_dir(self.cfg))
 
 
 LAUNCHERS: dict[str, type[ServerLauncher]] = {
@@ -849,9 +909,9 @@ def guidellm_load(cfg: BenchConfig, server: RunningServer, concurrency: int, n: 
     backend["extras"] = {"body": {"temperature": 0, **extra}}
     cmd = [cfg.guidellm, "run", "--backend", json.dumps(backend),
            "--profile", f"kind=concurrent,streams={concurrency}",
-           "--constraint", f"kind=max_requests,max_requests={n}",
+           "--constraint", f"kind=max_requests,count={n}",
            "--data", data, "--tokenizer", json.dumps({"kind": "hf_auto", "model": cfg.mlx_dir}),
-           "--seed", f"kind=static,seed={seed}", "--output", f"kind=json,path={out}", "--disable-console-interactive"]
+           "--seed", f"kind=static,value={seed}", "--output", f"kind=json,path={out}", "--disable-console-interactive"]
     log("  guidellm: " + " ".join(cmd))
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if r.returncode != 0 or not out.exists():
@@ -866,7 +926,7 @@ def parse_guidellm_report(report: dict[str, Any]) -> dict[str, Any]:
     m = bench["metrics"]
 
     def ok(name: str) -> dict[str, Any]:
-        return m[name]["successful"]
+        return dict(m[name]["successful"])
 
     def pct(name: str, p: str) -> float | None:
         v = (ok(name).get("percentiles") or {}).get(p)
@@ -1027,31 +1087,50 @@ async def _cell(cfg: BenchConfig, launcher: ServerLauncher, prompts: PromptFacto
             time.sleep(0.3)
             server.sampler.reset_peak()
             rss_idle = server.sampler.last
-            cpu0, rc0 = server.sampler.cpu_seconds(), resource.getrusage(resource.RUSAGE_SELF)
+            busy0, t0 = machine_busy_seconds(), time.perf_counter()
+            cpu0, rc0 = server.sampler.cpu_seconds(), _client_cpu()
             result = await body(client, server)
-            cpu1, rc1 = server.sampler.cpu_seconds(), resource.getrusage(resource.RUSAGE_SELF)
+            cpu1, rc1 = server.sampler.cpu_seconds(), _client_cpu()
+            busy1, t1 = machine_busy_seconds(), time.perf_counter()
         finally:
             await client.close()
         peak = server.sampler.peak
     tokens = _tokens_of(result)
+    client_cpu = rc1 - rc0
+    # CPU the rest of the machine took meanwhile (other processes, incl. any guidellm subprocess): the
+    # figures of a cell with a large share are contended and not comparable
+    other = (busy1 - busy0) - (cpu1 - cpu0) - client_cpu
+    cores = os.cpu_count() or 1
     result.update({
+        "other_cpu_share": round(max(0.0, other) / ((t1 - t0) * cores), 4) if t1 > t0 else None,
         "rss_idle_mib": round(rss_idle / 2**20, 1), "rss_peak_mib": round(peak / 2**20, 1),
         "server_cpu_s": round(cpu1 - cpu0, 3),
         "server_cpu_s_per_ktok": round((cpu1 - cpu0) / tokens * 1000, 3) if tokens else None,
-        "client_cpu_s": round((rc1.ru_utime + rc1.ru_stime) - (rc0.ru_utime + rc0.ru_stime), 3),
+        "client_cpu_s": round(client_cpu, 3),
         "startup_s": round(server.start_s, 2), "loadavg_before": load_before, "command": server.cmd,
         "log": str(server.log_path),
     })
     return result
 
 
+def _client_cpu() -> float:
+    """CPU seconds of this process plus its reaped children (a guidellm run; the server is reaped only
+    after the cell is measured)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def _tokens_of(result: dict[str, Any]) -> int:
-    if isinstance(result.get("tokens"), int):
-        return result["tokens"]
+    tokens = result.get("tokens")
+    if isinstance(tokens, int):
+        return tokens
     total = 0
     for part in ("with", "without"):
         total += sum((result.get(part) or {}).get("stream_tokens") or [])
     return total
+
+
+WorkloadFn = Callable[[BenchConfig, "Client", "PromptFactory", "RunningServer", int, int], Awaitable[dict[str, Any]]]
 
 
 async def run_server_rep(cfg: BenchConfig, launcher: ServerLauncher, prompts: PromptFactory, rep: int) -> dict[str, Any]:
@@ -1062,7 +1141,7 @@ async def run_server_rep(cfg: BenchConfig, launcher: ServerLauncher, prompts: Pr
                 continue
             log(f"rep {rep} {launcher.name}: {wl} c={c}")
 
-            async def body(client: Client, server: RunningServer, fn: Any = fn, c: int = c) -> dict[str, Any]:
+            async def body(client: Client, server: RunningServer, fn: WorkloadFn = fn, c: int = c) -> dict[str, Any]:
                 return await fn(cfg, client, prompts, server, c, rep)
 
             try:
@@ -1088,11 +1167,15 @@ async def run_server_rep(cfg: BenchConfig, launcher: ServerLauncher, prompts: Pr
 
 
 def _brief(r: dict[str, Any]) -> None:
-    if "error" in r and len(r) == 1:
-        return
+    if r.get("error"):
+        log(f"  ERROR: {str(r['error'])[:600]}")
+        if len(r) == 1:
+            return
     keys = ("tok_s", "ttft_p50_ms", "itl_p50_ms", "ttft_cold_ms", "ttft_warm_ms", "long_ttft_ms",
-            "itl_window_p95_with_over_without", "rss_peak_mib", "full_length", "errors")
+            "itl_window_p95_with_over_without", "rss_peak_mib", "full_length", "errors", "other_cpu_share")
     log("  " + ", ".join(f"{k}={r[k]}" for k in keys if k in r and r[k] is not None))
+    if (r.get("other_cpu_share") or 0) > 0.05:
+        log(f"  WARNING: other processes took {r['other_cpu_share']:.0%} of the CPU during this cell")
 
 
 # --------------------------------------------------------------------------------------- summaries
@@ -1133,6 +1216,9 @@ def summarize(cfg: BenchConfig, runs: list[dict[str, Any]], servers: list[str]) 
     return summary
 
 
+NO_RATIO = ("reps_ok", "other_cpu_share", "window_covered", "startup_s", "errors", "requests")
+
+
 def ratios(summary: dict[str, Any], baseline: str) -> dict[str, Any]:
     """server / baseline for every numeric metric both have."""
     if baseline not in summary:
@@ -1143,7 +1229,8 @@ def ratios(summary: dict[str, Any], baseline: str) -> dict[str, Any]:
         if s == baseline:
             continue
         mine = _numeric_leaves(v)
-        out[s] = {k: round(mine[k] / base[k], 4) for k in mine if k in base and base[k] and not k.endswith("reps_ok")}
+        out[s] = {k: round(mine[k] / base[k], 4) for k in mine
+                  if k in base and base[k] and not k.endswith(NO_RATIO)}
     return out
 
 
@@ -1153,11 +1240,12 @@ def ratios(summary: dict[str, Any], baseline: str) -> dict[str, Any]:
 TABLE_ROWS: dict[str, list[tuple[str, str]]] = {
     "distinct": [("tok/s", "tok_s"), ("TTFT p50 ms", "ttft_p50_ms"), ("TTFT p95 ms", "ttft_p95_ms"),
                  ("ITL p50 ms", "itl_p50_ms"), ("ITL p95 ms", "itl_p95_ms"), ("TPOT p50 ms", "tpot_p50_ms"),
-                 ("peak RSS MiB", "rss_peak_mib"), ("CPU s / ktok", "server_cpu_s_per_ktok")],
+                 ("peak RSS MiB", "rss_peak_mib"), ("CPU s / ktok", "server_cpu_s_per_ktok"),
+                 ("other CPU share", "other_cpu_share")],
     "shared": [("tok/s", "tok_s"), ("TTFT p50 ms", "ttft_p50_ms"), ("TTFT p95 ms", "ttft_p95_ms"),
                ("ITL p50 ms", "itl_p50_ms"), ("ITL p95 ms", "itl_p95_ms"), ("cold TTFT ms", "ttft_cold_ms"),
                ("warm TTFT ms", "ttft_warm_ms"), ("warm / cold", "warm_over_cold"),
-               ("peak RSS MiB", "rss_peak_mib")],
+               ("peak RSS MiB", "rss_peak_mib"), ("other CPU share", "other_cpu_share")],
     "interference": [("long-prompt TTFT ms", "long_ttft_ms"),
                      ("ITL p50 window, alone ms", "without.itl_window_p50_ms"),
                      ("ITL p50 window, +long ms", "with.itl_window_p50_ms"),
@@ -1165,7 +1253,8 @@ TABLE_ROWS: dict[str, list[tuple[str, str]]] = {
                      ("ITL p95 window, +long ms", "with.itl_window_p95_ms"),
                      ("ITL p95 +long / alone", "itl_window_p95_with_over_without"),
                      ("max stall, alone ms", "without.stall_max_ms"), ("max stall, +long ms", "with.stall_max_ms"),
-                     ("window covered", "with.window_covered"), ("peak RSS MiB", "rss_peak_mib")],
+                     ("window covered", "with.window_covered"), ("peak RSS MiB", "rss_peak_mib"),
+                     ("other CPU share", "other_cpu_share")],
 }
 
 
@@ -1210,12 +1299,9 @@ def vllm_mlx_status(cfg: BenchConfig) -> dict[str, Any]:
     return {"binary": cfg.vllm_mlx, "installed": os.access(cfg.vllm_mlx, os.X_OK), "platform": sys.platform,
             "pypi": "vllm-mlx 0.6.0: pure-Python wheel, 'Operating System :: MacOS', pins mlx-lm<0.32 and pulls "
                     "mlx-vlm, mlx-embeddings, torchvision, opencv-python, gradio",
-            "linux_cpu": VLLM_MLX_LINUX,
-            "install": f"python3 -m venv /tmp/vllm-mlx-venv && /tmp/vllm-mlx-venv/bin/pip install 'mlx[cpu]' "
-                       "'mlx-lm==0.31.3' vllm-mlx==0.6.0 --no-deps && /tmp/vllm-mlx-venv/bin/pip install "
-                       "'transformers>=5' tokenizers huggingface-hub numpy pillow tqdm pyyaml requests tabulate "
-                       "psutil fastapi 'starlette>=1.0.1' uvicorn prometheus-client jsonschema pytz jinja2 "
-                       "protobuf sentencepiece python-multipart"}
+            "linux_cpu": VLLM_MLX_NOTE,
+            "install": "bash bench/serve_load_setup.sh vllm-mlx (a venv at /tmp/vllm-mlx-venv: vllm-mlx==0.6.0 "
+                       "--no-deps, then mlx==0.32.4 mlx-cpu==0.32.4 mlx-lm==0.31.3 and its text-serving deps)"}
 
 
 async def amain(cfg: BenchConfig) -> dict[str, Any]:
@@ -1231,7 +1317,7 @@ async def amain(cfg: BenchConfig) -> dict[str, Any]:
         servers_info[name] = {"available": reason is None, "reason": reason}
         if reason is None:
             servers_info[name].update(version=la.version(), model=la.model_path(), extra_body=la.extra_body(),
-                                      ld_preload=la.env().get("LD_PRELOAD"))
+                                      ld_preload=la.preload())
         if reason is None:
             launchers.append(la)
         else:
@@ -1273,6 +1359,14 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_args(argv)
+    if cfg.render:
+        saved = json.loads(Path(cfg.render).read_text())
+        names = [n for n, info in saved["servers"].items() if info.get("available")]
+        summary = summarize(cfg, saved["runs"], names)
+        print(f"{cfg.render}: mode {saved.get('mode')}, {saved['machine'].get('processor')}, "
+              f"{saved['machine'].get('cores')} cores")
+        print_tables(cfg, summary, ratios(summary, cfg.baseline))
+        return
     signal.signal(signal.SIGTERM, _terminate)  # unwind (and stop the server) on kill / timeout
     try:
         report = asyncio.run(amain(cfg))

@@ -8,7 +8,8 @@ import pytest
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlxllm.engine.batching import BatchEngine, QueueFull, Request, SamplingParams
+from mlxllm.engine.batching import BatchEngine
+from mlxllm.engine.requests import QueueFull, Request, SamplingParams
 from mlxllm.engine.prefix_cache import PrefixCache
 from mlxllm.engine.stream import stream_generate
 from mlxllm.errors import UserError

@@ -63,7 +63,7 @@ def serve_command(model_spec, compute, adapter_path, host, port, model_name, max
                   shutdown_timeout, max_body_bytes, verbose) -> None:
     """Serve a model over HTTP: OpenAI (/v1/chat/completions, /v1/completions, /v1/models) and
     Anthropic (/v1/messages) APIs with continuous batching and a prefix cache."""
-    from ..server.run import ServeOptions, run_server
+    from ..server.launch import ServeOptions, run_server
 
     template = None
     if chat_template is not None:

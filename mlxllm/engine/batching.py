@@ -21,12 +21,9 @@ from __future__ import annotations
 import collections
 import os
 import queue
-import random
 import threading
 import time
-import uuid
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import mlx.core as mx
 
@@ -34,125 +31,7 @@ from ..errors import UserError
 from ..model.cache import KVSettings, activation_dtype, kv_bytes
 from ..model.cache.batch import FusedStep, batch_cache
 from .prefix_cache import PrefixCache
-from .sample import apply_processors, check_sampling, make_distribution, make_logits_processors
-from .stream import TextStream
-
-
-class QueueFull(Exception):
-    """The waiting queue is at ``max_queue``: try again later (HTTP 503)."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """One request's generation settings (the names mlx-lm and the OpenAI API use)."""
-
-    max_tokens: int | None = None  # None: up to the model's context
-    temp: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    logprobs: int | None = None  # None: none; n >= 0: the chosen token's log-probability and the n most likely
-    ignore_eos: bool = False  # generate through end-of-sequence tokens up to max_tokens (benchmarks)
-
-    def check(self) -> None:
-        check_sampling(self.temp, self.top_p, self.top_k, self.min_p, self.repetition_penalty, seed=self.seed,
-                       stop=self.stop)
-        make_logits_processors(presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty)
-        if self.max_tokens is not None and self.max_tokens < 0:
-            raise UserError(f"max_tokens must be >= 0, got {self.max_tokens}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise UserError(f"top_logprobs must be from 0 to 20, got {self.logprobs}")
-
-
-@dataclass
-class Request:
-    """A prompt as token ids and how to continue it; ``boundaries`` are prompt lengths (message ends)
-    where a prefix snapshot is worth keeping for models whose caches cannot be trimmed."""
-
-    prompt: list[int]
-    params: SamplingParams = field(default_factory=SamplingParams)
-    boundaries: tuple[int, ...] = ()
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
-
-
-@dataclass
-class TokenLogprob:
-    token: int
-    logprob: float
-    top: list[tuple[int, float]]  # the most likely (token, logprob) pairs, best first
-
-
-@dataclass
-class Event:
-    """What a request receives after a step: the text completed since the last event, the ids behind
-    it, and on the last one ``finish_reason`` ("stop", "length", "cancelled" or "error")."""
-
-    request_id: str
-    text: str
-    tokens: list[int]
-    logprobs: list[TokenLogprob] | None
-    prompt_tokens: int
-    cached_tokens: int
-    generation_tokens: int
-    finish_reason: str | None = None
-    error: str | None = None
-    ttft: float | None = None  # seconds from submission to the first token, on the event that carries it
-    stop_sequence: str | None = None  # the stop string that ended generation
-
-
-Callback = Callable[[Event], None]
-
-
-class _Sequence:
-    def __init__(self, request: Request, on_event: Callback, max_tokens: int, reserve: int, engine: "BatchEngine"):
-        self.request, self.on_event, self.max_tokens, self.reserve = request, on_event, max_tokens, reserve
-        params = request.params
-        self.ids = request.prompt
-        self.cache: list | None = None  # per-sequence caches while the prompt is read
-        self.fed = 0  # prompt positions in the cache
-        self.cached = 0  # of which came from the prefix cache
-        self.generated: list[int] = []
-        self.text = TextStream(engine.tokenizer, params.stop, ignore_eos=params.ignore_eos)
-        self.distribution = make_distribution(params.temp, params.top_p, params.min_p, params.top_k)
-        self.processors = make_logits_processors(params.repetition_penalty, presence_penalty=params.presence_penalty,
-                                                 frequency_penalty=params.frequency_penalty, prompt_tokens=len(self.ids))
-        seed = params.seed if params.seed is not None else random.getrandbits(63)
-        self.key = mx.random.key(seed)
-        self.submitted = time.perf_counter()
-        self.first_token_at: float | None = None
-        self.finish: str | None = None
-
-    @property
-    def plain(self) -> bool:
-        """Greedy with nothing to adjust or report: the whole batch can share one argmax."""
-        return self.distribution is None and not self.processors and self.request.params.logprobs is None
-
-    def pick(self, logits: mx.array) -> tuple[mx.array, mx.array | None]:
-        """The next token for ``logits [1, V]`` (and the log-probabilities it came from, when asked)."""
-        if self.processors:
-            history = mx.array(self.ids + self.generated, dtype=mx.int32)[None]
-            logits = apply_processors(self.processors, history, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        if self.distribution is None:
-            token = mx.argmax(logprobs, axis=-1)
-        else:
-            self.key, sub = mx.random.split(self.key)
-            token = mx.random.categorical(self.distribution(logprobs), axis=-1, key=sub)
-        return token, logprobs if self.request.params.logprobs is not None else None
-
-
-def _logprob_record(token: int, logprobs: mx.array, n: int) -> TokenLogprob:
-    row = logprobs[0]
-    top = []
-    if n:
-        order = mx.argsort(-row)[:n]
-        top = list(zip(order.tolist(), row[order].tolist()))
-    return TokenLogprob(token, row[token].item(), top)
+from .requests import Callback, Event, QueueFull, Request, SequenceState
 
 
 class BatchEngine:
@@ -175,9 +54,9 @@ class BatchEngine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
-        self._waiting: collections.deque[_Sequence] = collections.deque()
-        self._prefilling: collections.deque[_Sequence] = collections.deque()
-        self._running: list[_Sequence] = []
+        self._waiting: collections.deque[SequenceState] = collections.deque()
+        self._prefilling: collections.deque[SequenceState] = collections.deque()
+        self._running: list[SequenceState] = []
         self._batch: list | None = None  # one batched cache per layer
         self._wake = threading.Event()
         self.reserved = 0  # KV bytes admitted requests may grow to
@@ -213,7 +92,7 @@ class BatchEngine:
         with self._lock:
             if self.queued >= self.max_queue:
                 raise QueueFull(f"{self.queued} requests are waiting")
-            self._inbox.put(_Sequence(request, on_event, max_tokens, reserve, self))
+            self._inbox.put(SequenceState(request, on_event, max_tokens, reserve, self.tokenizer))
             self.queued += 1
         self._wake.set()
 
@@ -316,7 +195,7 @@ class BatchEngine:
         with self._lock:
             self.queued -= 1
 
-    def _fits(self, seq: _Sequence) -> bool:
+    def _fits(self, seq: SequenceState) -> bool:
         if self.max_memory is None:
             return True
         short = self.weights_bytes + self.reserved + seq.reserve - self.max_memory
@@ -328,7 +207,7 @@ class BatchEngine:
 
     SHARED_PREFIX = 64  # prompt tokens two requests must share for the later one to wait for the first's KV
 
-    def _reading_same_prefix(self, seq: _Sequence) -> bool:
+    def _reading_same_prefix(self, seq: SequenceState) -> bool:
         """Whether a request being prefilled starts with the same tokens (a shared system prompt): then
         ``seq`` waits for it and reuses its KV from the prefix cache instead of computing it again."""
         if self.prefix_cache is None or len(seq.ids) <= self.SHARED_PREFIX:
@@ -337,7 +216,7 @@ class BatchEngine:
         return any(p.ids[: self.SHARED_PREFIX] == head and p.fed < len(p.ids) for p in self._prefilling)
 
     def _admit(self) -> None:
-        held: list[_Sequence] = []
+        held: list[SequenceState] = []
         while self._waiting and len(self._running) + len(self._prefilling) < self.max_batch:
             seq = self._waiting[0]
             if self._reading_same_prefix(seq):
@@ -356,7 +235,7 @@ class BatchEngine:
             self._prefilling.append(seq)
         self._waiting.extendleft(reversed(held))
 
-    def _chunk_end(self, seq: _Sequence, budget: int) -> int:
+    def _chunk_end(self, seq: SequenceState, budget: int) -> int:
         """Where this step's chunk of ``seq``'s prompt ends: ``budget`` tokens on, or at the next message
         boundary when the model's caches cannot be trimmed (a snapshot is taken there)."""
         end = min(len(seq.ids), seq.fed + budget)
@@ -364,7 +243,7 @@ class BatchEngine:
             end = min([b for b in seq.request.boundaries if seq.fed < b < end] + [end])
         return end
 
-    def _prefill(self, budget: int) -> tuple[int, list[_Sequence]]:
+    def _prefill(self, budget: int) -> tuple[int, list[SequenceState]]:
         """Feed prompt chunks (oldest request first) until ``budget`` tokens; return how many were fed
         and the sequences whose first token was just sampled and that continue."""
         joining, total = [], budget
@@ -377,7 +256,7 @@ class BatchEngine:
             joining += self._chunk_done(seq, h[:, -1, :])
         return total - budget, joining
 
-    def _fused_step(self, budget: int) -> tuple[tuple[mx.array, list], int, list[_Sequence]]:
+    def _fused_step(self, budget: int) -> tuple[tuple[mx.array, list], int, list[SequenceState]]:
         """The decode step and the oldest prompt's next chunk as one pass through the model."""
         seq, rows = self._prefilling[0], len(self._running)
         end = self._chunk_end(seq, budget)
@@ -388,7 +267,7 @@ class BatchEngine:
         fed, seq.fed = end - seq.fed, end
         return decode, fed, self._chunk_done(seq, h[None, -1])
 
-    def _chunk_done(self, seq: _Sequence, last: mx.array) -> list[_Sequence]:
+    def _chunk_done(self, seq: SequenceState, last: mx.array) -> list[SequenceState]:
         """After a chunk of ``seq``'s prompt (``last``: its final hidden state ``[1, hidden]``): a
         boundary snapshot, or, once the prompt is in, the first token; ``[seq]`` if it joins the batch."""
         if seq.fed < len(seq.ids):
@@ -428,7 +307,7 @@ class BatchEngine:
         done = [i for i, (s, t, lp) in enumerate(zip(self._running, ids, logprobs)) if not self._emit(s, t, lp)]
         self._leave(done, None)
 
-    def _emit(self, seq: _Sequence, token: int, logprobs: mx.array | None) -> bool:
+    def _emit(self, seq: SequenceState, token: int, logprobs: mx.array | None) -> bool:
         """Record ``token``, send its event; whether the sequence goes on."""
         seq.generated.append(token)
         text, finish = seq.text.push(token, len(seq.generated) >= seq.max_tokens)
@@ -436,17 +315,16 @@ class BatchEngine:
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
             ttft = seq.first_token_at - seq.submitted
-        n = seq.request.params.logprobs
-        record = [_logprob_record(token, logprobs, n)] if logprobs is not None else None
+        record = [seq.logprob_record(token, logprobs)] if logprobs is not None else None
         seq.finish = finish
         seq.on_event(Event(seq.request.id, text, [token], record, len(seq.ids), seq.cached, len(seq.generated),
                            finish, ttft=ttft, stop_sequence=seq.text.matched))
         return finish is None
 
-    def _end(self, seq: _Sequence, reason: str) -> None:
+    def _end(self, seq: SequenceState, reason: str) -> None:
         seq.on_event(Event(seq.request.id, "", [], None, len(seq.ids), seq.cached, len(seq.generated), reason))
 
-    def _snapshot(self, seq: _Sequence, caches: list) -> None:
+    def _snapshot(self, seq: SequenceState, caches: list) -> None:
         """Keep what ``caches`` hold (prompt + all generated tokens but the last, never fed) for reuse."""
         if self.prefix_cache is not None:
             held = (seq.ids + seq.generated)[: caches[0].offset]
@@ -473,7 +351,7 @@ class BatchEngine:
             self._batch = None
         mx.clear_cache()
 
-    def _join(self, seqs: list[_Sequence]) -> None:
+    def _join(self, seqs: list[SequenceState]) -> None:
         if not seqs:
             return
         if self._batch is None:
@@ -506,6 +384,3 @@ def memory_limit(fraction: float = 0.9) -> int:
     except (AttributeError, KeyError, RuntimeError):
         pass
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * fraction)
-
-
-__all__ = ["BatchEngine", "Event", "QueueFull", "Request", "SamplingParams", "TokenLogprob", "memory_limit"]

@@ -2,5 +2,5 @@
 
 ``app`` (routes, key, limits, errors) -> ``openai_api`` / ``anthropic_api`` (each API's wire format)
 -> ``state`` / ``prompts`` -> ``worker`` (the engine thread and the bridge to the event loop) and
-``metrics``; ``run`` starts it all.
+``metrics``; ``launch`` starts it all.
 """

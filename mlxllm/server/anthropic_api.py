@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
-from ..engine.batching import Event, Request, SamplingParams
+from ..engine.requests import Event, Request, SamplingParams
 from ..errors import UserError
 from .prompts import ApiModel, TextPart, chat_prompt, content_text
 from .state import ServerState

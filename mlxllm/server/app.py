@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..engine.batching import QueueFull
+from ..engine.requests import QueueFull
 from ..engine.stream import check_utf8
 from ..errors import UserError
 from . import anthropic_api, openai_api

@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
-from ..engine.batching import Event, Request, SamplingParams, TokenLogprob
+from ..engine.requests import Event, Request, SamplingParams, TokenLogprob
 from ..errors import UserError
 from .errors import ApiError
 from .prompts import ApiModel, TextPart, chat_prompt, text_prompt

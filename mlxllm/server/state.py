@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi import Request as HTTPRequest
 
-from ..engine.batching import Event, Request
+from ..engine.requests import Event, Request
 from ..errors import UserError
 from .worker import Worker, collect
 

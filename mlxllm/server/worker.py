@@ -15,7 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
-from ..engine.batching import BatchEngine, Event, Request
+from ..engine.batching import BatchEngine
+from ..engine.requests import Event, Request
 from .metrics import Metrics
 
 log = logging.getLogger("mlxllm.server")
