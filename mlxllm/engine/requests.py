@@ -87,6 +87,9 @@ Callback = Callable[[Event], None]
 
 
 class SequenceState:
+    """The engine's state for one request: made on the thread that submits it (no MLX there), used
+    on the engine's thread from admission to its last event."""
+
     def __init__(self, request: Request, on_event: Callback, max_tokens: int, reserve: int, tokenizer: Any):
         self.request, self.on_event, self.max_tokens, self.reserve = request, on_event, max_tokens, reserve
         params = request.params
@@ -99,8 +102,8 @@ class SequenceState:
         self.distribution = make_distribution(params.temp, params.top_p, params.min_p, params.top_k)
         self.processors = make_logits_processors(params.repetition_penalty, presence_penalty=params.presence_penalty,
                                                  frequency_penalty=params.frequency_penalty, prompt_tokens=len(self.ids))
-        seed = params.seed if params.seed is not None else random.getrandbits(63)
-        self.key = mx.random.key(seed)
+        self.seed = params.seed if params.seed is not None else random.getrandbits(63)
+        self.key: mx.array | None = None  # made on the engine's thread, at the first draw
         self.submitted = time.perf_counter()
         self.first_token_at: float | None = None
         self.finish: str | None = None
@@ -119,6 +122,8 @@ class SequenceState:
         if self.distribution is None:
             token = mx.argmax(logprobs, axis=-1)
         else:
+            if self.key is None:
+                self.key = mx.random.key(self.seed)
             self.key, sub = mx.random.split(self.key)
             token = mx.random.categorical(self.distribution(logprobs), axis=-1, key=sub)
         return token, logprobs if self.request.params.logprobs is not None else None
