@@ -92,7 +92,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 def create_app(state: ServerState, *, api_key: str | None = None, cors_origins: tuple[str, ...] = (),
                max_body_bytes: int = 4 << 20) -> FastAPI:
-    """The app for one served model; ``state.worker`` must be started by whoever runs it."""
+    """The app for one served model; whoever serves it also runs ``state.worker`` (``launch.run_server``)."""
     app = FastAPI(title="mlxllm", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
     metrics = state.worker.metrics
