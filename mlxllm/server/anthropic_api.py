@@ -92,7 +92,6 @@ async def messages(body: MessagesRequest, request: HTTPRequest):
     tokenizer = state.tokenizer()
     params = body.params()
     ids, ends = await run_in_threadpool(chat_prompt, tokenizer, body.chat(), not state.trims)
-    state.check_prompt(ids)
     req = Request(ids, params, ends, id=f"msg_{uuid.uuid4().hex[:24]}")
     message = {"id": req.id, "type": "message", "role": "assistant", "model": state.model_name}
     if body.stream:

@@ -78,7 +78,7 @@ def load_engine(opts: ServeOptions) -> Loaded:
     cached = f", {len(prefix)} cached prefixes reloaded" if prefix is not None and prefix.directory and len(prefix) else ""
     log.info("model ready: %s; memory limit %.2f GB, prefix cache %.2f GB%s", model.load_report, limit / 1e9,
              budget / 1e9, cached)
-    return Loaded(engine, tokenizer, model.config.max_position_embeddings)
+    return Loaded(engine, tokenizer)
 
 
 def model_name(opts: ServeOptions) -> str:

@@ -155,7 +155,6 @@ async def chat_completions(body: ChatRequest, request: HTTPRequest):
     params = body.params(n_top)
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
     ids, ends = await run_in_threadpool(chat_prompt, tokenizer, messages, not state.trims)
-    state.check_prompt(ids)
     req = Request(ids, params, ends, id=f"chatcmpl-{uuid.uuid4().hex}")
     created = int(time.time())
     head = {"id": req.id, "created": created, "model": state.model_name, "system_fingerprint": state.fingerprint}
@@ -198,7 +197,6 @@ async def completions(body: CompletionRequest, request: HTTPRequest):
         raise UserError("the prompt is empty")
     params = body.params(body.logprobs)
     ids = await run_in_threadpool(text_prompt, tokenizer, prompt)
-    state.check_prompt(ids)
     req = Request(ids, params, id=f"cmpl-{uuid.uuid4().hex}")
     head = {"id": req.id, "created": int(time.time()), "model": state.model_name, "system_fingerprint": state.fingerprint}
     echo = (prompt if isinstance(prompt, str) else tokenizer.decode(ids)) if body.echo else ""

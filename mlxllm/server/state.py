@@ -10,7 +10,6 @@ from typing import Any
 from fastapi import Request as HTTPRequest
 
 from ..engine.requests import Event, Request
-from ..errors import UserError
 from .worker import Worker, collect
 
 
@@ -29,14 +28,6 @@ class ServerState:
     def trims(self) -> bool:
         """Whether every layer's cache can be trimmed (no sliding window), so no boundary snapshots are needed."""
         return self.worker.engine().trims
-
-    @property
-    def context(self) -> int:
-        return self.worker.loaded.context
-
-    def check_prompt(self, ids: list[int]) -> None:
-        if len(ids) >= self.context:
-            raise UserError(f"the prompt is {len(ids)} tokens; the model's context is {self.context} tokens")
 
     async def complete(self, req: Request, http: HTTPRequest) -> tuple[str, list[Event]]:
         """Run ``req`` to the end (cancelled if the client disconnects meanwhile)."""

@@ -28,7 +28,6 @@ class Loaded:
 
     engine: BatchEngine
     tokenizer: Any
-    context: int
 
 
 class NotReady(Exception):
