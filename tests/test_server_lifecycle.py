@@ -138,7 +138,8 @@ def test_custom_chat_template_and_startup_errors(smollm2_path, tmp_path):
     for args, says in ((["-m", str(tmp_path / "missing.gguf")], "missing.gguf"),
                        (["-m", str(smollm2_path), "--chat-template", str(bad)], "bad.jinja"),
                        (["-m", str(smollm2_path), "--max-memory", "lots"], "lots"),
-                       (["-m", str(smollm2_path), "--kv-bits", "7"], "--kv-bits")):
+                       (["-m", str(smollm2_path), "--kv-bits", "7"], "--kv-bits"),
+                       (["-m", str(smollm2_path), "--prefill-share", "-1"], "--prefill-share")):
         done = subprocess.run([sys.executable, "-m", "mlxllm", "serve", "--port", "0", *args], capture_output=True,
                               text=True, timeout=120)
         lines = done.stderr.strip().splitlines()

@@ -40,6 +40,10 @@ class Size(click.ParamType):
               help="Sequences decoding together.")
 @click.option("--max-step-tokens", type=click.IntRange(min=1), default=512, show_default=True,
               help="Tokens per engine step, decode rows first; the rest reads newcomers' prompts.")
+@click.option("--prefill-share", type=click.FloatRange(min=0), default=0.8, show_default=True,
+              help="While streams run, a step reads at most this many decode steps' time of prompt per "
+                   "request waiting (one long prompt keeps streams under ~2x their inter-token latency; "
+                   "higher: faster prompts; 0: no limit).")
 @click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
               help="Requests that may wait for admission; past it the server answers 503.")
 @click.option("--max-memory", type=Size(), default=None,
@@ -58,8 +62,8 @@ class Size(click.ParamType):
               help="Seconds in-flight requests get to finish after SIGTERM.")
 @click.option("--max-body-bytes", type=Size(), default="4MiB", show_default=True, help="Largest request body accepted.")
 @verbose_option(help="Debug logging.")
-def serve_command(model_spec, compute, adapter_path, host, port, model_name, max_batch, max_step_tokens, max_queue,
-                  max_memory, prompt_cache_bytes, prompt_cache_dir, kv, api_key, cors_origins, chat_template,
+def serve_command(model_spec, compute, adapter_path, host, port, model_name, max_batch, max_step_tokens, prefill_share,
+                  max_queue, max_memory, prompt_cache_bytes, prompt_cache_dir, kv, api_key, cors_origins, chat_template,
                   shutdown_timeout, max_body_bytes, verbose) -> None:
     """Serve a model over HTTP: OpenAI (/v1/chat/completions, /v1/completions, /v1/models) and
     Anthropic (/v1/messages) APIs with continuous batching and a prefix cache."""
@@ -78,7 +82,8 @@ def serve_command(model_spec, compute, adapter_path, host, port, model_name, max
         raise UserError("--api-key must not be empty")
     run_server(ServeOptions(
         model=model_spec, compute=compute, adapter_path=adapter_path, host=host, port=port, model_name=model_name,
-        max_batch=max_batch, max_step_tokens=max_step_tokens, max_queue=max_queue, max_memory=max_memory,
+        max_batch=max_batch, max_step_tokens=max_step_tokens, prefill_share=prefill_share, max_queue=max_queue,
+        max_memory=max_memory,
         prompt_cache_bytes=prompt_cache_bytes, prompt_cache_dir=prompt_cache_dir, kv=kv, api_key=api_key,
         cors_origins=tuple(cors_origins), chat_template=template, shutdown_timeout=shutdown_timeout,
         max_body_bytes=max_body_bytes, log_level="DEBUG" if verbose else "INFO"))

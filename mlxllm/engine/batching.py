@@ -3,10 +3,10 @@
 Each ``BatchEngine.step`` runs one decode step for every running sequence at once (the weights are
 read once for all rows; ``model/cache/batch.py`` keeps each row's own positions) and, within the
 per-step token budget (``max_step_tokens``, the decode rows counted first; while streams run, also
-no more prompt than most of one decode step's measured time is worth), chunks of newcomers' prompts,
-so a long prompt is read a little per step while the streams keep flowing. A sequence
-whose prompt is in samples its first token and joins the batch; one that finishes or is cancelled
-leaves it before the next step and its KV memory goes with it.
+no more prompt than a share of one decode step's measured time for each request waiting for its first
+token), chunks of newcomers' prompts, so a long prompt is read a little per step while the streams
+keep flowing. A sequence whose prompt is in samples its first token and joins the batch; one that
+finishes or is cancelled leaves it before the next step and its KV memory goes with it.
 
 Every request carries its own sampling settings, stop strings, token limit and seed (its own
 random key, so a seeded request draws the same tokens alone or batched). Prompts reuse the longest
@@ -40,12 +40,13 @@ class BatchEngine:
 
     def __init__(self, model: Any, tokenizer: Any, *, kv: KVSettings | None = None, max_batch: int = 32,
                  max_step_tokens: int = 512, max_queue: int = 256, max_memory: int | None = None,
-                 prefix_cache: PrefixCache | None = None, weights_bytes: int = 0) -> None:
-        if max_batch < 1 or max_step_tokens < 1 or max_queue < 0:
-            raise UserError("--max-batch and --max-step-tokens must be >= 1 and --max-queue >= 0")
+                 prefix_cache: PrefixCache | None = None, weights_bytes: int = 0, prefill_share: float = 0.8) -> None:
+        if max_batch < 1 or max_step_tokens < 1 or max_queue < 0 or not prefill_share >= 0:
+            raise UserError("--max-batch and --max-step-tokens must be >= 1, --max-queue and --prefill-share >= 0")
         self.model, self.tokenizer = model, tokenizer
         self.kv = kv.checked(model.config) if kv is not None else None
         self.max_batch, self.max_step_tokens, self.max_queue = max_batch, max_step_tokens, max_queue
+        self.prefill_share = prefill_share
         self.prefix_cache = prefix_cache
         self.context = model.config.max_position_embeddings
         self.max_memory, self.weights_bytes = max_memory, weights_bytes
@@ -146,18 +147,20 @@ class BatchEngine:
         return True
 
     MIN_CHUNK = 16  # prompt tokens a step reads at least, so a prompt always moves
-    PROMPT_SHARE = 0.8  # while streams run, a step's prompt chunk costs at most this share of a decode step
     ROW_BLOCK = 16  # float32 GEMM (OpenBLAS here) runs a multiple of 16 rows up to 2x faster than others
 
     def _prompt_budget(self) -> int:
         """Prompt tokens this step may read: what ``max_step_tokens`` leaves after the decode rows, and
-        while streams run no more than ``PROMPT_SHARE`` of a decode step's time is worth (as measured),
-        so a long prompt arriving keeps their inter-token latency under twice its usual. The chunk is
-        cut so decode rows + chunk fill whole ``ROW_BLOCK``s when that leaves ``MIN_CHUNK`` tokens."""
+        while streams run no more than ``prefill_share`` of a decode step's time (as measured) for each
+        request waiting for its first token (0: no such limit). Streams and waiting prompts are thus
+        slowed alike: one long prompt arriving keeps the streams under twice their usual inter-token
+        latency at the default 0.8, and a queue of prompts gets a share that grows with it. The chunk
+        is cut so that decode rows + chunk fill whole ``ROW_BLOCK``s when that leaves ``MIN_CHUNK``."""
         rows = len(self._running)
         budget = self.max_step_tokens - rows
-        if rows and self._decode_s and self._token_s:
-            budget = min(budget, int(self.PROMPT_SHARE * self._decode_s / self._token_s))
+        if rows and self.prefill_share and self._decode_s and self._token_s:
+            waiting = max(1, len(self._prefilling) + len(self._waiting))
+            budget = min(budget, int(self.prefill_share * waiting * self._decode_s / self._token_s))
         aligned = (rows + budget) // self.ROW_BLOCK * self.ROW_BLOCK - rows
         return aligned if aligned >= self.MIN_CHUNK else max(budget, self.MIN_CHUNK)
 

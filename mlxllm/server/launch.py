@@ -37,6 +37,7 @@ class ServeOptions:
     model_name: str | None = None
     max_batch: int = 32
     max_step_tokens: int = 512
+    prefill_share: float = 0.8
     max_queue: int = 64
     max_memory: int | None = None  # bytes; None: what the device can hold
     prompt_cache_bytes: int | None = None  # None: a quarter of what --max-memory leaves after the weights
@@ -74,7 +75,8 @@ def load_engine(opts: ServeOptions) -> Loaded:
     budget = opts.prompt_cache_bytes if opts.prompt_cache_bytes is not None else max(0, limit - weights) // 4
     prefix = PrefixCache(budget, opts.prompt_cache_dir, _model_key(model, opts)) if budget > 0 else None
     engine = BatchEngine(model, tokenizer, kv=opts.kv, max_batch=opts.max_batch, max_step_tokens=opts.max_step_tokens,
-                         max_queue=opts.max_queue, max_memory=limit, prefix_cache=prefix, weights_bytes=weights)
+                         max_queue=opts.max_queue, max_memory=limit, prefix_cache=prefix, weights_bytes=weights,
+                         prefill_share=opts.prefill_share)
     cached = f", {len(prefix)} cached prefixes reloaded" if prefix is not None and prefix.directory and len(prefix) else ""
     log.info("model ready: %s; memory limit %.2f GB, prefix cache %.2f GB%s", model.load_report, limit / 1e9,
              budget / 1e9, cached)
