@@ -7,7 +7,7 @@ import hmac
 import logging
 from typing import Any
 
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import APIRouter, FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field
@@ -90,14 +90,69 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{where}: {first.get('msg')}" if where else str(first.get("msg"))), where or None
 
 
+service = APIRouter()  # health, metrics and the tokenizer, next to the two APIs' routers
+
+
+@service.get("/health")
+async def _health(request: HTTPRequest) -> JSONResponse:
+    worker = request.app.state.server.worker
+    if worker.ready:
+        return JSONResponse({"status": "ok"})
+    if worker.load_error:
+        return JSONResponse({"status": "error", "error": worker.load_error}, status_code=503)
+    return JSONResponse({"status": "loading"}, status_code=503, headers=RETRY_AFTER)
+
+
+@service.get("/metrics")
+async def _prometheus(request: HTTPRequest) -> Response:
+    metrics = request.app.state.server.worker.metrics
+    return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@service.post("/tokenize")
+async def _tokenize(body: TokenizeRequest, request: HTTPRequest) -> dict[str, Any]:
+    tokenizer = request.app.state.server.tokenizer()
+    return {"tokens": tokenizer.encode(check_utf8(body.content, "content"), add_special_tokens=body.add_special)}
+
+
+@service.post("/detokenize")
+async def _detokenize(body: DetokenizeRequest, request: HTTPRequest) -> dict[str, Any]:
+    tokenizer = request.app.state.server.tokenizer()
+    if any(not 0 <= t < tokenizer.vocab_size for t in body.tokens):
+        raise UserError(f"token ids must be in [0, {tokenizer.vocab_size})")
+    return {"content": tokenizer.decode(body.tokens)}
+
+
+async def _error(request: HTTPRequest, exc: Exception) -> JSONResponse:
+    """Whatever a route raised, answered in the shape of the API it was asked through."""
+    path = request.url.path
+    if isinstance(exc, RequestValidationError):
+        message, param = _validation_message(exc)
+        return error_response(path, 400, message, param=param)
+    if isinstance(exc, UserError):
+        return error_response(path, 400, str(exc))
+    if isinstance(exc, ApiError):
+        return error_response(path, exc.status, str(exc), exc.headers)
+    if isinstance(exc, QueueFull):
+        return error_response(path, 503, f"the server is busy ({exc}); retry shortly", RETRY_AFTER)
+    if isinstance(exc, NotReady):
+        return error_response(path, 503, f"not ready: {exc}", RETRY_AFTER)
+    if isinstance(exc, HTTPException):
+        return error_response(path, exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+    log.exception("request failed", exc_info=exc)
+    return error_response(path, 500, f"internal error: {type(exc).__name__}")
+
+
 def create_app(state: ServerState, *, api_key: str | None = None, cors_origins: tuple[str, ...] = (),
                max_body_bytes: int = 4 << 20) -> FastAPI:
     """The app for one served model; whoever serves it also runs ``state.worker`` (``launch.run_server``)."""
     app = FastAPI(title="mlxllm", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
     metrics = state.worker.metrics
-    app.include_router(openai_api.router)
-    app.include_router(anthropic_api.router)
+    for router in (openai_api.router, anthropic_api.router, service):
+        app.include_router(router)
+    for kind in (RequestValidationError, UserError, ApiError, QueueFull, NotReady, HTTPException, Exception):
+        app.add_exception_handler(kind, _error)
 
     @app.middleware("http")
     async def check_key_and_count(request: HTTPRequest, call_next):
@@ -121,62 +176,6 @@ def create_app(state: ServerState, *, api_key: str | None = None, cors_origins: 
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["*"])
     app.add_middleware(_JSONBodies, limit=max_body_bytes)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: HTTPRequest, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
-        return error_response(request.url.path, 400, message, param=param)
-
-    @app.exception_handler(UserError)
-    async def user_error(request: HTTPRequest, exc: UserError) -> JSONResponse:
-        return error_response(request.url.path, 400, str(exc))
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: HTTPRequest, exc: ApiError) -> JSONResponse:
-        return error_response(request.url.path, exc.status, str(exc), exc.headers)
-
-    @app.exception_handler(QueueFull)
-    async def queue_full(request: HTTPRequest, exc: QueueFull) -> JSONResponse:
-        return error_response(request.url.path, 503, f"the server is busy ({exc}); retry shortly", RETRY_AFTER)
-
-    @app.exception_handler(NotReady)
-    async def not_ready(request: HTTPRequest, exc: NotReady) -> JSONResponse:
-        return error_response(request.url.path, 503, f"not ready: {exc}", RETRY_AFTER)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: HTTPRequest, exc: HTTPException) -> JSONResponse:
-        return error_response(request.url.path, exc.status_code, str(exc.detail), getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def internal(request: HTTPRequest, exc: Exception) -> JSONResponse:
-        log.exception("request failed")
-        return error_response(request.url.path, 500, f"internal error: {type(exc).__name__}")
-
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        worker = state.worker
-        if worker.ready:
-            return JSONResponse({"status": "ok"})
-        if worker.load_error:
-            return JSONResponse({"status": "error", "error": worker.load_error}, status_code=503)
-        return JSONResponse({"status": "loading"}, status_code=503, headers=RETRY_AFTER)
-
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
-        tokenizer = state.tokenizer()
-        return {"tokens": tokenizer.encode(check_utf8(body.content, "content"), add_special_tokens=body.add_special)}
-
-    @app.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
-        tokenizer = state.tokenizer()
-        if any(not 0 <= t < tokenizer.vocab_size for t in body.tokens):
-            raise UserError(f"token ids must be in [0, {tokenizer.vocab_size})")
-        return {"content": tokenizer.decode(body.tokens)}
-
     return app
 
 
