@@ -110,6 +110,7 @@ import os
 import platform
 import random
 import resource
+import shlex
 import signal
 import socket
 import statistics
@@ -167,6 +168,7 @@ class BenchConfig:
     out: str
     mlx_lm_weights: str = "float32"
     mlx_lm_blas: str = "openblas"
+    mlxllm_args: str = ""
     start_timeout_s: float = 300.0
     warmup_timeout_s: float = 300.0
     render: str | None = None
@@ -209,6 +211,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     p.add_argument("--mlx-lm-blas", default="openblas",
                    help="'openblas': LD_PRELOAD the system OpenBLAS into mlx_lm.server / vllm-mlx, as mlxllm "
                         "preloads it; 'bundled': MLX's own BLAS; or a library path to preload")
+    p.add_argument("--mlxllm-args", default="", help="more `mlxllm serve` flags, e.g. '--prefill-share 0'")
     p.add_argument("--log-dir", default="/tmp/serve_load_logs", help="server logs")
     p.add_argument("--out", default=None,
                    help="JSON results (default bench/results/serve_load.json; quick: serve_load.quick.json)")
@@ -238,7 +241,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
         min_requests=pick(a.min_requests, 8, 4), threads=a.threads, baseline=a.baseline, client=a.client,
         quick=q, gguf=a.gguf, mlx_dir=a.mlx_dir, llama_server=a.llama_server, vllm_mlx=a.vllm_mlx,
         guidellm=a.guidellm, log_dir=a.log_dir, out=out,
-        mlx_lm_weights=a.mlx_lm_weights, mlx_lm_blas=a.mlx_lm_blas)
+        mlx_lm_weights=a.mlx_lm_weights, mlx_lm_blas=a.mlx_lm_blas, mlxllm_args=a.mlxllm_args)
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -518,7 +521,7 @@ class MlxllmLauncher(ServerLauncher):
 
     def command(self, port: int, slots: int, ctx_per_slot: int) -> list[str]:
         return [str(VENV_BIN / "mlxllm"), "serve", "-m", self.cfg.gguf, "--host", "127.0.0.1", "--port", str(port),
-                "--shutdown-timeout", "2"]
+                "--shutdown-timeout", "2", *shlex.split(self.cfg.mlxllm_args)]
 
     def version(self) -> str | None:
         return importlib.metadata.version("mlxllm")
