@@ -42,7 +42,7 @@ class Size(click.ParamType):
               help="Tokens per engine step, decode rows first; the rest reads newcomers' prompts.")
 @click.option("--prefill-share", type=click.FloatRange(min=0), default=0.8, show_default=True,
               help="While streams run, a step reads at most this many decode steps' time of prompt per "
-                   "request waiting (one long prompt keeps streams under ~2x their inter-token latency; "
+                   "request waiting (for one long prompt, streams at about 2x their inter-token latency; "
                    "higher: faster prompts; 0: no limit).")
 @click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
               help="Requests that may wait for admission; past it the server answers 503.")

@@ -153,9 +153,10 @@ class BatchEngine:
         """Prompt tokens this step may read: what ``max_step_tokens`` leaves after the decode rows, and
         while streams run no more than ``prefill_share`` of a decode step's time (as measured) for each
         request waiting for its first token (0: no such limit). Streams and waiting prompts are thus
-        slowed alike: one long prompt arriving keeps the streams under twice their usual inter-token
-        latency at the default 0.8, and a queue of prompts gets a share that grows with it. The chunk
-        is cut so that decode rows + chunk fill whole ``ROW_BLOCK``s when that leaves ``MIN_CHUNK``."""
+        slowed alike: at the default 0.8 one long prompt arriving aims to keep the streams under twice
+        their usual inter-token latency (late in a long prompt even ``MIN_CHUNK`` tokens can cost more,
+        their attention reading the whole prompt), and a queue of prompts gets a share that grows with
+        it. The chunk is cut so decode rows + chunk fill whole ``ROW_BLOCK``s when that leaves ``MIN_CHUNK``."""
         rows = len(self._running)
         budget = self.max_step_tokens - rows
         if rows and self.prefill_share and self._decode_s and self._token_s:
