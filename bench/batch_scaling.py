@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import mlxllm  # noqa: F401  (BLAS preload before mlx.core)
 import mlx.core as mx
 
+from mlxllm import backend
 from mlxllm.engine.batching import BatchEngine
 from mlxllm.engine.requests import Request, SamplingParams
 from mlxllm.engine.steps import generate_step
@@ -37,8 +37,9 @@ def batch_step_s(model, tokenizer, rows: int, steps: int) -> float:
     """Median seconds of one decode step with ``rows`` rows running."""
     engine = BatchEngine(model, tokenizer, max_batch=rows, max_step_tokens=4096)
     params = SamplingParams(max_tokens=steps + 64, ignore_eos=True)
-    for p in prompts(tokenizer, rows):
-        engine.submit(Request(p, params), lambda event: None)
+    requests = [Request(p, params) for p in prompts(tokenizer, rows)]
+    for r in requests:
+        engine.submit(r, lambda event: None)
     while engine.running < rows:  # read every prompt, then two untimed steps
         engine.step()
     engine.step()
@@ -48,8 +49,8 @@ def batch_step_s(model, tokenizer, rows: int, steps: int) -> float:
         t = time.perf_counter()
         engine.step()
         times.append(time.perf_counter() - t)
-    for seq in list(engine._running):
-        engine.cancel(seq.request.id)
+    for r in requests:
+        engine.cancel(r.id)
     engine.step()
     return statistics.median(times)
 
@@ -90,8 +91,7 @@ def main() -> None:
         table.append({"rows": r, "ms_per_step": round(step * 1e3, 1), "tok_s": round(r / step, 1),
                       "x_single": round(r / step * single, 2)})
     report = {"benchmark": "batch_scaling", "model": args.model or "SmolLM2-135M-Instruct.Q4_1.gguf (float32)",
-              "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                          "mlx": mx.__version__, "device": str(mx.default_device())},
+              "machine": backend.describe(),
               "steps": args.steps, "reps": args.reps, "single_ms_per_token": round(single * 1e3, 1),
               "single_tok_s": round(1 / single, 1), "table": table, "samples_s": samples}
     print(f"single sequence: {single * 1e3:.1f} ms/token ({1 / single:.1f} tok/s)")
