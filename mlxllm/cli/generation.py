@@ -11,8 +11,8 @@ import sys
 import click
 
 from ..errors import UserError
-from .options import (adapter_option, draft_options, json_option, load_for_command, model_options, sampling_kwargs,
-                      sampling_options, system_option)
+from .options import (adapter_option, draft_options, grammar_options, json_option, load_for_command, model_options,
+                      sampling_kwargs, sampling_options, system_option)
 
 
 def _build_prompt(tokenizer, prompt: str, system: str | None, chat: bool | None) -> str:
@@ -37,13 +37,14 @@ def _build_prompt(tokenizer, prompt: str, system: str | None, chat: bool | None)
 @click.option("--chat/--no-chat", default=None, help="Apply the model's chat template (default: when it has one).")
 @draft_options("Speculative decoding: a small model with the same tokenizer drafts tokens the model verifies.",
                "Tokens the draft model proposes per round.")
+@grammar_options
 @json_option("Print one JSON object with the text and the timings.")
 def generate_command(model_spec, compute, verbose, adapter_path, prompt, system, chat, draft_model, num_draft_tokens,
-                     as_json, **kw) -> None:
+                     grammar, as_json, **kw) -> None:
     """Generate a completion for a prompt."""
     from ..engine.stream import format_stats, stream_generate
 
-    sampling = sampling_kwargs(kw)
+    sampling = {**sampling_kwargs(kw), "grammar": grammar}
     if prompt == "-":
         prompt = sys.stdin.read()
     model, tokenizer = load_for_command(model_spec, compute, verbose, adapter_path)

@@ -171,6 +171,46 @@ def kv_options(f):
     return command
 
 
+def grammar_options(f):
+    """``--json-schema FILE``, ``--regex R`` and ``--grammar FILE`` (Lark or GBNF), at most one, handed
+    to the command as one ``grammar`` value (a ``Grammar`` or None), compiled before the model loads."""
+
+    @functools.wraps(f)
+    def command(*args, json_schema, regex, grammar_file, **kw):
+        from ..engine.grammar import Grammar
+
+        given = [g for g in (json_schema, regex, grammar_file) if g is not None]
+        if len(given) > 1:
+            raise UserError("give at most one of --json-schema, --regex and --grammar")
+        grammar = None
+        if json_schema is not None:
+            grammar = Grammar.json_schema(_read_text(json_schema, "--json-schema"))
+        elif regex is not None:
+            grammar = Grammar.regex(regex)
+        elif grammar_file is not None:
+            grammar = Grammar.cfg(_read_text(grammar_file, "--grammar"))
+        if grammar is not None:
+            grammar.definition()
+        return f(*args, grammar=grammar, **kw)
+
+    for opt in reversed([
+        click.option("--json-schema", default=None, metavar="FILE", help="Constrain the output to JSON valid under this schema."),
+        click.option("--regex", default=None, metavar="R", help="Constrain the output to match this regular expression."),
+        click.option("--grammar", "grammar_file", default=None, metavar="FILE",
+                     help="Constrain the output to this grammar (Lark syntax or llama.cpp's GBNF)."),
+    ]):
+        command = opt(command)
+    return command
+
+
+def _read_text(path: str, flag: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{flag}: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
 def sampling_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
     """The ``stream_generate`` keywords from the sampling options, checked first so a bad value fails
     before the model is loaded."""

@@ -90,10 +90,11 @@ class BatchEngine:
         if max_tokens == 0:
             on_event(Event(request.id, "", [], None, n, 0, 0, "length"))
             return
+        seq = SequenceState(request, on_event, max_tokens, reserve, self.tokenizer, vocab)
         with self._lock:
             if self.queued >= self.max_queue:
                 raise QueueFull(f"{self.queued} requests are waiting")
-            self._inbox.put(SequenceState(request, on_event, max_tokens, reserve, self.tokenizer))
+            self._inbox.put(seq)
             self.queued += 1
         self._wake.set()
 
@@ -305,6 +306,8 @@ class BatchEngine:
         if all(s.plain for s in seqs):
             tokens, logprobs = mx.argmax(logits, axis=-1), [None] * len(seqs)
         else:
+            if any(s.constraint is not None for s in seqs):
+                mx.async_eval(logits)  # the device computes these while the grammar masks are computed
             picks = [s.pick(logits[i : i + 1]) for i, s in enumerate(seqs)]
             tokens = mx.concatenate([t for t, _ in picks])
             logprobs = [lp for _, lp in picks]
@@ -319,7 +322,11 @@ class BatchEngine:
     def _emit(self, seq: SequenceState, token: int, logprobs: mx.array | None) -> bool:
         """Record ``token``, send its event; whether the sequence goes on."""
         seq.generated.append(token)
-        text, finish = seq.text.push(token, len(seq.generated) >= seq.max_tokens)
+        complete = False
+        if seq.constraint is not None:
+            seq.constraint.consume(token)
+            complete = seq.constraint.complete
+        text, finish = seq.text.push(token, len(seq.generated) >= seq.max_tokens, complete)
         ttft = None
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import mlx.core as mx
 
 from ..errors import UserError
+from .grammar import Constraint, Grammar
 from .sample import apply_processors, check_sampling, make_distribution, make_logits_processors
 from .stream import TextStream
 
@@ -36,6 +37,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: none; n >= 0: the chosen token's log-probability and the n most likely
     ignore_eos: bool = False  # generate through end-of-sequence tokens up to max_tokens (benchmarks)
+    grammar: Grammar | None = None  # constrained decoding: the text must match it, and ends where it does
 
     def check(self) -> None:
         check_sampling(self.temp, self.top_p, self.top_k, self.min_p, self.repetition_penalty, seed=self.seed,
@@ -90,9 +92,12 @@ class SequenceState:
     """The engine's state for one request: made on the thread that submits it (no MLX there), used
     on the engine's thread from admission to its last event."""
 
-    def __init__(self, request: Request, on_event: Callback, max_tokens: int, reserve: int, tokenizer: Any):
+    def __init__(self, request: Request, on_event: Callback, max_tokens: int, reserve: int, tokenizer: Any,
+                 vocab_size: int | None = None):
         self.request, self.on_event, self.max_tokens, self.reserve = request, on_event, max_tokens, reserve
         params = request.params
+        # compiled here, on the submitting thread: a grammar no text satisfies is refused before it queues
+        self.constraint = Constraint(params.grammar, tokenizer, vocab_size) if params.grammar is not None else None
         self.ids = request.prompt
         self.cache: list | None = None  # per-sequence caches while the prompt is read
         self.fed = 0  # prompt positions in the cache
@@ -111,10 +116,13 @@ class SequenceState:
     @property
     def plain(self) -> bool:
         """Greedy with nothing to adjust or report: the whole batch can share one argmax."""
-        return self.distribution is None and not self.processors and self.request.params.logprobs is None
+        return (self.distribution is None and not self.processors and self.constraint is None
+                and self.request.params.logprobs is None)
 
     def pick(self, logits: mx.array) -> tuple[mx.array, mx.array | None]:
         """The next token for ``logits [1, V]`` (and the log-probabilities it came from, when asked)."""
+        if self.constraint is not None:
+            logits = self.constraint.apply(logits)
         if self.processors:
             history = mx.array(self.ids + self.generated, dtype=mx.int32)[None]
             logits = apply_processors(self.processors, history, logits)

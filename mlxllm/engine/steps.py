@@ -14,6 +14,7 @@ import mlx.core as mx
 
 from .. import backend
 from ..errors import UserError
+from .grammar import Constraint
 from .sample import LogitsProcessor, Sampler, apply_processors, make_sampler
 
 DEFAULT_PREFILL_STEP = 512
@@ -59,19 +60,29 @@ def generate_tokens(
     logits_processors: Sequence[LogitsProcessor] = (),
     prompt_cache: list | None = None,
     prefill_step_size: int = DEFAULT_PREFILL_STEP,
+    constraint: Constraint | None = None,
 ) -> Iterator[tuple[mx.array, mx.array]]:
     """Yield unevaluated ``(tokens [B], logprobs [B, vocab])`` for ``prompt [B, L]``, one step at a time.
 
     The next step is already queued with ``mx.async_eval`` when a step is yielded, so the caller's
-    read of the ids (the one host sync) overlaps the device computing the following token.
+    read of the ids (the one host sync) overlaps the device computing the following token. With a
+    ``constraint`` (B = 1) each step's logits are queued first and the grammar's mask is computed from
+    the previous token while the device computes them.
     """
     sampler = sampler or make_sampler()
     cache = prompt_cache if prompt_cache is not None else model.make_cache()
     history = prompt if logits_processors else None
+    if constraint is not None and prompt.shape[0] != 1:
+        raise UserError("a grammar constrains one sequence at a time here (the batch engine constrains rows)")
 
-    def _step(tokens: mx.array) -> tuple[mx.array, mx.array]:
+    def _step(tokens: mx.array, fed_back: bool = True) -> tuple[mx.array, mx.array]:
         nonlocal history
         logits = model.head(model.hidden(tokens, cache)[:, -1, :])
+        if constraint is not None:
+            mx.async_eval(logits)
+            if fed_back:
+                constraint.consume(tokens.item())
+            logits = constraint.apply(logits)
         if logits_processors:
             logits = apply_processors(logits_processors, history, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -80,7 +91,7 @@ def generate_tokens(
             history = mx.concatenate([history, token[:, None]], axis=1)
         return token, logprobs
 
-    token, logprobs = _step(prefill(model, prompt, cache, prefill_step_size))
+    token, logprobs = _step(prefill(model, prompt, cache, prefill_step_size), fed_back=False)
     mx.async_eval(token, logprobs)
     for n in range(max_tokens):
         if n + 1 < max_tokens:

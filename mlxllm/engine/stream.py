@@ -11,6 +11,7 @@ import mlx.core as mx
 
 from ..errors import UserError
 from ..model.cache import KVSettings
+from .grammar import Constraint, Grammar
 from .sample import (LogitsProcessor, Sampler, check_sampling, make_distribution, make_logits_processors,
                      make_sampler)
 from .speculative import speculative_generate_step
@@ -82,14 +83,16 @@ class TextStream:
         self.pending = ""  # text held back because it may be the start of a stop string
         self.matched: str | None = None  # the stop string that ended the text
 
-    def push(self, token: int, last: bool) -> tuple[str, str | None]:
+    def push(self, token: int, last: bool, complete: bool = False) -> tuple[str, str | None]:
+        """The text ``token`` completes and the finish reason: "stop" at an EOS id, a stop string or
+        (``complete``) the end of a grammar, "length" when it is the ``last`` one allowed."""
         finish = None
         if token in self.eos:
             finish, piece = "stop", self.detok.finalize()
         else:
             piece = self.detok.add_token(token)
-            if last:
-                finish, piece = "length", piece + self.detok.finalize()
+            if complete or last:
+                finish, piece = "stop" if complete else "length", piece + self.detok.finalize()
         pending = self.pending + piece
         if self.stop:
             hits = [(pending.find(s), s) for s in self.stop if s in pending]
@@ -135,6 +138,7 @@ def stream_generate(
     kv: KVSettings | None = None,
     draft_model: Any | None = None,
     num_draft_tokens: int = 3,
+    grammar: Grammar | None = None,
 ) -> Iterator[GenerationResponse]:
     """Stream ``GenerationResponse`` objects; ``text`` holds only newly completed UTF-8 text.
 
@@ -144,6 +148,8 @@ def stream_generate(
     says, or as mlx-lm's ``kv_bits`` / ``kv_group_size`` / ``quantized_kv_start`` say. With
     ``draft_model`` (same tokenizer) tokens come from speculative decoding with ``num_draft_tokens``
     drafted per round: the same output distribution (greedy: the same text), fewer target passes.
+    With ``grammar`` (a ``Grammar``: JSON schema, JSON object, regex, Lark / GBNF) every token is drawn
+    from those the grammar allows next, and generation ends where the grammar does.
     """
     start = time.perf_counter()
     if max_tokens < 0:
@@ -152,6 +158,8 @@ def stream_generate(
         raise UserError("speculative decoding needs the sampling settings (temp, top_p, ...), not a sampler function")
     if kv is not None and (kv_bits is not None or quantized_kv_start):
         raise UserError("pass the KV-cache settings either as kv= or as kv_bits/kv_group_size/quantized_kv_start")
+    if grammar is not None and draft_model is not None:
+        raise UserError("a grammar and a draft model cannot be combined yet")
     kv = kv or KVSettings(kv_bits, kv_group_size, quantized_kv_start)
     if logits_processors is None:
         logits_processors = make_logits_processors(repetition_penalty)
@@ -165,6 +173,7 @@ def stream_generate(
     if max_tokens == 0:
         return
     text_stream = TextStream(tokenizer, stop)
+    constraint = Constraint(grammar, tokenizer, model.config.vocab_size) if grammar is not None else None
     mx.reset_peak_memory()
     with wired_limit(model):
         prefill_start = time.perf_counter()
@@ -180,7 +189,7 @@ def stream_generate(
             steps = ((t, lp, False) for t, lp in generate_step(
                 ids, model, max_tokens=max_tokens, logits_processors=logits_processors, prompt_cache=prompt_cache,
                 sampler=sampler or make_sampler(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p),
-                prefill_step_size=prefill_step_size,
+                prefill_step_size=prefill_step_size, constraint=constraint,
             ))
         for n, (token, logprobs, from_draft) in enumerate(steps):
             now = time.perf_counter()

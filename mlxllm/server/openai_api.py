@@ -13,6 +13,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
+from ..engine.grammar import Grammar
 from ..engine.requests import Event, Request, SamplingParams, TokenLogprob
 from ..errors import UserError
 from .errors import ApiError
@@ -52,6 +53,10 @@ class _Generation(ApiModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # an extension (vLLM, llama.cpp): generate exactly max_tokens
+    response_format: dict[str, Any] | None = None
+    # llama-server's extensions: constrain the output to a JSON schema or a GBNF / Lark grammar
+    json_schema: dict[str, Any] | None = None
+    grammar: str | None = None
 
     def params(self, logprobs: int | None) -> SamplingParams:
         if self.n not in (None, 1):
@@ -65,9 +70,31 @@ class _Generation(ApiModel):
             top_p=float(self.top_p or 1.0), top_k=self.top_k or 0, min_p=float(self.min_p or 0.0),
             repetition_penalty=None if self.repetition_penalty is None else float(self.repetition_penalty),
             presence_penalty=float(self.presence_penalty or 0.0), frequency_penalty=float(self.frequency_penalty or 0.0),
-            seed=self.seed, stop=tuple(stop), logprobs=logprobs, ignore_eos=self.ignore_eos)
+            seed=self.seed, stop=tuple(stop), logprobs=logprobs, ignore_eos=self.ignore_eos, grammar=self.constraint())
         params.check()
         return params
+
+    def constraint(self) -> Grammar | None:
+        """The grammar ``response_format`` (or llama-server's ``json_schema`` / ``grammar``) asks for."""
+        given = [g for g in (self.json_schema, self.grammar) if g is not None]
+        fmt = self.response_format or {}
+        kind = fmt.get("type", "text")
+        if len(given) + (kind != "text") > 1:
+            raise UserError("give at most one of response_format, json_schema and grammar")
+        if self.json_schema is not None:
+            return Grammar.json_schema(self.json_schema)
+        if self.grammar is not None:
+            return Grammar.cfg(self.grammar)
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return Grammar.json_object()
+        if kind != "json_schema":
+            raise UserError(f"response_format type must be text, json_object or json_schema, not {kind!r}")
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
+            raise UserError("response_format json_schema needs a json_schema object with a schema")
+        return Grammar.json_schema(spec.get("schema", {}))
 
 
 class ChatRequest(_Generation):
@@ -75,7 +102,6 @@ class ChatRequest(_Generation):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = None
 
 
 class CompletionRequest(_Generation):
@@ -88,9 +114,6 @@ class CompletionRequest(_Generation):
 def _unsupported(body: ChatRequest | CompletionRequest) -> None:
     if getattr(body, "tools", None):
         raise UserError("tools are not supported by this server yet")
-    fmt = getattr(body, "response_format", None)
-    if fmt and fmt.get("type") not in (None, "text"):
-        raise UserError(f"response_format {fmt.get('type')!r} is not supported by this server yet")
     if getattr(body, "suffix", None):
         raise UserError("suffix (fill-in-the-middle) is not supported")
 

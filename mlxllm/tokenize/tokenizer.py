@@ -237,11 +237,14 @@ class Tokenizer:
 
     # --- encoding and decoding --------------------------------------------------------------------
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`. Special tokens written in the text become their single ids; BOS is
+    def encode(self, text: str, add_special_tokens: bool = True, split_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`. Special tokens written in the text become their single ids (unless
+        `split_special_tokens`, as in Hugging Face: then they are read as plain text); BOS is
         prepended when the model's metadata asks for it and `add_special_tokens` is true."""
         ids = [self._bos] if add_special_tokens and self._add_bos else []
         encode = self._encoder.encode
+        if split_special_tokens:
+            return ids + encode(text)
         for part in self._splitter.split(text):
             if isinstance(part, int):
                 ids.append(part)
@@ -311,6 +314,17 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return len(self._pieces)
+
+    @property
+    def piece_bytes(self) -> list[bytes]:
+        """The bytes each id decodes to (a fresh list; what a grammar engine matches text against)."""
+        return list(self._pieces)
+
+    @property
+    def control_token_ids(self) -> set[int]:
+        """Ids that are markers, not text (BOS, EOS, turn markers): `decode` drops them when asked to
+        skip special tokens, and constrained text never contains them."""
+        return set(self._skip) | set(self._eos)
 
     @property
     def fingerprint(self) -> str:
