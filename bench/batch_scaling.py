@@ -33,10 +33,11 @@ def prompts(tokenizer, n: int) -> list[list[int]]:
             for i in range(n)]
 
 
-def batch_step_s(model, tokenizer, rows: int, steps: int) -> float:
-    """Median seconds of one decode step with ``rows`` rows running."""
+def batch_step_s(model, tokenizer, rows: int, steps: int, grammar=None) -> float:
+    """Median seconds of one decode step with ``rows`` rows running (each constrained by ``grammar``,
+    which must not end within the timed steps)."""
     engine = BatchEngine(model, tokenizer, max_batch=rows, max_step_tokens=4096)
-    params = SamplingParams(max_tokens=steps + 64, ignore_eos=True)
+    params = SamplingParams(max_tokens=steps + 64, ignore_eos=True, grammar=grammar)
     requests = [Request(p, params) for p in prompts(tokenizer, rows)]
     for r in requests:
         engine.submit(r, lambda event: None)
@@ -55,11 +56,11 @@ def batch_step_s(model, tokenizer, rows: int, steps: int) -> float:
     return statistics.median(times)
 
 
-def single_step_s(model, tokenizer, steps: int) -> float:
+def single_step_s(model, tokenizer, steps: int, constraint=None) -> float:
     """Median seconds per token of ``generate_step`` (the pipelined single-sequence loop)."""
     prompt = mx.array(prompts(tokenizer, 1)[0], dtype=mx.int32)
     times, last = [], None
-    for i, _ in enumerate(generate_step(prompt, model, max_tokens=steps + 3)):
+    for i, _ in enumerate(generate_step(prompt, model, max_tokens=steps + 3, constraint=constraint)):
         now = time.perf_counter()
         if i >= 3:
             times.append(now - last)

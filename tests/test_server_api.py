@@ -107,6 +107,77 @@ def test_logprobs_are_log_probabilities_of_the_chosen_tokens(oai):
         assert [x.logprob for x in t.top_logprobs] == sorted((x.logprob for x in t.top_logprobs), reverse=True)
 
 
+CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                       "population": {"type": "integer", "minimum": 0, "maximum": 10**8}},
+        "required": ["city", "population"], "additionalProperties": False}
+
+
+def test_response_format_constrains_chat_output(oai):
+    """``json_schema`` (whole and streamed alike), ``json_object``, and the client's own ``parse`` with a
+    pydantic model: the answer is always JSON of the requested shape."""
+    pydantic = pytest.importorskip("pydantic")
+    jsonschema = pytest.importorskip("jsonschema")
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY, "strict": True}}
+    ask = dict(model="smollm2", messages=QUESTION, max_tokens=60, temperature=0, response_format=fmt)
+    whole = oai.chat.completions.create(**ask)
+    jsonschema.validate(json.loads(whole.choices[0].message.content), CITY)
+    assert whole.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in oai.chat.completions.create(stream=True, **ask)
+                       if c.choices)
+    assert streamed == whole.choices[0].message.content
+    sampled = oai.chat.completions.create(**{**ask, "temperature": 1.0, "seed": 3})
+    jsonschema.validate(json.loads(sampled.choices[0].message.content), CITY)
+    anything = oai.chat.completions.create(**{**ask, "response_format": {"type": "json_object"}})
+    assert isinstance(json.loads(anything.choices[0].message.content), dict)
+
+    class Capital(pydantic.BaseModel):
+        city: str
+        country: str
+
+    parse = getattr(oai.chat.completions, "parse", None) or oai.beta.chat.completions.parse
+    parsed = parse(model="smollm2", messages=QUESTION, max_tokens=60, temperature=0, response_format=Capital)
+    assert isinstance(parsed.choices[0].message.parsed, Capital)
+
+
+def test_anthropic_structured_outputs(claude, server):
+    jsonschema = pytest.importorskip("jsonschema")
+    r = claude.messages.create(model="smollm2", max_tokens=60, messages=QUESTION, extra_body=GREEDY,
+                               output_config={"format": {"type": "json_schema", "schema": CITY}})
+    jsonschema.validate(json.loads(r.content[0].text), CITY)
+    assert r.stop_reason == "end_turn"
+    with claude.messages.stream(model="smollm2", max_tokens=60, messages=QUESTION, extra_body={
+            **GREEDY, "output_format": {"type": "json_schema", "schema": CITY}}) as stream:
+        assert "".join(stream.text_stream) == r.content[0].text
+    bad = httpx.post(server.url + "/v1/messages", headers=_headers(server), json={
+        "model": "smollm2", "max_tokens": 5, "messages": QUESTION, "output_config": {"format": {"type": "regex"}}})
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_llama_server_grammar_fields_on_completions(oai, server):
+    r = oai.completions.create(model="smollm2", prompt="Is the sky blue? Answer:", max_tokens=8, temperature=0,
+                               extra_body={"grammar": 'root ::= " yes" | " no"'})
+    assert r.choices[0].text in (" yes", " no") and r.choices[0].finish_reason == "stop"
+    r = oai.completions.create(model="smollm2", prompt="A number:", max_tokens=8, temperature=0,
+                               extra_body={"json_schema": {"type": "integer", "minimum": 1, "maximum": 9}})
+    assert 1 <= json.loads(r.choices[0].text) <= 9
+
+
+@pytest.mark.parametrize("extra, says", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "integer", "minimum": 3, "maximum": 1}}}}, "greater than maximum"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "array", "uniqueItems": True}}}}, "uniqueItems"),
+    ({"response_format": {"type": "xml"}}, "response_format type"),
+    ({"response_format": {"type": "json_object"}, "grammar": "root ::= \"a\""}, "at most one"),
+    ({"grammar": "root ::= ("}, "grammar"),
+])
+def test_bad_response_formats_get_400(server, extra, says):
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": QUESTION, **extra}, headers=_headers(server))
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and says in error["message"], error
+
+
 def test_completions_text_ids_echo_and_logprobs(oai, server):
     r = oai.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=6, temperature=0)
     assert r.object == "text_completion" and "Paris" in r.choices[0].text

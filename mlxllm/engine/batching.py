@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
 from ..errors import UserError
 from ..model.cache import KVSettings, activation_dtype, kv_bytes
@@ -286,7 +287,8 @@ class BatchEngine:
                 self.prefix_cache.insert(seq.ids[: seq.fed], [c.copy() for c in seq.cache])
             return []
         self._prefilling.popleft()
-        token, logprobs = seq.pick(self.model.head(last))
+        logits = self.model.head(last)
+        token, logprobs = seq.pick(seq.constraint.apply(logits) if seq.constraint is not None else logits)
         mx.eval(token, logprobs, [c.state for c in seq.cache])
         if self.prefix_cache is not None:  # the prompt, for requests that share it and arrive meanwhile
             self.prefix_cache.insert(seq.ids, [c.copy() for c in seq.cache])
@@ -303,11 +305,14 @@ class BatchEngine:
     def _sample_rows(self, logits: mx.array) -> tuple[mx.array, list]:
         """The running rows' next tokens from ``logits [rows, vocab]`` (queued, not yet evaluated)."""
         seqs = self._running
+        if any(s.constraint is not None for s in seqs):
+            mx.async_eval(logits)  # the device computes these while the grammar masks are computed
+            free = np.ones(logits.shape[-1], dtype=bool)
+            allowed = np.stack([s.constraint.allowed() if s.constraint is not None else free for s in seqs])
+            logits = mx.where(mx.array(allowed), logits, -mx.inf)
         if all(s.plain for s in seqs):
             tokens, logprobs = mx.argmax(logits, axis=-1), [None] * len(seqs)
         else:
-            if any(s.constraint is not None for s in seqs):
-                mx.async_eval(logits)  # the device computes these while the grammar masks are computed
             picks = [s.pick(logits[i : i + 1]) for i, s in enumerate(seqs)]
             tokens = mx.concatenate([t for t, _ in picks])
             logprobs = [lp for _, lp in picks]

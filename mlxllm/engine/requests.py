@@ -116,13 +116,11 @@ class SequenceState:
     @property
     def plain(self) -> bool:
         """Greedy with nothing to adjust or report: the whole batch can share one argmax."""
-        return (self.distribution is None and not self.processors and self.constraint is None
-                and self.request.params.logprobs is None)
+        return self.distribution is None and not self.processors and self.request.params.logprobs is None
 
     def pick(self, logits: mx.array) -> tuple[mx.array, mx.array | None]:
-        """The next token for ``logits [1, V]`` (and the log-probabilities it came from, when asked)."""
-        if self.constraint is not None:
-            logits = self.constraint.apply(logits)
+        """The next token for ``logits [1, V]`` (already masked by the grammar, if any; and the
+        log-probabilities it came from, when asked)."""
         if self.processors:
             history = mx.array(self.ids + self.generated, dtype=mx.int32)[None]
             logits = apply_processors(self.processors, history, logits)

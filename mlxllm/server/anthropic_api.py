@@ -12,6 +12,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
+from ..engine.grammar import Grammar
 from ..engine.requests import Event, Request, SamplingParams
 from ..errors import UserError
 from .prompts import ApiModel, TextPart, chat_prompt, content_text
@@ -51,14 +52,29 @@ class MessagesRequest(_Prompt):
     top_k: int | None = Field(default=None, ge=0)
     stream: bool = False
     metadata: dict[str, Any] | None = None
+    output_config: dict[str, Any] | None = None  # structured outputs: {"format": {"type": "json_schema", ...}}
+    output_format: dict[str, Any] | None = None  # the same, as the beta API spelled it
 
     def params(self) -> SamplingParams:
         stops = tuple(self.stop_sequences or ())
         params = SamplingParams(max_tokens=self.max_tokens,
                                 temp=float(1.0 if self.temperature is None else self.temperature),
-                                top_p=float(self.top_p or 1.0), top_k=self.top_k or 0, stop=stops)
+                                top_p=float(self.top_p or 1.0), top_k=self.top_k or 0, stop=stops,
+                                grammar=self.constraint())
         params.check()
         return params
+
+    def constraint(self) -> Grammar | None:
+        """The JSON schema structured outputs ask for (``output_config.format`` or ``output_format``)."""
+        fmt = (self.output_config or {}).get("format")
+        if fmt is not None and self.output_format is not None:
+            raise UserError("give output_config.format or output_format, not both")
+        fmt = fmt if fmt is not None else self.output_format
+        if fmt is None:
+            return None
+        if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
+            raise UserError('the output format must be {"type": "json_schema", "schema": {...}}')
+        return Grammar.json_schema(fmt["schema"])
 
 
 def _stop_reason(event: Event) -> tuple[str, str | None]:
