@@ -60,12 +60,12 @@ def test_contract_catches_violations(tmp_path, where, line, broken):
 def test_public_names_survive_importing_every_submodule():
     """``mlxllm.load`` once became the ``mlxllm/load/`` module after first use: no public name may be a
     submodule, and importing them all must leave each name the documented object."""
-    from mlxllm.engine import sample, stream
+    from mlxllm.engine import grammar, sample, stream
     from mlxllm.formats import loader
 
     documented = {"load": loader.load, "generate": stream.generate, "stream_generate": stream.stream_generate,
                   "GenerationResponse": stream.GenerationResponse, "make_sampler": sample.make_sampler,
-                  "make_logits_processors": sample.make_logits_processors}
+                  "make_logits_processors": sample.make_logits_processors, "Grammar": grammar.Grammar}
     assert set(mlxllm.__all__) == set(documented)
     names = _submodules()
     assert len(names) > 40

@@ -115,6 +115,19 @@ def _fit_context(model: Any, n_prompt: int, prompt_cache: list | None, max_token
     return min(max_tokens, context - held - n_prompt)
 
 
+def _check_arguments(max_tokens: int, sampler: Sampler | None, draft_model: Any, grammar: Grammar | None,
+                     kv: KVSettings | None, kv_bits: int | None, quantized_kv_start: int) -> None:
+    """``stream_generate``'s combinations that cannot work, refused in one line each."""
+    if max_tokens < 0:
+        raise UserError(f"max_tokens must be >= 0, got {max_tokens}")
+    if draft_model is not None and sampler is not None:
+        raise UserError("speculative decoding needs the sampling settings (temp, top_p, ...), not a sampler function")
+    if kv is not None and (kv_bits is not None or quantized_kv_start):
+        raise UserError("pass the KV-cache settings either as kv= or as kv_bits/kv_group_size/quantized_kv_start")
+    if grammar is not None and draft_model is not None:
+        raise UserError("a grammar and a draft model cannot be combined yet")
+
+
 def stream_generate(
     model: Any,
     tokenizer: Any,
@@ -152,14 +165,7 @@ def stream_generate(
     from those the grammar allows next, and generation ends where the grammar does.
     """
     start = time.perf_counter()
-    if max_tokens < 0:
-        raise UserError(f"max_tokens must be >= 0, got {max_tokens}")
-    if draft_model is not None and sampler is not None:
-        raise UserError("speculative decoding needs the sampling settings (temp, top_p, ...), not a sampler function")
-    if kv is not None and (kv_bits is not None or quantized_kv_start):
-        raise UserError("pass the KV-cache settings either as kv= or as kv_bits/kv_group_size/quantized_kv_start")
-    if grammar is not None and draft_model is not None:
-        raise UserError("a grammar and a draft model cannot be combined yet")
+    _check_arguments(max_tokens, sampler, draft_model, grammar, kv, kv_bits, quantized_kv_start)
     kv = kv or KVSettings(kv_bits, kv_group_size, quantized_kv_start)
     if logits_processors is None:
         logits_processors = make_logits_processors(repetition_penalty)
