@@ -7,7 +7,7 @@ import mlx.core as mx
 
 import mlxllm
 from mlxllm.errors import UserError
-from mlxllm.engine.stream import _stop_hold
+from mlxllm.engine.stream import held_tail
 from mlxllm.engine.steps import generate_step, generate_tokens
 
 
@@ -90,10 +90,10 @@ def test_stop_string_is_cut_and_ends(smol):
     assert stopped[-1].finish_reason == "stop"
 
 
-def test_stop_hold_keeps_possible_prefixes():
-    assert _stop_hold("abc<|e", ["<|end|>"]) == 3
-    assert _stop_hold("abc", ["<|end|>"]) == 0
-    assert _stop_hold("x\n", ["\n\n", "zz"]) == 1
+def testheld_tail_keeps_possible_prefixes():
+    assert held_tail("abc<|e", ["<|end|>"]) == 3
+    assert held_tail("abc", ["<|end|>"]) == 0
+    assert held_tail("x\n", ["\n\n", "zz"]) == 1
 
 
 def test_seeded_sampling_is_reproducible(smol):

@@ -562,9 +562,23 @@ def role_cases() -> list[Case]:
                           _body("/v1/chat/completions", messages=[{"role": "user", "content": content}]), expect=400))
         cases.append(Case(f"messages {label}", "/v1/messages",
                           _body("/v1/messages", messages=[{"role": "user", "content": content}]), expect=400))
-    cases.append(Case("chat tools (unsupported)", "/v1/chat/completions",
-                      _body("/v1/chat/completions", tools=[{"type": "function", "function": {"name": "f"}}]),
-                      expect=400, says="tools"))
+    for label, extra, says in [
+            ("a tool without a name", {"tools": [{"type": "function", "function": {"description": "f"}}]}, "name"),
+            ("a tool whose parameters are a list", {"tools": [{"type": "function", "function": {
+                "name": "f", "parameters": [1]}}]}, "parameters"),
+            ("two tools of one name", {"tools": [{"type": "function", "function": {"name": "f"}}] * 2}, "distinct"),
+            ("tool_choice required without tools", {"tool_choice": "required"}, "no tools"),
+            ("tool_choice naming an unknown tool", {"tools": [{"type": "function", "function": {"name": "f"}}],
+                                                    "tool_choice": {"type": "function", "function": {"name": "g"}}},
+             "not among"),
+            ("tool_choice of an unknown kind", {"tool_choice": "always"}, "tool_choice"),
+            ("a forced call with a response format", {"tools": [{"type": "function", "function": {"name": "f"}}],
+                                                      "tool_choice": "required",
+                                                      "response_format": {"type": "json_object"}}, "cannot be combined"),
+            ("an earlier call with broken arguments", {"messages": QUESTION + [{"role": "assistant", "tool_calls": [
+                {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]}, "not valid JSON")]:
+        cases.append(Case(f"chat {label}", "/v1/chat/completions", _body("/v1/chat/completions", **extra),
+                          expect=400, says=says))
     cases.append(Case("chat response_format json_schema", "/v1/chat/completions",
                       _body("/v1/chat/completions", response_format={"type": "json_schema"}), expect=400))
     cases.append(Case("chat n=2", "/v1/chat/completions", _body("/v1/chat/completions", n=2), expect=400,
@@ -574,8 +588,16 @@ def role_cases() -> list[Case]:
     cases.append(Case("chat top_logprobs=21", "/v1/chat/completions",
                       _body("/v1/chat/completions", logprobs=True, top_logprobs=21), expect=400))
     cases.append(Case("completion suffix", "/v1/completions", _body("/v1/completions", suffix="x"), expect=400))
-    cases.append(Case("messages tools (unsupported)", "/v1/messages", _body("/v1/messages", tools=[{"name": "f"}]),
-                      expect=400, says="tools"))
+    for label, extra, says in [
+            ("a tool without a name", {"tools": [{"description": "f"}]}, "name"),
+            ("tool_choice any without tools", {"tool_choice": {"type": "any"}}, "no tools"),
+            ("tool_choice tool without a name", {"tools": [{"name": "f"}], "tool_choice": {"type": "tool"}},
+             "tool_choice"),
+            ("a tool_use block without a name", {"messages": QUESTION + [
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "input": {}}]}]}, "tool_use"),
+            ("a tool_result without its tool_use_id", {"messages": [
+                {"role": "user", "content": [{"type": "tool_result", "content": "x"}]}]}, "tool_use_id")]:
+        cases.append(Case(f"messages {label}", "/v1/messages", _body("/v1/messages", **extra), expect=400, says=says))
     cases.append(Case("messages without max_tokens", "/v1/messages",
                       _dumps({"messages": QUESTION}).encode(), expect=400, says="max_tokens"))
     cases.append(Case("messages temperature 1.5", "/v1/messages", _body("/v1/messages", temperature=1.5), expect=400))

@@ -58,13 +58,15 @@ class Size(click.ParamType):
 @click.option("--cors-origin", "cors_origins", multiple=True, help="Allow browser requests from this origin (repeatable).")
 @click.option("--chat-template", type=click.Path(dir_okay=False), default=None,
               help="A Jinja chat template file to use instead of the model's.")
+@click.option("--tool-parser", default=None, metavar="FORMAT",
+              help="How the model writes tool calls: hermes, llama3, mistral or json (default: from the chat template).")
 @click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="Seconds in-flight requests get to finish after SIGTERM.")
 @click.option("--max-body-bytes", type=Size(), default="4MiB", show_default=True, help="Largest request body accepted.")
 @verbose_option(help="Debug logging.")
 def serve_command(model_spec, compute, adapter_path, host, port, model_name, max_batch, max_step_tokens, prefill_share,
                   max_queue, max_memory, prompt_cache_bytes, prompt_cache_dir, kv, api_key, cors_origins, chat_template,
-                  shutdown_timeout, max_body_bytes, verbose) -> None:
+                  tool_parser, shutdown_timeout, max_body_bytes, verbose) -> None:
     """Serve a model over HTTP: OpenAI (/v1/chat/completions, /v1/completions, /v1/models) and
     Anthropic (/v1/messages) APIs with continuous batching and a prefix cache."""
     from ..server.launch import ServeOptions, run_server
@@ -80,10 +82,15 @@ def serve_command(model_spec, compute, adapter_path, host, port, model_name, max
         ChatTemplate(*template)  # one that does not compile stops here, before the model loads
     if api_key == "":
         raise UserError("--api-key must not be empty")
+    if tool_parser is not None:
+        from ..engine.tool_calls import TOOL_FORMATS
+
+        if tool_parser not in TOOL_FORMATS:
+            raise UserError(f"--tool-parser must be one of {', '.join(TOOL_FORMATS)}, not {tool_parser!r}")
     run_server(ServeOptions(
         model=model_spec, compute=compute, adapter_path=adapter_path, host=host, port=port, model_name=model_name,
         max_batch=max_batch, max_step_tokens=max_step_tokens, prefill_share=prefill_share, max_queue=max_queue,
         max_memory=max_memory,
         prompt_cache_bytes=prompt_cache_bytes, prompt_cache_dir=prompt_cache_dir, kv=kv, api_key=api_key,
-        cors_origins=tuple(cors_origins), chat_template=template, shutdown_timeout=shutdown_timeout,
+        cors_origins=tuple(cors_origins), chat_template=template, tool_parser=tool_parser, shutdown_timeout=shutdown_timeout,
         max_body_bytes=max_body_bytes, log_level="DEBUG" if verbose else "INFO"))

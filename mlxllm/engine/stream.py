@@ -62,7 +62,7 @@ def encode_prompt(tokenizer: Any, prompt: str | Sequence[int] | mx.array) -> mx.
     return mx.array(prompt, dtype=mx.int32) if not isinstance(prompt, mx.array) else prompt.astype(mx.int32)
 
 
-def _stop_hold(text: str, stops: Sequence[str]) -> int:
+def held_tail(text: str, stops: Sequence[str]) -> int:
     """Length of the longest tail of ``text`` that could still grow into a stop string."""
     hold = 0
     for s in stops:
@@ -99,7 +99,7 @@ class TextStream:
             if hits:
                 hit, self.matched = min(hits)
                 pending, finish = pending[:hit], "stop"
-        hold = _stop_hold(pending, self.stop) if self.stop and finish is None else 0
+        hold = held_tail(pending, self.stop) if self.stop and finish is None else 0
         text, self.pending = pending[: len(pending) - hold], pending[len(pending) - hold :]
         return text, finish
 

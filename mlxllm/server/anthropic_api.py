@@ -14,9 +14,11 @@ from starlette.concurrency import run_in_threadpool
 
 from ..engine.grammar import Grammar
 from ..engine.requests import Event, Request, SamplingParams
+from ..engine.tool_calls import ToolCall, ToolCallParser
 from ..errors import UserError
 from .prompts import ApiModel, TextPart, chat_prompt, content_text
 from .state import ServerState
+from .tools import ToolPlan, plan_tools, with_tool_grammar
 
 router = APIRouter()
 
@@ -31,17 +33,51 @@ class _Prompt(ApiModel):
     messages: list[Message] = Field(min_length=1)
     system: str | list[TextPart] | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
 
     def chat(self) -> list[dict[str, Any]]:
-        if self.tools:
-            raise UserError("tools are not supported by this server yet")
+        """The conversation as OpenAI-style message dicts: ``tool_use`` blocks become an assistant
+        message's ``tool_calls``, ``tool_result`` blocks become ``tool`` messages."""
         system = content_text([b.model_dump() for b in self.system] if isinstance(self.system, list) else self.system,
                               "system")
         messages = [{"role": "system", "content": system}] if system else []
         for i, m in enumerate(self.messages):
-            content = m.content if isinstance(m.content, str) else [b.model_dump() for b in m.content]
-            messages.append({"role": m.role, "content": content_text(content, f"messages[{i}].content")})
+            if isinstance(m.content, str):
+                messages.append({"role": m.role, "content": m.content})
+                continue
+            blocks = [b.model_dump() for b in m.content]
+            calls = [_openai_call(b) for b in blocks if b.get("type") == "tool_use"]
+            for b in blocks:
+                if b.get("type") == "tool_result":
+                    if not isinstance(b.get("tool_use_id"), str):
+                        raise UserError(f"messages[{i}]: a tool_result block needs the tool_use_id it answers")
+                    messages.append({"role": "tool", "tool_call_id": b.get("tool_use_id"),
+                                     "content": content_text(b.get("content"), f"messages[{i}] tool_result")})
+            texts = [b for b in blocks if b.get("type") not in ("tool_use", "tool_result")]
+            if texts or calls or not blocks:
+                messages.append({"role": m.role, "content": content_text(texts, f"messages[{i}].content"),
+                                 **({"tool_calls": calls} if calls else {})})
         return messages
+
+    def plan(self, tokenizer: Any, override: str | None) -> ToolPlan | None:
+        choice = self.tool_choice or {"type": "auto"}
+        kind = choice.get("type")
+        if kind not in ("auto", "any", "tool", "none") or (kind == "tool" and not isinstance(choice.get("name"), str)):
+            raise UserError('tool_choice must be {"type": "auto" | "any" | "none"} or {"type": "tool", "name": ...}')
+        name = {"auto": "auto", "any": "required", "none": "none"}.get(kind) or choice["name"]
+        return plan_tools(tokenizer, self.tools, name, override)
+
+
+def _openai_call(block: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(block.get("name"), str) or not isinstance(block.get("input", {}), dict):
+        raise UserError("a tool_use block needs a name and an input object")
+    return {"id": block.get("id"), "type": "function",
+            "function": {"name": block["name"], "arguments": block.get("input", {})}}
+
+
+def _tool_use(call: ToolCall) -> dict[str, Any]:
+    return {"type": "tool_use", "id": call.id.replace("call_", "toolu_", 1), "name": call.name,
+            "input": json.loads(call.arguments)}
 
 
 class MessagesRequest(_Prompt):
@@ -98,7 +134,9 @@ def _sse(name: str, data: dict[str, Any]) -> str:
 @router.post("/v1/messages/count_tokens")
 async def count_tokens(body: _Prompt, request: HTTPRequest) -> dict[str, Any]:
     state: ServerState = request.app.state.server
-    ids, _ = await run_in_threadpool(chat_prompt, state.tokenizer(), body.chat(), False)
+    tokenizer = state.tokenizer()
+    plan = body.plan(tokenizer, state.tool_parser)
+    ids, _ = await run_in_threadpool(chat_prompt, tokenizer, body.chat(), False, plan)
     return {"input_tokens": len(ids)}
 
 
@@ -106,45 +144,98 @@ async def count_tokens(body: _Prompt, request: HTTPRequest) -> dict[str, Any]:
 async def messages(body: MessagesRequest, request: HTTPRequest):
     state: ServerState = request.app.state.server
     tokenizer = state.tokenizer()
-    params = body.params()
-    ids, ends = await run_in_threadpool(chat_prompt, tokenizer, body.chat(), not state.trims)
+    plan = body.plan(tokenizer, state.tool_parser)
+    params = with_tool_grammar(body.params(), plan)
+    ids, ends = await run_in_threadpool(chat_prompt, tokenizer, body.chat(), not state.trims, plan)
     req = Request(ids, params, ends, id=f"msg_{uuid.uuid4().hex[:24]}")
     message = {"id": req.id, "type": "message", "role": "assistant", "model": state.model_name}
+    parser = plan.parser() if plan is not None else None
     if body.stream:
-        return _stream(state, req, message)
+        return _stream(state, req, message, parser)
     text, events = await state.complete(req, request)
     last = events[-1] if events else None
     reason, sequence = _stop_reason(last) if last else ("max_tokens", None)
-    return {**message, "content": [{"type": "text", "text": text}], "stop_reason": reason, "stop_sequence": sequence,
+    calls: list[ToolCall] = []
+    if parser is not None:
+        text, calls = parser.push(text)
+        tail, more = parser.finish()
+        text, calls = text + tail, calls + more
+    content = ([{"type": "text", "text": text}] if text or not calls else []) + [_tool_use(c) for c in calls]
+    return {**message, "content": content, "stop_reason": "tool_use" if calls else reason, "stop_sequence": sequence,
             "usage": _usage(len(ids), last.cached_tokens if last else 0, last.generation_tokens if last else 0)}
 
 
-def _stream(state: ServerState, req: Request, message: dict[str, Any]) -> StreamingResponse:
+class _Blocks:
+    """The content-block events of one streamed message: a text block opened when text comes, a
+    ``tool_use`` block (its input as one ``input_json_delta``) for each call."""
+
+    def __init__(self) -> None:
+        self.index, self.text_open, self.calls = 0, False, 0
+
+    def text(self, text: str) -> list[str]:
+        out = []
+        if not self.text_open:
+            out.append(_sse("content_block_start", {"type": "content_block_start", "index": self.index,
+                                                    "content_block": {"type": "text", "text": ""}}))
+            self.text_open = True
+        if text:
+            out.append(_sse("content_block_delta", {"type": "content_block_delta", "index": self.index,
+                                                    "delta": {"type": "text_delta", "text": text}}))
+        return out
+
+    def close(self) -> list[str]:
+        if not self.text_open:
+            return []
+        self.text_open = False
+        self.index += 1
+        return [_sse("content_block_stop", {"type": "content_block_stop", "index": self.index - 1})]
+
+    def call(self, call: ToolCall) -> list[str]:
+        block = {**_tool_use(call), "input": {}}
+        out = self.close() + [
+            _sse("content_block_start", {"type": "content_block_start", "index": self.index, "content_block": block}),
+            _sse("content_block_delta", {"type": "content_block_delta", "index": self.index,
+                                         "delta": {"type": "input_json_delta", "partial_json": call.arguments}}),
+            _sse("content_block_stop", {"type": "content_block_stop", "index": self.index})]
+        self.index, self.calls = self.index + 1, self.calls + 1
+        return out
+
+
+def _stream(state: ServerState, req: Request, message: dict[str, Any], parser: ToolCallParser | None) -> StreamingResponse:
     events = state.worker.open(req)
 
     async def body() -> AsyncIterator[str]:
-        first = None
+        first, blocks = None, _Blocks()
         async for event in events:
             if first is None:  # message_start waits for the first event: it reports the cached tokens
                 first = event
                 start = {**message, "content": [], "stop_reason": None, "stop_sequence": None,
                          "usage": _usage(event.prompt_tokens, event.cached_tokens, 0)}
                 yield _sse("message_start", {"type": "message_start", "message": start})
-                yield _sse("content_block_start", {"type": "content_block_start", "index": 0,
-                                                   "content_block": {"type": "text", "text": ""}})
+                if parser is None:
+                    for line in blocks.text(""):
+                        yield line
                 yield _sse("ping", {"type": "ping"})
             if event.finish_reason == "error":
                 yield _sse("error", {"type": "error", "error": {"type": "api_error",
                                                                 "message": event.error or "generation failed"}})
                 return
-            if event.text:
-                yield _sse("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                                   "delta": {"type": "text_delta", "text": event.text}})
+            text, calls = (event.text, []) if parser is None else parser.push(event.text)
+            if parser is not None and event.finish_reason is not None:
+                tail, more = parser.finish()
+                text, calls = text + tail, calls + more
+            for line in (blocks.text(text) if text else []) + [x for c in calls for x in blocks.call(c)]:
+                yield line
             if event.finish_reason is not None:
                 reason, sequence = _stop_reason(event)
-                yield _sse("content_block_stop", {"type": "content_block_stop", "index": 0})
+                if blocks.index == 0 and not blocks.text_open:  # an empty answer still has its text block
+                    for line in blocks.text(""):
+                        yield line
+                for line in blocks.close():
+                    yield line
                 yield _sse("message_delta", {"type": "message_delta",
-                                             "delta": {"stop_reason": reason, "stop_sequence": sequence},
+                                             "delta": {"stop_reason": "tool_use" if blocks.calls else reason,
+                                                       "stop_sequence": sequence},
                                              "usage": {"output_tokens": event.generation_tokens}})
                 yield _sse("message_stop", {"type": "message_stop"})
 

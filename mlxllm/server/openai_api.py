@@ -15,10 +15,12 @@ from starlette.concurrency import run_in_threadpool
 
 from ..engine.grammar import Grammar
 from ..engine.requests import Event, Request, SamplingParams, TokenLogprob
+from ..engine.tool_calls import ToolCall, ToolCallParser
 from ..errors import UserError
 from .errors import ApiError
 from .prompts import ApiModel, TextPart, chat_prompt, text_prompt
 from .state import ServerState
+from .tools import plan_tools, with_tool_grammar
 
 router = APIRouter()
 
@@ -102,6 +104,19 @@ class ChatRequest(_Generation):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+    def choice(self) -> str:
+        """``tool_choice`` as "auto", "none", "required" or the name of the function it forces."""
+        c = self.tool_choice
+        if c is None or c in ("auto", "none", "required"):
+            return c or "auto"
+        fn = c.get("function") if isinstance(c, dict) and c.get("type") == "function" else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise UserError('tool_choice must be "auto", "none", "required" or {"type": "function", "function": '
+                            '{"name": ...}}')
+        return fn["name"]
 
 
 class CompletionRequest(_Generation):
@@ -112,8 +127,6 @@ class CompletionRequest(_Generation):
 
 
 def _unsupported(body: ChatRequest | CompletionRequest) -> None:
-    if getattr(body, "tools", None):
-        raise UserError("tools are not supported by this server yet")
     if getattr(body, "suffix", None):
         raise UserError("suffix (fill-in-the-middle) is not supported")
 
@@ -127,6 +140,24 @@ def _usage(last: Event | None, prompt_tokens: int) -> dict[str, Any]:
 
 def _finish(event: Event) -> str:
     return {"stop": "stop", "length": "length"}.get(event.finish_reason, "stop")
+
+
+def _call_delta(index: int, call: ToolCall, whole: bool) -> list[dict[str, Any]] | dict[str, Any]:
+    """A call as a message's ``tool_calls`` entry, or (streaming) as its two deltas: name, then arguments."""
+    opening = {"index": index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+    if whole:
+        return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+    return [opening, {"index": index, "function": {"arguments": call.arguments}}]
+
+
+def _split_calls(parser: ToolCallParser | None, text: str) -> tuple[str | None, list[ToolCall]]:
+    """A whole reply as its text (None when it is only calls) and its tool calls."""
+    if parser is None:
+        return text, []
+    head, calls = parser.push(text)
+    tail, more = parser.finish()
+    calls = calls + more
+    return (head + tail) or (None if calls else ""), calls
 
 
 def _token_entry(tokenizer: Any, token: int, logprob: float) -> dict[str, Any]:
@@ -175,35 +206,58 @@ async def chat_completions(body: ChatRequest, request: HTTPRequest):
     _unsupported(body)
     tokenizer = state.tokenizer()
     n_top = (body.top_logprobs or 0) if body.logprobs else None
-    params = body.params(n_top)
+    plan = plan_tools(tokenizer, body.tools, body.choice(), state.tool_parser)
+    params = with_tool_grammar(body.params(n_top), plan)
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
-    ids, ends = await run_in_threadpool(chat_prompt, tokenizer, messages, not state.trims)
+    ids, ends = await run_in_threadpool(chat_prompt, tokenizer, messages, not state.trims, plan)
     req = Request(ids, params, ends, id=f"chatcmpl-{uuid.uuid4().hex}")
     created = int(time.time())
     head = {"id": req.id, "created": created, "model": state.model_name, "system_fingerprint": state.fingerprint}
+    parser = plan.parser() if plan is not None else None
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream(state, req, lambda e: _chat_chunks(head, e, tokenizer), usage, len(ids), head,
+        return _stream(state, req, _chat_chunks(head, tokenizer, parser), usage, len(ids), head,
                        "chat.completion.chunk")
     text, events = await state.complete(req, request)
     records = [r for e in events for r in (e.logprobs or [])]
     last = events[-1] if events else None
-    choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+    content, calls = _split_calls(parser, text)
+    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+    if calls:
+        message["tool_calls"] = [_call_delta(i, c, whole=True) for i, c in enumerate(calls)]
+    choice = {"index": 0, "message": message,
               "logprobs": _chat_logprobs(tokenizer, records) if n_top is not None else None,
-              "finish_reason": _finish(last) if last else "length"}
+              "finish_reason": "tool_calls" if calls else _finish(last) if last else "length"}
     return {**head, "object": "chat.completion", "choices": [choice], "usage": _usage(last, len(ids))}
 
 
-def _chat_chunks(head: dict[str, Any], event: Event | None, tokenizer: Any) -> dict[str, Any]:
-    """One chunk: the opening one (``event`` None: the role), then the text and logprobs of each event."""
-    if event is None:
-        delta, logprobs, finish = {"role": "assistant", "content": ""}, None, None
-    else:
-        delta = {"content": event.text} if event.text else {}
+def _chat_chunks(head: dict[str, Any], tokenizer: Any, parser: ToolCallParser | None):
+    """The chunks for each event: the opening one (``event`` None: the role), then its text and
+    logprobs; with tools, text and calls as the parser separates them, the calls as ``tool_calls`` deltas."""
+
+    def chunk(delta: dict[str, Any], logprobs: dict[str, Any] | None = None, finish: str | None = None) -> dict[str, Any]:
+        return {**head, "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+
+    def chunks(event: Event | None) -> list[dict[str, Any]]:
+        if event is None:
+            return [chunk({"role": "assistant", "content": ""})]
         logprobs = _chat_logprobs(tokenizer, event.logprobs) if event.logprobs else None
         finish = _finish(event) if event.finish_reason else None
-    return {**head, "object": "chat.completion.chunk",
-            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+        if parser is None:
+            return [chunk({"content": event.text} if event.text else {}, logprobs, finish)]
+        text, calls = parser.push(event.text)
+        if finish is not None:
+            tail, more = parser.finish()
+            text, calls = text + tail, calls + more
+        out = [chunk({"content": text}, logprobs)] if text or logprobs else []
+        first = parser.calls - len(calls)
+        out += [chunk({"tool_calls": [d]}) for i, c in enumerate(calls) for d in _call_delta(first + i, c, whole=False)]
+        if finish is not None:
+            out.append(chunk({}, None, "tool_calls" if parser.calls else finish))
+        return out
+
+    return chunks
 
 
 @router.post("/v1/completions")
@@ -227,17 +281,17 @@ async def completions(body: CompletionRequest, request: HTTPRequest):
         usage = bool(body.stream_options and body.stream_options.include_usage)
         offset = [len(echo)]
 
-        def chunk(event: Event | None) -> dict[str, Any] | None:
+        def chunk(event: Event | None) -> list[dict[str, Any]]:
             if event is None:
                 if not echo:
-                    return None
+                    return []
                 text, logprobs, finish = echo, None, None
             else:
                 text, finish = event.text, _finish(event) if event.finish_reason else None
                 logprobs = _completion_logprobs(tokenizer, event.logprobs, offset[0]) if event.logprobs else None
                 offset[0] += len(text)
-            return {**head, "object": "text_completion",
-                    "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+            return [{**head, "object": "text_completion",
+                     "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]}]
 
         return _stream(state, req, chunk, usage, len(ids), head, "text_completion")
     text, events = await state.complete(req, request)
@@ -251,15 +305,14 @@ async def completions(body: CompletionRequest, request: HTTPRequest):
 
 def _stream(state: ServerState, req: Request, chunk, include_usage: bool, n_prompt: int,
             head: dict[str, Any], kind: str) -> StreamingResponse:
-    """SSE: the opening chunk, one chunk per event, the usage chunk if asked, then ``[DONE]``. The
+    """SSE: the opening chunks, the chunks of each event (``chunk`` gives a list for each), the usage chunk if asked, then ``[DONE]``. The
     request is admitted before the response starts, so a full queue or a bad prompt is still a
     plain HTTP error."""
     events = state.worker.open(req)  # the response watches for the client leaving
 
     async def body() -> AsyncIterator[str]:
         last = None
-        opening = chunk(None)
-        if opening is not None:
+        for opening in chunk(None):
             yield _sse(opening)
         async for event in events:
             last = event
@@ -268,7 +321,8 @@ def _stream(state: ServerState, req: Request, chunk, include_usage: bool, n_prom
                                       "param": None, "code": None}})
                 return
             if event.text or event.logprobs or event.finish_reason:
-                yield _sse(chunk(event))
+                for piece in chunk(event):
+                    yield _sse(piece)
         if include_usage:
             yield _sse({**head, "object": kind, "choices": [], "usage": _usage(last, n_prompt)})
         yield "data: [DONE]\n\n"

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ..engine.stream import prompt_ids
 from ..errors import UserError
+from .tools import ToolPlan, conversation
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -57,20 +58,22 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def chat_prompt(tokenizer: Any, messages: list[dict[str, Any]], boundaries: bool) -> tuple[list[int], tuple[int, ...]]:
-    """Token ids of ``messages`` through the chat template with the assistant's turn opened, and (when
-    ``boundaries``) the prompt lengths at which each leading run of whole messages ends."""
+def chat_prompt(tokenizer: Any, messages: list[dict[str, Any]], boundaries: bool,
+                tools: ToolPlan | None = None) -> tuple[list[int], tuple[int, ...]]:
+    """Token ids of ``messages`` (and ``tools``) through the chat template with the assistant's turn
+    opened, and (when ``boundaries``) the prompt lengths at which each leading run of whole messages ends."""
     if not messages:
         raise UserError("messages must not be empty")
     if not tokenizer.has_chat_template:
         raise UserError("this model has no chat template; use /v1/completions with a plain prompt")
-    messages = template_messages(messages)
-    ids = prompt_ids(tokenizer, tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    messages = conversation(template_messages(messages), tools)
+    extra = tools.template_kwargs() if tools is not None else {}
+    ids = prompt_ids(tokenizer, tokenizer.apply_chat_template(messages, add_generation_prompt=True, **extra))
     ends: list[int] = []
     if boundaries:
         for k in range(1, len(messages)):
             try:
-                head = tokenizer.apply_chat_template(messages[:k], add_generation_prompt=False)
+                head = tokenizer.apply_chat_template(messages[:k], add_generation_prompt=False, **extra)
             except Exception:  # noqa: BLE001  (templates may insist on a particular last role)
                 continue
             part = prompt_ids(tokenizer, head)

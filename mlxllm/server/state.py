@@ -18,6 +18,7 @@ class ServerState:
     worker: Worker
     model_name: str
     fingerprint: str = ""
+    tool_parser: str | None = None  # --tool-parser; None: chosen from the chat template
     created: int = field(default_factory=lambda: int(time.time()))
 
     def tokenizer(self) -> Any:
