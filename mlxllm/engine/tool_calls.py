@@ -30,7 +30,7 @@ from .grammar import JSON_OPTIONS, Grammar
 from .stream import held_tail
 
 TOOL_FORMATS = ("hermes", "llama3", "mistral", "json")
-_MARKERS = {"hermes": "<tool_call>", "llama3": "<|python_tag|>", "mistral": "[TOOL_CALLS]"}
+MARKERS = {"hermes": "<tool_call>", "llama3": "<|python_tag|>", "mistral": "[TOOL_CALLS]"}
 
 
 @dataclass
@@ -46,7 +46,7 @@ def tool_format(template: str | None) -> str:
     """The format a chat template's model writes calls in (``json`` when the template shows none)."""
     source = template or ""
     for name in ("hermes", "mistral", "llama3"):
-        if _MARKERS[name] in source:
+        if MARKERS[name] in source:
             return name
     if "parameters" in source and "<|eot_id|>" in source and "tools" in source:
         return "llama3"
@@ -83,9 +83,11 @@ def fallback_instructions(tools: list[dict[str, Any]]) -> str:
             '{"name": <tool name>, "arguments": <arguments object>} and nothing else.')
 
 
-def call_grammar(tools: list[dict[str, Any]], fmt: str, name: str | None = None) -> Grammar:
+def call_grammar(tools: list[dict[str, Any]], fmt: str, name: str | None = None, marker_id: int | None = None) -> Grammar:
     """A grammar for exactly one call in ``fmt`` to ``name`` (or to any of ``tools``), its arguments
-    valid under that function's parameter schema."""
+    valid under that function's parameter schema; ``marker_id``: the id of a format's opening marker
+    when the vocabulary holds it as one control token (Mistral's ``[TOOL_CALLS]``), which is then
+    what opens the call."""
     chosen = [t for t in tools if name is None or t["name"] == name]
     if not chosen:
         raise UserError(f"tool_choice names {name!r}, which is not among the tools")
@@ -97,7 +99,8 @@ def call_grammar(tools: list[dict[str, Any]], fmt: str, name: str | None = None)
     if fmt == "hermes":
         return Grammar.cfg('start: "<tool_call>\\n" call "\\n</tool_call>"\n' + body)
     if fmt == "mistral":
-        return Grammar.cfg('start: "[TOOL_CALLS][" call "]"\n' + body)
+        opening = f"<[{marker_id}]>" if marker_id is not None else '"[TOOL_CALLS]"'
+        return Grammar.cfg(f'start: {opening} "[" call "]"\n' + body)
     return Grammar.cfg("start: call\n" + body)
 
 
@@ -180,7 +183,7 @@ class ToolCallParser:
         held, self._held = self._held, ""
         if not self._inside:
             return held, []
-        payload, marker = held.strip(), _MARKERS.get(self.fmt, "")
+        payload, marker = held.strip(), MARKERS.get(self.fmt, "")
         if self.fmt != "hermes" and marker and payload.startswith(marker):
             payload = payload[len(marker):]
         calls = _mistral_calls(payload.strip()) if self.fmt == "mistral" else _calls(payload)
@@ -222,7 +225,7 @@ class ToolCallParser:
             stripped = self._held.lstrip()
             if not stripped:
                 return "", []
-            marker = _MARKERS.get(self.fmt)
+            marker = MARKERS.get(self.fmt)
             opens = ("{", "[", "```") + ((marker,) if marker else ())
             if any(stripped.startswith(o) or o.startswith(stripped) for o in opens):
                 if not any(stripped.startswith(o) for o in opens):
@@ -231,11 +234,11 @@ class ToolCallParser:
                 return "", []
             self._started = True
         if self.fmt == "mistral":  # a call may follow text
-            at = self._held.find(_MARKERS["mistral"])
+            at = self._held.find(MARKERS["mistral"])
             if at >= 0:
                 out, self._held, self._inside = self._held[:at], self._held[at:], True
                 return out, []
-            keep = held_tail(self._held, (_MARKERS["mistral"],))
+            keep = held_tail(self._held, (MARKERS["mistral"],))
             out, self._held = self._held[: len(self._held) - keep], self._held[len(self._held) - keep:]
             return out, []
         out, self._held = self._held, ""

@@ -18,8 +18,8 @@ from typing import Any
 
 from ..engine.grammar import Grammar
 from ..engine.requests import SamplingParams
-from ..engine.tool_calls import (ToolCallParser, call_grammar, check_tools, fallback_instructions, template_tools,
-                                 tool_format)
+from ..engine.tool_calls import (MARKERS, ToolCallParser, call_grammar, check_tools, fallback_instructions,
+                                 template_tools, tool_format)
 from ..errors import UserError
 
 
@@ -37,12 +37,13 @@ class ToolPlan:
     fmt: str
     native: bool  # the chat template renders the tools (else the system prompt describes them)
     choice: str = "auto"
+    marker_id: int | None = None  # the format's opening marker, where it is one control token
 
     def grammar(self) -> Grammar | None:
         """The call ``choice`` forces, if it forces one."""
         if self.choice in ("auto", "none"):
             return None
-        return call_grammar(self.tools, self.fmt, None if self.choice == "required" else self.choice)
+        return call_grammar(self.tools, self.fmt, None if self.choice == "required" else self.choice, self.marker_id)
 
     def parser(self) -> ToolCallParser | None:
         return None if self.choice == "none" else ToolCallParser(self.fmt)
@@ -60,7 +61,9 @@ def plan_tools(tokenizer: Any, tools: list[dict[str, Any]] | None, choice: str, 
         return None
     native = renders_tools(tokenizer)
     fmt = override or (tool_format(tokenizer.chat_template) if native else "json")
-    plan = ToolPlan(check_tools(tools), fmt, native, choice)
+    marker = tokenizer.encode(MARKERS[fmt], add_special_tokens=False) if fmt in MARKERS else []
+    marker_id = marker[0] if len(marker) == 1 and marker[0] in tokenizer.control_token_ids else None
+    plan = ToolPlan(check_tools(tools), fmt, native, choice, marker_id)
     if choice not in ("auto", "none", "required") and choice not in {t["name"] for t in plan.tools}:
         raise UserError(f"tool_choice names {choice!r}, which is not among the tools")
     return plan
