@@ -60,13 +60,15 @@ class Size(click.ParamType):
               help="A Jinja chat template file to use instead of the model's.")
 @click.option("--tool-parser", default=None, metavar="FORMAT",
               help="How the model writes tool calls: hermes, llama3, mistral or json (default: from the chat template).")
+@click.option("--reasoning-budget", type=click.IntRange(min=0), default=None,
+              help="Thinking tokens a reply of a reasoning model may take before its thought is closed (default: no cap).")
 @click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="Seconds in-flight requests get to finish after SIGTERM.")
 @click.option("--max-body-bytes", type=Size(), default="4MiB", show_default=True, help="Largest request body accepted.")
 @verbose_option(help="Debug logging.")
 def serve_command(model_spec, compute, adapter_path, host, port, model_name, max_batch, max_step_tokens, prefill_share,
                   max_queue, max_memory, prompt_cache_bytes, prompt_cache_dir, kv, api_key, cors_origins, chat_template,
-                  tool_parser, shutdown_timeout, max_body_bytes, verbose) -> None:
+                  tool_parser, reasoning_budget, shutdown_timeout, max_body_bytes, verbose) -> None:
     """Serve a model over HTTP: OpenAI (/v1/chat/completions, /v1/completions, /v1/models) and
     Anthropic (/v1/messages) APIs with continuous batching and a prefix cache."""
     from ..server.launch import ServeOptions, run_server
@@ -92,5 +94,6 @@ def serve_command(model_spec, compute, adapter_path, host, port, model_name, max
         max_batch=max_batch, max_step_tokens=max_step_tokens, prefill_share=prefill_share, max_queue=max_queue,
         max_memory=max_memory,
         prompt_cache_bytes=prompt_cache_bytes, prompt_cache_dir=prompt_cache_dir, kv=kv, api_key=api_key,
-        cors_origins=tuple(cors_origins), chat_template=template, tool_parser=tool_parser, shutdown_timeout=shutdown_timeout,
+        cors_origins=tuple(cors_origins), chat_template=template, tool_parser=tool_parser, reasoning_budget=reasoning_budget,
+        shutdown_timeout=shutdown_timeout,
         max_body_bytes=max_body_bytes, log_level="DEBUG" if verbose else "INFO"))

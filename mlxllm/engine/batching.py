@@ -288,7 +288,8 @@ class BatchEngine:
             return []
         self._prefilling.popleft()
         logits = self.model.head(last)
-        token, logprobs = seq.pick(seq.constraint.apply(logits) if seq.constraint is not None else logits)
+        allowed = seq.allowed()
+        token, logprobs = seq.pick(logits if allowed is None else mx.where(mx.array(allowed), logits, -mx.inf))
         mx.eval(token, logprobs, [c.state for c in seq.cache])
         if self.prefix_cache is not None:  # the prompt, for requests that share it and arrive meanwhile
             self.prefix_cache.insert(seq.ids, [c.copy() for c in seq.cache])
@@ -305,11 +306,13 @@ class BatchEngine:
     def _sample_rows(self, logits: mx.array) -> tuple[mx.array, list]:
         """The running rows' next tokens from ``logits [rows, vocab]`` (queued, not yet evaluated)."""
         seqs = self._running
-        if any(s.constraint is not None for s in seqs):
-            mx.async_eval(logits)  # the device computes these while the grammar masks are computed
-            free = np.ones(logits.shape[-1], dtype=bool)
-            allowed = np.stack([s.constraint.allowed() if s.constraint is not None else free for s in seqs])
-            logits = mx.where(mx.array(allowed), logits, -mx.inf)
+        if any(s.constraint is not None or s.budget is not None for s in seqs):
+            mx.async_eval(logits)  # the device computes these while the masks are computed
+            masks = [s.allowed() for s in seqs]
+            if any(m is not None for m in masks):
+                free = np.ones(logits.shape[-1], dtype=bool)
+                allowed = np.stack([free if m is None else m for m in masks])
+                logits = mx.where(mx.array(allowed), logits, -mx.inf)
         if all(s.plain for s in seqs):
             tokens, logprobs = mx.argmax(logits, axis=-1), [None] * len(seqs)
         else:
@@ -327,10 +330,7 @@ class BatchEngine:
     def _emit(self, seq: SequenceState, token: int, logprobs: mx.array | None) -> bool:
         """Record ``token``, send its event; whether the sequence goes on."""
         seq.generated.append(token)
-        complete = False
-        if seq.constraint is not None:
-            seq.constraint.consume(token)
-            complete = seq.constraint.complete
+        complete = seq.advance(token)
         text, finish = seq.text.push(token, len(seq.generated) >= seq.max_tokens, complete)
         ttft = None
         if seq.first_token_at is None:

@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import mlx.core as mx
+import numpy as np
 
 from ..errors import UserError
 from .grammar import Constraint, Grammar
+from .reasoning import Reasoning, ThinkingBudget
 from .sample import apply_processors, check_sampling, make_distribution, make_logits_processors
 from .stream import TextStream
 
@@ -38,6 +40,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; n >= 0: the chosen token's log-probability and the n most likely
     ignore_eos: bool = False  # generate through end-of-sequence tokens up to max_tokens (benchmarks)
     grammar: Grammar | None = None  # constrained decoding: the text must match it, and ends where it does
+    reasoning: Reasoning | None = None  # a thinking model's markers; with a budget, long thoughts are closed
 
     def check(self) -> None:
         check_sampling(self.temp, self.top_p, self.top_k, self.min_p, self.repetition_penalty, seed=self.seed,
@@ -47,6 +50,9 @@ class SamplingParams:
             raise UserError(f"max_tokens must be >= 0, got {self.max_tokens}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise UserError(f"top_logprobs must be from 0 to 20, got {self.logprobs}")
+        budget = self.reasoning.budget if self.reasoning is not None else None
+        if budget is not None and (budget < 0 or self.grammar is not None):
+            raise UserError("a reasoning budget must be >= 0, and cannot be combined with a grammar yet")
 
 
 @dataclass
@@ -98,6 +104,9 @@ class SequenceState:
         params = request.params
         # compiled here, on the submitting thread: a grammar no text satisfies is refused before it queues
         self.constraint = Constraint(params.grammar, tokenizer, vocab_size) if params.grammar is not None else None
+        thinking = params.reasoning
+        self.budget = ThinkingBudget(thinking) if thinking is not None and thinking.budget is not None else None
+        self.vocab_size = vocab_size or tokenizer.vocab_size
         self.ids = request.prompt
         self.cache: list | None = None  # per-sequence caches while the prompt is read
         self.fed = 0  # prompt positions in the cache
@@ -117,6 +126,25 @@ class SequenceState:
     def plain(self) -> bool:
         """Greedy with nothing to adjust or report: the whole batch can share one argmax."""
         return self.distribution is None and not self.processors and self.request.params.logprobs is None
+
+    def allowed(self) -> np.ndarray | None:
+        """The ids that may come next (boolean ``[vocab]``) when something narrows them: the closing
+        marker of a thought past its budget, or the grammar; None when any id may."""
+        forced = self.budget.forced() if self.budget is not None else None
+        if forced is not None:
+            only = np.zeros(self.vocab_size, dtype=bool)
+            only[forced] = True
+            return only
+        return self.constraint.allowed() if self.constraint is not None else None
+
+    def advance(self, token: int) -> bool:
+        """Follow ``token`` in the grammar and the thought; whether the grammar is now complete."""
+        if self.budget is not None:
+            self.budget.push(token)
+        if self.constraint is None:
+            return False
+        self.constraint.consume(token)
+        return self.constraint.complete
 
     def pick(self, logits: mx.array) -> tuple[mx.array, mx.array | None]:
         """The next token for ``logits [1, V]`` (already masked by the grammar, if any; and the

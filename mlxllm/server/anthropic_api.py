@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from typing import Any, AsyncIterator, Literal
@@ -14,9 +15,10 @@ from starlette.concurrency import run_in_threadpool
 
 from ..engine.grammar import Grammar
 from ..engine.requests import Event, Request, SamplingParams
-from ..engine.tool_calls import ToolCall, ToolCallParser
+from ..engine.tool_calls import ToolCall
 from ..errors import UserError
 from .prompts import ApiModel, TextPart, chat_prompt, content_text
+from .replies import ReplySplitter, prompt_reasoning
 from .state import ServerState
 from .tools import ToolPlan, plan_tools, with_tool_grammar
 
@@ -88,6 +90,7 @@ class MessagesRequest(_Prompt):
     top_k: int | None = Field(default=None, ge=0)
     stream: bool = False
     metadata: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None  # {"type": "enabled", "budget_tokens": N} or {"type": "disabled"}
     output_config: dict[str, Any] | None = None  # structured outputs: {"format": {"type": "json_schema", ...}}
     output_format: dict[str, Any] | None = None  # the same, as the beta API spelled it
 
@@ -99,6 +102,18 @@ class MessagesRequest(_Prompt):
                                 grammar=self.constraint())
         params.check()
         return params
+
+    def thinking_budget(self, default: int | None) -> int | None:
+        """Thinking tokens this reply may take: ``budget_tokens`` when enabled, none when disabled."""
+        kind = (self.thinking or {}).get("type")
+        if kind is None or kind == "adaptive":
+            return default
+        if kind == "disabled":
+            return 0
+        budget = self.thinking.get("budget_tokens") if self.thinking else None
+        if kind != "enabled" or not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
+            raise UserError('thinking must be {"type": "enabled", "budget_tokens": N} or {"type": "disabled"}')
+        return budget
 
     def constraint(self) -> Grammar | None:
         """The JSON schema structured outputs ask for (``output_config.format`` or ``output_format``)."""
@@ -147,46 +162,48 @@ async def messages(body: MessagesRequest, request: HTTPRequest):
     plan = body.plan(tokenizer, state.tool_parser)
     params = with_tool_grammar(body.params(), plan)
     ids, ends = await run_in_threadpool(chat_prompt, tokenizer, body.chat(), not state.trims, plan)
-    req = Request(ids, params, ends, id=f"msg_{uuid.uuid4().hex[:24]}")
+    reasoning = prompt_reasoning(tokenizer, ids, body.thinking_budget(state.reasoning_budget))
+    req = Request(ids, dataclasses.replace(params, reasoning=reasoning), ends, id=f"msg_{uuid.uuid4().hex[:24]}")
     message = {"id": req.id, "type": "message", "role": "assistant", "model": state.model_name}
-    parser = plan.parser() if plan is not None else None
+    split = ReplySplitter(reasoning, plan.parser() if plan is not None else None)
     if body.stream:
-        return _stream(state, req, message, parser)
+        return _stream(state, req, message, split)
     text, events = await state.complete(req, request)
     last = events[-1] if events else None
     reason, sequence = _stop_reason(last) if last else ("max_tokens", None)
-    calls: list[ToolCall] = []
-    if parser is not None:
-        text, calls = parser.push(text)
-        tail, more = parser.finish()
-        text, calls = text + tail, calls + more
-    content = ([{"type": "text", "text": text}] if text or not calls else []) + [_tool_use(c) for c in calls]
+    thought, text, calls = split.push(text, last=True)
+    content = [{"type": "thinking", "thinking": thought, "signature": ""}] if thought else []
+    content += ([{"type": "text", "text": text}] if text or not calls else []) + [_tool_use(c) for c in calls]
     return {**message, "content": content, "stop_reason": "tool_use" if calls else reason, "stop_sequence": sequence,
             "usage": _usage(len(ids), last.cached_tokens if last else 0, last.generation_tokens if last else 0)}
 
 
 class _Blocks:
-    """The content-block events of one streamed message: a text block opened when text comes, a
-    ``tool_use`` block (its input as one ``input_json_delta``) for each call."""
+    """The content-block events of one streamed message: a thinking block and a text block, each
+    opened when its text comes, and a ``tool_use`` block (its input as one ``input_json_delta``) for
+    each call."""
 
     def __init__(self) -> None:
-        self.index, self.text_open, self.calls = 0, False, 0
+        self.index, self.open, self.calls = 0, None, 0  # open: the kind of the block being written
 
-    def text(self, text: str) -> list[str]:
+    def text(self, text: str, kind: str = "text") -> list[str]:
         out = []
-        if not self.text_open:
-            out.append(_sse("content_block_start", {"type": "content_block_start", "index": self.index,
-                                                    "content_block": {"type": "text", "text": ""}}))
-            self.text_open = True
+        if self.open != kind:
+            out = self.close() + [_sse("content_block_start", {
+                "type": "content_block_start", "index": self.index,
+                "content_block": {"type": "text", "text": ""} if kind == "text" else
+                {"type": "thinking", "thinking": "", "signature": ""}})]
+            self.open = kind
         if text:
-            out.append(_sse("content_block_delta", {"type": "content_block_delta", "index": self.index,
-                                                    "delta": {"type": "text_delta", "text": text}}))
+            delta = {"type": "text_delta", "text": text} if kind == "text" else {"type": "thinking_delta",
+                                                                                  "thinking": text}
+            out.append(_sse("content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta}))
         return out
 
     def close(self) -> list[str]:
-        if not self.text_open:
+        if self.open is None:
             return []
-        self.text_open = False
+        self.open = None
         self.index += 1
         return [_sse("content_block_stop", {"type": "content_block_stop", "index": self.index - 1})]
 
@@ -201,7 +218,7 @@ class _Blocks:
         return out
 
 
-def _stream(state: ServerState, req: Request, message: dict[str, Any], parser: ToolCallParser | None) -> StreamingResponse:
+def _stream(state: ServerState, req: Request, message: dict[str, Any], split: ReplySplitter) -> StreamingResponse:
     events = state.worker.open(req)
 
     async def body() -> AsyncIterator[str]:
@@ -212,7 +229,7 @@ def _stream(state: ServerState, req: Request, message: dict[str, Any], parser: T
                 start = {**message, "content": [], "stop_reason": None, "stop_sequence": None,
                          "usage": _usage(event.prompt_tokens, event.cached_tokens, 0)}
                 yield _sse("message_start", {"type": "message_start", "message": start})
-                if parser is None:
+                if split.thoughts is None and split.tools is None:
                     for line in blocks.text(""):
                         yield line
                 yield _sse("ping", {"type": "ping"})
@@ -220,15 +237,13 @@ def _stream(state: ServerState, req: Request, message: dict[str, Any], parser: T
                 yield _sse("error", {"type": "error", "error": {"type": "api_error",
                                                                 "message": event.error or "generation failed"}})
                 return
-            text, calls = (event.text, []) if parser is None else parser.push(event.text)
-            if parser is not None and event.finish_reason is not None:
-                tail, more = parser.finish()
-                text, calls = text + tail, calls + more
-            for line in (blocks.text(text) if text else []) + [x for c in calls for x in blocks.call(c)]:
+            thought, text, calls = split.push(event.text, last=event.finish_reason is not None)
+            lines = (blocks.text(thought, "thinking") if thought else []) + (blocks.text(text) if text else [])
+            for line in lines + [x for c in calls for x in blocks.call(c)]:
                 yield line
             if event.finish_reason is not None:
                 reason, sequence = _stop_reason(event)
-                if blocks.index == 0 and not blocks.text_open:  # an empty answer still has its text block
+                if blocks.index == 0 and blocks.open is None:  # an empty answer still has its text block
                     for line in blocks.text(""):
                         yield line
                 for line in blocks.close():

@@ -47,6 +47,7 @@ class ServeOptions:
     cors_origins: tuple[str, ...] = ()
     chat_template: tuple[str, str] | None = None  # (template source, the file it came from)
     tool_parser: str | None = None  # None: the tool-call format the chat template shows
+    reasoning_budget: int | None = None  # thinking tokens a reply may take (None: no cap)
     shutdown_timeout: float = 30.0
     max_body_bytes: int = 4 << 20
     log_level: str = "INFO"
@@ -100,7 +101,7 @@ def run_server(opts: ServeOptions) -> None:
     metrics = Metrics()
     worker = Worker(lambda: load_engine(opts), metrics, on_load_failure=lambda: setattr(server, "should_exit", True))
     name = model_name(opts)
-    state = ServerState(worker, name, tool_parser=opts.tool_parser)
+    state = ServerState(worker, name, tool_parser=opts.tool_parser, reasoning_budget=opts.reasoning_budget)
     app = create_app(state, api_key=opts.api_key, cors_origins=opts.cors_origins, max_body_bytes=opts.max_body_bytes)
     config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=opts.shutdown_timeout, timeout_keep_alive=5,

@@ -3,6 +3,7 @@ request fields, response objects, SSE chunks and usage."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -15,10 +16,11 @@ from starlette.concurrency import run_in_threadpool
 
 from ..engine.grammar import Grammar
 from ..engine.requests import Event, Request, SamplingParams, TokenLogprob
-from ..engine.tool_calls import ToolCall, ToolCallParser
+from ..engine.tool_calls import ToolCall
 from ..errors import UserError
 from .errors import ApiError
 from .prompts import ApiModel, TextPart, chat_prompt, text_prompt
+from .replies import ReplySplitter, prompt_reasoning
 from .state import ServerState
 from .tools import plan_tools, with_tool_grammar
 
@@ -150,14 +152,6 @@ def _call_delta(index: int, call: ToolCall, whole: bool) -> list[dict[str, Any]]
     return [opening, {"index": index, "function": {"arguments": call.arguments}}]
 
 
-def _split_calls(parser: ToolCallParser | None, text: str) -> tuple[str | None, list[ToolCall]]:
-    """A whole reply as its text (None when it is only calls) and its tool calls."""
-    if parser is None:
-        return text, []
-    head, calls = parser.push(text)
-    tail, more = parser.finish()
-    calls = calls + more
-    return (head + tail) or (None if calls else ""), calls
 
 
 def _token_entry(tokenizer: Any, token: int, logprob: float) -> dict[str, Any]:
@@ -210,19 +204,22 @@ async def chat_completions(body: ChatRequest, request: HTTPRequest):
     params = with_tool_grammar(body.params(n_top), plan)
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
     ids, ends = await run_in_threadpool(chat_prompt, tokenizer, messages, not state.trims, plan)
+    params = dataclasses.replace(params, reasoning=prompt_reasoning(tokenizer, ids, state.reasoning_budget))
     req = Request(ids, params, ends, id=f"chatcmpl-{uuid.uuid4().hex}")
     created = int(time.time())
     head = {"id": req.id, "created": created, "model": state.model_name, "system_fingerprint": state.fingerprint}
-    parser = plan.parser() if plan is not None else None
+    split = ReplySplitter(params.reasoning, plan.parser() if plan is not None else None)
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream(state, req, _chat_chunks(head, tokenizer, parser), usage, len(ids), head,
+        return _stream(state, req, _chat_chunks(head, tokenizer, split), usage, len(ids), head,
                        "chat.completion.chunk")
     text, events = await state.complete(req, request)
     records = [r for e in events for r in (e.logprobs or [])]
     last = events[-1] if events else None
-    content, calls = _split_calls(parser, text)
-    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+    thought, answer, calls = split.push(text, last=True)
+    message: dict[str, Any] = {"role": "assistant", "content": answer or (None if calls else ""), "refusal": None}
+    if split.thoughts is not None:
+        message["reasoning_content"] = thought
     if calls:
         message["tool_calls"] = [_call_delta(i, c, whole=True) for i, c in enumerate(calls)]
     choice = {"index": 0, "message": message,
@@ -231,9 +228,9 @@ async def chat_completions(body: ChatRequest, request: HTTPRequest):
     return {**head, "object": "chat.completion", "choices": [choice], "usage": _usage(last, len(ids))}
 
 
-def _chat_chunks(head: dict[str, Any], tokenizer: Any, parser: ToolCallParser | None):
+def _chat_chunks(head: dict[str, Any], tokenizer: Any, split: ReplySplitter):
     """The chunks for each event: the opening one (``event`` None: the role), then its text and
-    logprobs; with tools, text and calls as the parser separates them, the calls as ``tool_calls`` deltas."""
+    logprobs; a thought as ``reasoning_content``, calls as ``tool_calls`` deltas."""
 
     def chunk(delta: dict[str, Any], logprobs: dict[str, Any] | None = None, finish: str | None = None) -> dict[str, Any]:
         return {**head, "object": "chat.completion.chunk",
@@ -244,17 +241,15 @@ def _chat_chunks(head: dict[str, Any], tokenizer: Any, parser: ToolCallParser | 
             return [chunk({"role": "assistant", "content": ""})]
         logprobs = _chat_logprobs(tokenizer, event.logprobs) if event.logprobs else None
         finish = _finish(event) if event.finish_reason else None
-        if parser is None:
+        if split.thoughts is None and split.tools is None:
             return [chunk({"content": event.text} if event.text else {}, logprobs, finish)]
-        text, calls = parser.push(event.text)
-        if finish is not None:
-            tail, more = parser.finish()
-            text, calls = text + tail, calls + more
-        out = [chunk({"content": text}, logprobs)] if text or logprobs else []
-        first = parser.calls - len(calls)
+        thought, text, calls = split.push(event.text, last=finish is not None)
+        out = [chunk({"reasoning_content": thought})] if thought else []
+        out += [chunk({"content": text}, logprobs)] if text or logprobs else []
+        first = split.calls - len(calls)
         out += [chunk({"tool_calls": [d]}) for i, c in enumerate(calls) for d in _call_delta(first + i, c, whole=False)]
         if finish is not None:
-            out.append(chunk({}, None, "tool_calls" if parser.calls else finish))
+            out.append(chunk({}, None, "tool_calls" if split.calls else finish))
         return out
 
     return chunks

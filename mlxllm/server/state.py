@@ -19,6 +19,7 @@ class ServerState:
     model_name: str
     fingerprint: str = ""
     tool_parser: str | None = None  # --tool-parser; None: chosen from the chat template
+    reasoning_budget: int | None = None  # --reasoning-budget: thinking tokens a reply may take (None: no cap)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def tokenizer(self) -> Any:

@@ -1,0 +1,42 @@
+"""A reply's parts as both APIs report them: the model's thought (``<think>...</think>``), its answer
+text, and the tool calls in that answer, separated piece by piece as the text streams in."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..engine.reasoning import Reasoning, ReasoningParser, reasoning_for
+from ..engine.tool_calls import ToolCall, ToolCallParser
+
+
+def prompt_reasoning(tokenizer: Any, ids: list[int], budget: int | None) -> Reasoning | None:
+    """The thinking markers of a chat prompt's model (None if its template has none), and whether the
+    prompt (its last tokens) already opened a thought."""
+    return reasoning_for(tokenizer, tokenizer.decode(ids[-16:]), budget)
+
+
+class ReplySplitter:
+    """Text in; ``(thought, answer, calls)`` out. Without a reasoning model everything is answer;
+    without tools the answer holds no calls."""
+
+    def __init__(self, reasoning: Reasoning | None, tools: ToolCallParser | None) -> None:
+        self.thoughts = ReasoningParser(reasoning.open) if reasoning is not None else None
+        self.tools = tools
+
+    @property
+    def calls(self) -> int:
+        return self.tools.calls if self.tools is not None else 0
+
+    def push(self, text: str, last: bool = False) -> tuple[str, str, list[ToolCall]]:
+        """The parts ``text`` completes (``last``: generation is over, flush what is held)."""
+        thought, answer = self.thoughts.push(text) if self.thoughts is not None else ("", text)
+        if last and self.thoughts is not None:
+            more_thought, more_answer = self.thoughts.finish()
+            thought, answer = thought + more_thought, answer + more_answer
+        if self.tools is None:
+            return thought, answer, []
+        answer, calls = self.tools.push(answer)
+        if last:
+            tail, more = self.tools.finish()
+            answer, calls = answer + tail, calls + more
+        return thought, answer, calls

@@ -1,0 +1,81 @@
+"""Reasoning models through the server: a tiny random model whose template opens a thought
+(``<think>``, as DeepSeek-R1's does) has its thought split from its answer in both APIs, whole and
+streamed, and ``--reasoning-budget`` / Anthropic's ``budget_tokens`` close the thought after exactly
+that many tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import ServerProcess
+from mlxllm.engine.reasoning import ReasoningParser, ThinkingBudget, Reasoning
+
+openai = pytest.importorskip("openai")
+anthropic = pytest.importorskip("anthropic")
+
+ASK = [{"role": "user", "content": "What is 2 + 2?"}]
+BUDGET = 5
+
+
+@pytest.fixture(scope="module")
+def server(tiny_chat_dir):
+    template = Path(__file__).parent / "fixtures" / "think.jinja"
+    s = ServerProcess("-m", str(tiny_chat_dir), "--chat-template", str(template), "--reasoning-budget", str(BUDGET))
+    yield s
+    s.stop()
+
+
+def test_parser_and_budget_units():
+    parser, parts = ReasoningParser(inside=False), []
+    for ch in "<think>\nhmm</think>\n\nFour.":
+        parts.append(parser.push(ch))
+    parts.append(parser.finish())
+    assert "".join(t for t, _ in parts) == "\nhmm" and "".join(a for _, a in parts) == "Four."
+    budget = ThinkingBudget(Reasoning((7,), (8, 9), open=True, budget=2))
+    assert budget.forced() is None
+    budget.push(100)
+    budget.push(101)
+    assert budget.forced() == 8
+    budget.push(8)
+    assert budget.forced() == 9
+    budget.push(9)
+    assert budget.forced() is None and not budget.inside
+    budget.push(7)  # a new thought gets its own budget
+    assert budget.inside and budget.forced() is None
+    assert ThinkingBudget(Reasoning((7,), (8,), open=True, budget=0)).forced() == 8
+
+
+def test_openai_reasoning_content_and_budget(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    r = client.chat.completions.create(model="tiny", messages=ASK, max_tokens=20, temperature=0, logprobs=True)
+    message = r.choices[0].message
+    tokens = [t.token for t in r.choices[0].logprobs.content]
+    closing = "".join(tokens[BUDGET:]).index("</think>")
+    assert closing == 0  # the thought was closed right after BUDGET tokens
+    assert message.reasoning_content == "".join(tokens[:BUDGET])
+    assert "</think>" not in message.content and "<think>" not in message.content
+    chunks = [c for c in client.chat.completions.create(model="tiny", messages=ASK, max_tokens=20, temperature=0,
+                                                        stream=True) if c.choices]
+    thought = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks)
+    answer = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert (thought, answer) == (message.reasoning_content, message.content)
+
+
+def test_anthropic_thinking_blocks(server):
+    claude = anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0, timeout=120)
+    short = claude.messages.create(model="tiny", max_tokens=20, messages=ASK, extra_body={"temperature": 0},
+                                   thinking={"type": "enabled", "budget_tokens": 2})
+    assert [b.type for b in short.content] == ["thinking", "text"]
+    default = claude.messages.create(model="tiny", max_tokens=20, messages=ASK, extra_body={"temperature": 0})
+    assert default.content[0].thinking.startswith(short.content[0].thinking)
+    assert len(default.content[0].thinking) > len(short.content[0].thinking)  # BUDGET = 5 tokens, not 2
+    off = claude.messages.create(model="tiny", max_tokens=20, messages=ASK, extra_body={"temperature": 0},
+                                 thinking={"type": "disabled"})
+    assert [b.type for b in off.content] == ["text"]
+    with claude.messages.stream(model="tiny", max_tokens=20, messages=ASK, extra_body={"temperature": 0},
+                                thinking={"type": "enabled", "budget_tokens": 2}) as stream:
+        final = stream.get_final_message()
+    assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in final.content] == \
+        [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in short.content]
