@@ -106,3 +106,14 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def memory_limit(fraction: float = 0.9) -> int:
+    """The default ``--max-memory``: what the device can hold (on Metal its recommended working set,
+    elsewhere ``fraction`` of physical memory)."""
+    try:
+        if mx.metal.is_available():
+            return int(mx.metal.device_info()["max_recommended_working_set_size"])
+    except (AttributeError, KeyError, RuntimeError):
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * fraction)

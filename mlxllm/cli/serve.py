@@ -60,6 +60,8 @@ class Size(click.ParamType):
               help="A Jinja chat template file to use instead of the model's.")
 @click.option("--tool-parser", default=None, metavar="FORMAT",
               help="How the model writes tool calls: hermes, llama3, mistral or json (default: from the chat template).")
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME=PATH",
+              help="Also serve this LoRA adapter; a request picks it with model \"<model name>:NAME\" (repeatable).")
 @click.option("--reasoning-budget", type=click.IntRange(min=0), default=None,
               help="Thinking tokens a reply of a reasoning model may take before its thought is closed (default: no cap).")
 @click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
@@ -68,7 +70,7 @@ class Size(click.ParamType):
 @verbose_option(help="Debug logging.")
 def serve_command(model_spec, compute, adapter_path, host, port, model_name, max_batch, max_step_tokens, prefill_share,
                   max_queue, max_memory, prompt_cache_bytes, prompt_cache_dir, kv, api_key, cors_origins, chat_template,
-                  tool_parser, reasoning_budget, shutdown_timeout, max_body_bytes, verbose) -> None:
+                  adapters, tool_parser, reasoning_budget, shutdown_timeout, max_body_bytes, verbose) -> None:
     """Serve a model over HTTP: OpenAI (/v1/chat/completions, /v1/completions, /v1/models) and
     Anthropic (/v1/messages) APIs with continuous batching and a prefix cache."""
     from ..server.launch import ServeOptions, run_server
@@ -84,6 +86,14 @@ def serve_command(model_spec, compute, adapter_path, host, port, model_name, max
         ChatTemplate(*template)  # one that does not compile stops here, before the model loads
     if api_key == "":
         raise UserError("--api-key must not be empty")
+    served = []
+    for spec in adapters:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder or ":" in name:
+            raise UserError(f"--adapter takes NAME=PATH (a name without ':'), not {spec!r}")
+        if not Path(folder, "adapter_config.json").is_file():
+            raise UserError(f"--adapter {name}: {folder} has no adapter_config.json")
+        served.append((name, folder))
     if tool_parser is not None:
         from ..engine.tool_calls import TOOL_FORMATS
 
@@ -94,6 +104,6 @@ def serve_command(model_spec, compute, adapter_path, host, port, model_name, max
         max_batch=max_batch, max_step_tokens=max_step_tokens, prefill_share=prefill_share, max_queue=max_queue,
         max_memory=max_memory,
         prompt_cache_bytes=prompt_cache_bytes, prompt_cache_dir=prompt_cache_dir, kv=kv, api_key=api_key,
-        cors_origins=tuple(cors_origins), chat_template=template, tool_parser=tool_parser, reasoning_budget=reasoning_budget,
+        cors_origins=tuple(cors_origins), chat_template=template, tool_parser=tool_parser, reasoning_budget=reasoning_budget, adapters=tuple(served),
         shutdown_timeout=shutdown_timeout,
         max_body_bytes=max_body_bytes, log_level="DEBUG" if verbose else "INFO"))

@@ -19,7 +19,7 @@ Python values; nothing outside the engine's thread touches an MLX array.
 from __future__ import annotations
 
 import collections
-import os
+import contextlib
 import queue
 import threading
 import time
@@ -29,6 +29,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import UserError
+from ..model.adapters import AdapterSet
 from ..model.cache import KVSettings, activation_dtype, kv_bytes
 from ..model.cache.batch import FusedStep, batch_cache
 from .prefix_cache import PrefixCache
@@ -41,7 +42,8 @@ class BatchEngine:
 
     def __init__(self, model: Any, tokenizer: Any, *, kv: KVSettings | None = None, max_batch: int = 32,
                  max_step_tokens: int = 512, max_queue: int = 256, max_memory: int | None = None,
-                 prefix_cache: PrefixCache | None = None, weights_bytes: int = 0, prefill_share: float = 0.8) -> None:
+                 prefix_cache: PrefixCache | None = None, weights_bytes: int = 0, prefill_share: float = 0.8,
+                 adapters: AdapterSet | None = None) -> None:
         if max_batch < 1 or max_step_tokens < 1 or max_queue < 0 or not prefill_share >= 0:
             raise UserError("--max-batch and --max-step-tokens must be >= 1, --max-queue and --prefill-share >= 0")
         self.model, self.tokenizer = model, tokenizer
@@ -49,6 +51,7 @@ class BatchEngine:
         self.max_batch, self.max_step_tokens, self.max_queue = max_batch, max_step_tokens, max_queue
         self.prefill_share = prefill_share
         self.prefix_cache = prefix_cache
+        self.adapters = adapters  # per-request LoRA adapters (model/adapters.py: load_adapter_set)
         self.context = model.config.max_position_embeddings
         self.max_memory, self.weights_bytes = max_memory, weights_bytes
         self._dtype = activation_dtype(model)
@@ -79,6 +82,8 @@ class BatchEngine:
         if n >= self.context:
             raise UserError(f"the prompt is {n} tokens; the model's context is {self.context} tokens")
         vocab = self.model.config.vocab_size
+        if not 0 <= request.adapter <= (len(self.adapters.names) if self.adapters is not None else 0):
+            raise UserError(f"adapter {request.adapter} is not loaded")
         if any(not 0 <= t < vocab for t in request.prompt):
             raise UserError(f"prompt token ids must be in [0, {vocab})")
         limit = request.params.max_tokens
@@ -221,7 +226,7 @@ class BatchEngine:
     def _reading_same_prefix(self, seq: SequenceState) -> bool:
         """Whether a request being prefilled starts with the same tokens (a shared system prompt): then
         ``seq`` waits for it and reuses its KV from the prefix cache instead of computing it again."""
-        if self.prefix_cache is None or len(seq.ids) <= self.SHARED_PREFIX:
+        if self._prefix(seq) is None or len(seq.ids) <= self.SHARED_PREFIX:
             return False
         head = seq.ids[: self.SHARED_PREFIX]
         return any(p.ids[: self.SHARED_PREFIX] == head and p.fed < len(p.ids) for p in self._prefilling)
@@ -238,13 +243,21 @@ class BatchEngine:
             self._waiting.popleft()
             self._dequeued()
             self.reserved += seq.reserve
-            if self.prefix_cache is not None:
+            if self._prefix(seq) is not None:
                 seq.cache, seq.cached = self.prefix_cache.lookup(seq.ids)
                 seq.fed = seq.cached
             if seq.cache is None:
                 seq.cache = self.model.make_cache(self.kv)
             self._prefilling.append(seq)
         self._waiting.extendleft(reversed(held))
+
+    def _prefix(self, seq: SequenceState) -> PrefixCache | None:
+        """The prefix cache, for requests without an adapter (an adapter's KV differs from the base's)."""
+        return self.prefix_cache if seq.request.adapter == 0 else None
+
+    def _select(self, adapters: list[int], shape: tuple[int, int]) -> contextlib.AbstractContextManager:
+        """Which adapter each token of the forward pass built inside uses (see ``AdapterSet.selecting``)."""
+        return self.adapters.selecting(adapters, shape) if self.adapters is not None else contextlib.nullcontext()
 
     def _chunk_end(self, seq: SequenceState, budget: int) -> int:
         """Where this step's chunk of ``seq``'s prompt ends: ``budget`` tokens on, or at the next message
@@ -261,7 +274,8 @@ class BatchEngine:
         while budget > 0 and self._prefilling:
             seq = self._prefilling[0]
             end = self._chunk_end(seq, budget)
-            h = self.model.hidden(mx.array(seq.ids[seq.fed:end], dtype=mx.int32)[None], seq.cache)
+            with self._select([seq.request.adapter], (1, 1)):
+                h = self.model.hidden(mx.array(seq.ids[seq.fed:end], dtype=mx.int32)[None], seq.cache)
             budget -= end - seq.fed
             seq.fed = end
             joining += self._chunk_done(seq, h[:, -1, :])
@@ -273,7 +287,9 @@ class BatchEngine:
         end = self._chunk_end(seq, budget)
         tokens = [s.generated[-1] for s in self._running] + seq.ids[seq.fed:end]
         caches = [FusedStep(b, c, rows) for b, c in zip(self._batch, seq.cache)]
-        h = self.model.hidden(mx.array(tokens, dtype=mx.int32)[None], caches)[0]
+        chosen = [s.request.adapter for s in self._running] + [seq.request.adapter] * (end - seq.fed)
+        with self._select(chosen, (1, len(tokens))):
+            h = self.model.hidden(mx.array(tokens, dtype=mx.int32)[None], caches)[0]
         decode = self._sample_rows(self.model.head(h[:rows]))
         fed, seq.fed = end - seq.fed, end
         return decode, fed, self._chunk_done(seq, h[None, -1])
@@ -283,7 +299,7 @@ class BatchEngine:
         boundary snapshot, or, once the prompt is in, the first token; ``[seq]`` if it joins the batch."""
         if seq.fed < len(seq.ids):
             mx.eval([c.state for c in seq.cache])
-            if seq.fed in seq.request.boundaries and not self.trims and self.prefix_cache is not None:
+            if seq.fed in seq.request.boundaries and not self.trims and self._prefix(seq) is not None:
                 self.prefix_cache.insert(seq.ids[: seq.fed], [c.copy() for c in seq.cache])
             return []
         self._prefilling.popleft()
@@ -291,7 +307,7 @@ class BatchEngine:
         allowed = seq.allowed()
         token, logprobs = seq.pick(logits if allowed is None else mx.where(mx.array(allowed), logits, -mx.inf))
         mx.eval(token, logprobs, [c.state for c in seq.cache])
-        if self.prefix_cache is not None:  # the prompt, for requests that share it and arrive meanwhile
+        if self._prefix(seq) is not None:  # the prompt, for requests that share it and arrive meanwhile
             self.prefix_cache.insert(seq.ids, [c.copy() for c in seq.cache])
         if self._emit(seq, token.item(), logprobs):
             return [seq]
@@ -301,7 +317,9 @@ class BatchEngine:
 
     def _decode_graph(self) -> tuple[mx.array, list]:
         inputs = mx.array([s.generated[-1] for s in self._running], dtype=mx.int32)[:, None]
-        return self._sample_rows(self.model.head(self.model.hidden(inputs, self._batch)[:, -1, :]))
+        with self._select([s.request.adapter for s in self._running], (len(self._running), 1)):
+            h = self.model.hidden(inputs, self._batch)
+        return self._sample_rows(self.model.head(h[:, -1, :]))
 
     def _sample_rows(self, logits: mx.array) -> tuple[mx.array, list]:
         """The running rows' next tokens from ``logits [rows, vocab]`` (queued, not yet evaluated)."""
@@ -347,7 +365,7 @@ class BatchEngine:
 
     def _snapshot(self, seq: SequenceState, caches: list) -> None:
         """Keep what ``caches`` hold (prompt + all generated tokens but the last, never fed) for reuse."""
-        if self.prefix_cache is not None:
+        if self._prefix(seq) is not None:
             held = (seq.ids + seq.generated)[: caches[0].offset]
             self.prefix_cache.insert(held, caches, replaces_prefixes=self.trims)
 
@@ -395,13 +413,3 @@ class BatchEngine:
             self.queued = 0
         mx.clear_cache()
 
-
-def memory_limit(fraction: float = 0.9) -> int:
-    """The default ``--max-memory``: what the device can hold (on Metal its recommended working set,
-    elsewhere ``fraction`` of physical memory)."""
-    try:
-        if mx.metal.is_available():
-            return int(mx.metal.device_info()["max_recommended_working_set_size"])
-    except (AttributeError, KeyError, RuntimeError):
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * fraction)

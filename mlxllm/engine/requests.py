@@ -64,6 +64,7 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     boundaries: tuple[int, ...] = ()
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    adapter: int = 0  # which of the engine's adapters its rows use (0: none; see ``AdapterSet.index``)
 
 
 @dataclass

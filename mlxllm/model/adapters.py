@@ -10,10 +10,11 @@ runtimes unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -221,3 +222,95 @@ def fuse(model: nn.Module, dequantize: bool = False) -> nn.Module:
         raise UserError("the model has no adapters to fuse")
     model.update_modules(tree_unflatten(fused))
     return model
+
+
+class AdapterSet:
+    """Several adapters served at once from one base model: their names, and which one each token of
+    the next forward pass uses (``ids``, broadcastable to the input's ``[B, L]``; 0: no adapter)."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.ids: mx.array | None = None
+
+    @contextlib.contextmanager
+    def selecting(self, adapters: list[int], shape: tuple[int, int]) -> Iterator[None]:
+        """``adapters`` (one per token, or per row, ``shape`` broadcasting to ``[B, L]``) for the forward
+        pass built inside; cleared after it, so to anyone else the model is the base model."""
+        self.ids = mx.array(adapters, dtype=mx.int32).reshape(shape) if any(adapters) else None
+        try:
+            yield
+        finally:
+            self.ids = None
+
+    def index(self, name: str | None) -> int:
+        """1 + the adapter's position (0 for None); an unknown name is a ``UserError``."""
+        if name is None:
+            return 0
+        if name not in self.names:
+            raise UserError(f"no adapter named {name!r}; loaded: {', '.join(self.names) or 'none'}")
+        return self.names.index(name) + 1
+
+
+class MultiLoRALinear(nn.Module):
+    """``base(x)`` plus, for each token, the low-rank update of the adapter its row selects: every
+    adapter's ``x @ A`` in one product (``a [in, n * rank]``), the other adapters' columns zeroed, then
+    one product with the stacked, pre-scaled ``b [n * rank, out]`` (ranks padded with zeros)."""
+
+    def __init__(self, base: nn.Module, selection: AdapterSet, a: mx.array, b: mx.array, rank: int) -> None:
+        super().__init__()
+        self.linear, self.a, self.b = base, a, b
+        self._selection, self._rank = selection, rank
+        self.freeze()
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.linear(x)
+        ids = self._selection.ids
+        if ids is None:
+            return y
+        count = self.a.shape[1] // self._rank
+        chosen = mx.repeat((ids[..., None] == mx.arange(1, count + 1)).astype(x.dtype), self._rank, axis=-1)
+        return y + (((x @ self.a) * chosen) @ self.b).astype(x.dtype)
+
+
+def load_adapter_set(model: nn.Module, adapters: list[tuple[str, str | Path]]) -> AdapterSet:
+    """Load ``(name, folder)`` LoRA adapters side by side onto ``model`` (the base left unchanged), so
+    each row of a batch can use its own; DoRA adapters, which rescale the whole weight, are refused."""
+    selection = AdapterSet([name for name, _ in adapters])
+    if len(set(selection.names)) != len(adapters):
+        raise UserError("--adapter names must be distinct")
+    per_layer: dict[str, dict[int, tuple[mx.array, mx.array]]] = {}
+    for k, (name, folder) in enumerate(adapters, start=1):
+        config = read_config(Path(folder))
+        if config.get("fine_tune_type") == "dora":
+            raise UserError(f"adapter {name}: DoRA adapters cannot be served per request; fuse it (mlxllm fuse)")
+        scale = float(config["lora_parameters"]["scale"])
+        path = Path(folder) / ADAPTER_FILE
+        if not path.is_file():
+            raise UserError(f"adapter folder {folder} has no {ADAPTER_FILE}")
+        weights = mx.load(str(path))
+        for key, a in weights.items():
+            if key.endswith(".lora_a"):
+                layer = key[: -len(".lora_a")]
+                b = weights.get(layer + ".lora_b")
+                if b is None or a.ndim != 2 or b.shape[0] != a.shape[1]:
+                    raise UserError(f"adapter {name}: {layer} has no matching lora_b")
+                per_layer.setdefault(layer, {})[k] = (a, b * scale)
+    modules = dict(model.named_modules())
+    rank = max((a.shape[1] for layers in per_layer.values() for a, _ in layers.values()), default=1)
+    wrapped = []
+    for layer, found in per_layer.items():
+        base = modules.get(layer)
+        if base is None:
+            raise UserError(f"the adapters name {layer}, which this model does not have")
+        in_dims, out_dims = next(iter(found.values()))[0].shape[0], next(iter(found.values()))[1].shape[1]
+        if isinstance(base, (nn.Linear, nn.QuantizedLinear)) and _dims(base) != (in_dims, out_dims):
+            raise UserError(f"the adapters' {layer} is {in_dims}x{out_dims}; the model's is {'x'.join(map(str, _dims(base)))}")
+        a = mx.zeros((in_dims, len(adapters) * rank))
+        b = mx.zeros((len(adapters) * rank, out_dims))
+        for k, (ak, bk) in found.items():
+            a[:, (k - 1) * rank : (k - 1) * rank + ak.shape[1]] = ak
+            b[(k - 1) * rank : (k - 1) * rank + bk.shape[0]] = bk
+        wrapped.append((layer, MultiLoRALinear(base, selection, a, b, rank)))
+    model.update_modules(tree_unflatten(wrapped))
+    mx.eval(model.parameters())
+    return selection

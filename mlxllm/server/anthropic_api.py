@@ -163,7 +163,8 @@ async def messages(body: MessagesRequest, request: HTTPRequest):
     params = with_tool_grammar(body.params(), plan)
     ids, ends = await run_in_threadpool(chat_prompt, tokenizer, body.chat(), not state.trims, plan)
     reasoning = prompt_reasoning(tokenizer, ids, body.thinking_budget(state.reasoning_budget))
-    req = Request(ids, dataclasses.replace(params, reasoning=reasoning), ends, id=f"msg_{uuid.uuid4().hex[:24]}")
+    req = Request(ids, dataclasses.replace(params, reasoning=reasoning), ends, id=f"msg_{uuid.uuid4().hex[:24]}",
+                  adapter=state.adapter_for(body.model))
     message = {"id": req.id, "type": "message", "role": "assistant", "model": state.model_name}
     split = ReplySplitter(reasoning, plan.parser() if plan is not None else None)
     if body.stream:

@@ -15,7 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..engine.batching import BatchEngine, memory_limit
+from ..backend import memory_limit
+from ..engine.batching import BatchEngine
 from ..engine.prefix_cache import PrefixCache
 from ..errors import UserError
 from ..model.cache import KVSettings
@@ -48,6 +49,7 @@ class ServeOptions:
     chat_template: tuple[str, str] | None = None  # (template source, the file it came from)
     tool_parser: str | None = None  # None: the tool-call format the chat template shows
     reasoning_budget: int | None = None  # thinking tokens a reply may take (None: no cap)
+    adapters: tuple[tuple[str, str], ...] = ()  # (name, folder): LoRA adapters requests pick per row
     shutdown_timeout: float = 30.0
     max_body_bytes: int = 4 << 20
     log_level: str = "INFO"
@@ -68,17 +70,19 @@ def load_engine(opts: ServeOptions) -> Loaded:
     from mlx.utils import tree_flatten
 
     from ..formats.loader import load
+    from ..model.adapters import load_adapter_set
 
     model, tokenizer = load(opts.model, compute=opts.compute, adapter_path=opts.adapter_path)
     if opts.chat_template is not None:
         tokenizer.set_chat_template(*opts.chat_template)
+    adapters = load_adapter_set(model, list(opts.adapters)) if opts.adapters else None
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     limit = opts.max_memory if opts.max_memory is not None else memory_limit()
     budget = opts.prompt_cache_bytes if opts.prompt_cache_bytes is not None else max(0, limit - weights) // 4
     prefix = PrefixCache(budget, opts.prompt_cache_dir, _model_key(model, opts)) if budget > 0 else None
     engine = BatchEngine(model, tokenizer, kv=opts.kv, max_batch=opts.max_batch, max_step_tokens=opts.max_step_tokens,
                          max_queue=opts.max_queue, max_memory=limit, prefix_cache=prefix, weights_bytes=weights,
-                         prefill_share=opts.prefill_share)
+                         prefill_share=opts.prefill_share, adapters=adapters)
     cached = f", {len(prefix)} cached prefixes reloaded" if prefix is not None and prefix.directory and len(prefix) else ""
     log.info("model ready: %s; memory limit %.2f GB, prefix cache %.2f GB%s", model.load_report, limit / 1e9,
              budget / 1e9, cached)
@@ -101,7 +105,8 @@ def run_server(opts: ServeOptions) -> None:
     metrics = Metrics()
     worker = Worker(lambda: load_engine(opts), metrics, on_load_failure=lambda: setattr(server, "should_exit", True))
     name = model_name(opts)
-    state = ServerState(worker, name, tool_parser=opts.tool_parser, reasoning_budget=opts.reasoning_budget)
+    state = ServerState(worker, name, tool_parser=opts.tool_parser, reasoning_budget=opts.reasoning_budget,
+                        adapters=tuple(a for a, _ in opts.adapters))
     app = create_app(state, api_key=opts.api_key, cors_origins=opts.cors_origins, max_body_bytes=opts.max_body_bytes)
     config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=opts.shutdown_timeout, timeout_keep_alive=5,

@@ -183,15 +183,15 @@ def _sse(obj: Any) -> str:
 @router.get("/v1/models")
 async def list_models(request: HTTPRequest) -> dict[str, Any]:
     state: ServerState = request.app.state.server
-    return {"object": "list", "data": [state.model_card()]}
+    return {"object": "list", "data": [state.model_card(name) for name in state.model_ids()]}
 
 
 @router.get("/v1/models/{name:path}")
 async def get_model(name: str, request: HTTPRequest) -> dict[str, Any]:
     state: ServerState = request.app.state.server
-    if name != state.model_name:
-        raise ApiError(f"the model {name!r} does not exist; this server serves {state.model_name!r}", 404)
-    return state.model_card()
+    if name not in state.model_ids():
+        raise ApiError(f"the model {name!r} does not exist; this server serves {', '.join(state.model_ids())}", 404)
+    return state.model_card(name)
 
 
 @router.post("/v1/chat/completions")
@@ -205,7 +205,7 @@ async def chat_completions(body: ChatRequest, request: HTTPRequest):
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
     ids, ends = await run_in_threadpool(chat_prompt, tokenizer, messages, not state.trims, plan)
     params = dataclasses.replace(params, reasoning=prompt_reasoning(tokenizer, ids, state.reasoning_budget))
-    req = Request(ids, params, ends, id=f"chatcmpl-{uuid.uuid4().hex}")
+    req = Request(ids, params, ends, id=f"chatcmpl-{uuid.uuid4().hex}", adapter=state.adapter_for(body.model))
     created = int(time.time())
     head = {"id": req.id, "created": created, "model": state.model_name, "system_fingerprint": state.fingerprint}
     split = ReplySplitter(params.reasoning, plan.parser() if plan is not None else None)
@@ -269,7 +269,7 @@ async def completions(body: CompletionRequest, request: HTTPRequest):
         raise UserError("the prompt is empty")
     params = body.params(body.logprobs)
     ids = await run_in_threadpool(text_prompt, tokenizer, prompt)
-    req = Request(ids, params, id=f"cmpl-{uuid.uuid4().hex}")
+    req = Request(ids, params, id=f"cmpl-{uuid.uuid4().hex}", adapter=state.adapter_for(body.model))
     head = {"id": req.id, "created": int(time.time()), "model": state.model_name, "system_fingerprint": state.fingerprint}
     echo = (prompt if isinstance(prompt, str) else tokenizer.decode(ids)) if body.echo else ""
     if body.stream:
