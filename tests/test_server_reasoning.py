@@ -71,6 +71,9 @@ def test_anthropic_thinking_blocks(server):
     default = claude.messages.create(model="tiny", max_tokens=20, messages=ASK, extra_body={"temperature": 0})
     assert default.content[0].thinking.startswith(short.content[0].thinking)
     assert len(default.content[0].thinking) > len(short.content[0].thinking)  # BUDGET = 5 tokens, not 2
+    again = claude.messages.create(model="tiny", max_tokens=5, extra_body={"temperature": 0}, messages=ASK + [
+        {"role": "assistant", "content": [b.model_dump() for b in short.content]}, {"role": "user", "content": "And 3 + 3?"}])
+    assert again.content[-1].type == "text"  # a turn with its thinking block goes back in as history
     off = claude.messages.create(model="tiny", max_tokens=20, messages=ASK, extra_body={"temperature": 0},
                                  thinking={"type": "disabled"})
     assert [b.type for b in off.content] == ["text"]

@@ -32,6 +32,7 @@ from ..errors import UserError
 from ..model.adapters import AdapterSet
 from ..model.cache import KVSettings, activation_dtype, kv_bytes
 from ..model.cache.batch import FusedStep, batch_cache
+from .grammar import masked
 from .prefix_cache import PrefixCache
 from .requests import Callback, Event, QueueFull, Request, SequenceState
 
@@ -305,7 +306,7 @@ class BatchEngine:
         self._prefilling.popleft()
         logits = self.model.head(last)
         allowed = seq.allowed()
-        token, logprobs = seq.pick(logits if allowed is None else mx.where(mx.array(allowed), logits, -mx.inf))
+        token, logprobs = seq.pick(logits if allowed is None else masked(logits, allowed))
         mx.eval(token, logprobs, [c.state for c in seq.cache])
         if self._prefix(seq) is not None:  # the prompt, for requests that share it and arrive meanwhile
             self.prefix_cache.insert(seq.ids, [c.copy() for c in seq.cache])
@@ -330,7 +331,7 @@ class BatchEngine:
             if any(m is not None for m in masks):
                 free = np.ones(logits.shape[-1], dtype=bool)
                 allowed = np.stack([free if m is None else m for m in masks])
-                logits = mx.where(mx.array(allowed), logits, -mx.inf)
+                logits = masked(logits, allowed)
         if all(s.plain for s in seqs):
             tokens, logprobs = mx.argmax(logits, axis=-1), [None] * len(seqs)
         else:

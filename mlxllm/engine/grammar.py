@@ -162,4 +162,9 @@ class Constraint:
 
     def apply(self, logits: mx.array) -> mx.array:
         """``logits [1, V]`` with every id the grammar does not allow next set to -inf."""
-        return mx.where(mx.array(self.allowed()), logits, -mx.inf)
+        return masked(logits, self.allowed())
+
+
+def masked(logits: mx.array, allowed: np.ndarray) -> mx.array:
+    """``logits`` with the ids ``allowed`` (boolean, broadcasting against them) leaves at -inf elsewhere."""
+    return mx.where(mx.array(allowed), logits, -mx.inf)

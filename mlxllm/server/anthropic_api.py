@@ -55,7 +55,8 @@ class _Prompt(ApiModel):
                         raise UserError(f"messages[{i}]: a tool_result block needs the tool_use_id it answers")
                     messages.append({"role": "tool", "tool_call_id": b.get("tool_use_id"),
                                      "content": content_text(b.get("content"), f"messages[{i}] tool_result")})
-            texts = [b for b in blocks if b.get("type") not in ("tool_use", "tool_result")]
+            # earlier thoughts are not shown to the model again (reasoning templates drop them too)
+            texts = [b for b in blocks if b.get("type") not in ("tool_use", "tool_result", "thinking", "redacted_thinking")]
             if texts or calls or not blocks:
                 messages.append({"role": m.role, "content": content_text(texts, f"messages[{i}].content"),
                                  **({"tool_calls": calls} if calls else {})})

@@ -144,12 +144,15 @@ def _finish(event: Event) -> str:
     return {"stop": "stop", "length": "length"}.get(event.finish_reason, "stop")
 
 
-def _call_delta(index: int, call: ToolCall, whole: bool) -> list[dict[str, Any]] | dict[str, Any]:
-    """A call as a message's ``tool_calls`` entry, or (streaming) as its two deltas: name, then arguments."""
-    opening = {"index": index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
-    if whole:
-        return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
-    return [opening, {"index": index, "function": {"arguments": call.arguments}}]
+def _tool_call(call: ToolCall) -> dict[str, Any]:
+    """A call as a message's ``tool_calls`` entry."""
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def _call_deltas(index: int, call: ToolCall) -> list[dict[str, Any]]:
+    """A streamed call's two ``tool_calls`` deltas: its id and name, then its arguments."""
+    return [{"index": index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}},
+            {"index": index, "function": {"arguments": call.arguments}}]
 
 
 
@@ -221,7 +224,7 @@ async def chat_completions(body: ChatRequest, request: HTTPRequest):
     if split.thoughts is not None:
         message["reasoning_content"] = thought
     if calls:
-        message["tool_calls"] = [_call_delta(i, c, whole=True) for i, c in enumerate(calls)]
+        message["tool_calls"] = [_tool_call(c) for c in calls]
     choice = {"index": 0, "message": message,
               "logprobs": _chat_logprobs(tokenizer, records) if n_top is not None else None,
               "finish_reason": "tool_calls" if calls else _finish(last) if last else "length"}
@@ -247,7 +250,7 @@ def _chat_chunks(head: dict[str, Any], tokenizer: Any, split: ReplySplitter):
         out = [chunk({"reasoning_content": thought})] if thought else []
         out += [chunk({"content": text}, logprobs)] if text or logprobs else []
         first = split.calls - len(calls)
-        out += [chunk({"tool_calls": [d]}) for i, c in enumerate(calls) for d in _call_delta(first + i, c, whole=False)]
+        out += [chunk({"tool_calls": [d]}) for i, c in enumerate(calls) for d in _call_deltas(first + i, c)]
         if finish is not None:
             out.append(chunk({}, None, "tool_calls" if split.calls else finish))
         return out
