@@ -49,6 +49,8 @@ def _parse(fmt: str, text: str, piecewise: bool) -> tuple[str, list[tuple[str, d
     ("llama3", '<|python_tag|>{"name": "f", "parameters": {"a": 1}}', "", [("f", {"a": 1})]),
     ("llama3", '{"name": "f", "parameters": {}}; {"name": "g", "parameters": {"x": "y"}}', "", [("f", {}), ("g", {"x": "y"})]),
     ("llama3", "The answer is {42}.", "The answer is {42}.", []),
+    ("llama3", '<|python_tag|>brave_search.call(query="Menlo Park weather")', "", [("brave_search", {"query": "Menlo Park weather"})]),
+    ("llama3", "<|python_tag|>os.system('rm -rf /')", "<|python_tag|>os.system('rm -rf /')", []),  # read, never run
     ("mistral", '[TOOL_CALLS][{"name": "f", "arguments": {"a": 1}}]', "", [("f", {"a": 1})]),
     ("mistral", 'Checking.[TOOL_CALLS]f[ARGS]{"a": 1}[TOOL_CALLS]g[ARGS]{}', "Checking.", [("f", {"a": 1}), ("g", {})]),
     ("json", '```json\n{"name": "f", "arguments": {"a": [1, 2]}}\n```', "", [("f", {"a": [1, 2]})]),

@@ -6,7 +6,7 @@ Formats, chosen from the chat template (``tool_format``) or named by ``--tool-pa
 - ``hermes`` (Hermes, Qwen 2.5 / 3): ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``,
   any number of them, text around them;
 - ``llama3`` (Llama 3.1-3.3): the whole reply is ``{"name": ..., "parameters": {...}}``, optionally
-  after ``<|python_tag|>``; several calls separated by ``;``;
+  after ``<|python_tag|>``, several separated by ``;``; or a built-in tool's ``name.call(key=value)``;
 - ``mistral``: ``[TOOL_CALLS]`` then a JSON list of calls, or (newer templates) ``name[ARGS]{...}``;
 - ``json``: the generic fallback for templates that know no tools: the reply is one call object
   ``{"name": ..., "arguments": {...}}`` or a list of them, optionally in a fenced code block.
@@ -19,6 +19,7 @@ text goes out as text. With ``tool_choice`` "required" or a named function the g
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import uuid
@@ -139,10 +140,32 @@ def _calls(payload: str) -> list[ToolCall] | None:
         try:
             found = [json.loads(part) for part in text.split(";") if part.strip()]
         except json.JSONDecodeError:
-            return None
+            call = _python_call(text)
+            return [call] if call is not None else None
     found = found if isinstance(found, list) else [found]
     calls = [_call(obj) for obj in found]
     return calls if calls and all(c is not None for c in calls) else None  # type: ignore[return-value]
+
+
+def _python_call(text: str) -> ToolCall | None:
+    """Llama 3's built-in tool form after ``<|python_tag|>``: ``name.call(key=literal, ...)`` (or
+    ``name(...)``); None for anything else (only literal keyword arguments are read, nothing runs)."""
+    try:
+        node = ast.parse(text.strip(), mode="eval").body
+    except (SyntaxError, ValueError):
+        return None
+    if not isinstance(node, ast.Call) or node.args:
+        return None
+    func = node.func
+    if isinstance(func, ast.Attribute) and func.attr == "call":
+        func = func.value
+    if not isinstance(func, ast.Name):
+        return None
+    try:
+        args = {k.arg: ast.literal_eval(k.value) for k in node.keywords if k.arg is not None}
+    except (ValueError, SyntaxError):
+        return None
+    return _call({"name": func.id, "arguments": args})
 
 
 def _mistral_calls(payload: str) -> list[ToolCall] | None:
