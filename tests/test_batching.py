@@ -195,21 +195,17 @@ def test_prompt_chunk_takes_its_share_of_a_decode_step_in_whole_row_blocks(token
     so rows + chunk fill 16-row blocks; share 0 leaves only --max-step-tokens; no streams: the whole
     step budget."""
     model = _random_model(FAMILIES["llama"], vocab=tokenizer.vocab_size)
-    engine = BatchEngine(model, tokenizer, max_step_tokens=512)
-    assert engine._prompt_budget() == 512
-    engine._running = [None] * 4
-    engine._decode_s, engine._token_s = 0.2, 0.002
-    engine._prefilling.append(None)
-    assert engine._prompt_budget() == 76  # 0.8 x 100 = 80 tokens; 4 rows + 76 = 80 = 5 blocks
-    engine._waiting.extend([None, None])
-    assert engine._prompt_budget() == 236  # three waiting: 240 -> 4 + 236 = 240
-    engine._waiting.clear()
-    engine.prefill_share = 1.5
-    assert engine._prompt_budget() == 140  # 150 -> 4 + 140 = 144
-    engine.prefill_share = 0.1
-    assert engine._prompt_budget() == 16  # 10 tokens: below the floor, so no cut
-    engine.prefill_share = 0
-    assert engine._prompt_budget() == 508
+    pacing = BatchEngine(model, tokenizer, max_step_tokens=512).pacing
+    assert pacing.prompt_tokens(0, 0) == 512
+    pacing.decode_s, pacing.token_s = 0.2, 0.002
+    assert pacing.prompt_tokens(4, 1) == 76  # 0.8 x 100 = 80 tokens; 4 rows + 76 = 80 = 5 blocks
+    assert pacing.prompt_tokens(4, 3) == 236  # three waiting: 240 -> 4 + 236 = 240
+    pacing.prefill_share = 1.5
+    assert pacing.prompt_tokens(4, 1) == 140  # 150 -> 4 + 140 = 144
+    pacing.prefill_share = 0.1
+    assert pacing.prompt_tokens(4, 1) == 16  # 10 tokens: below the floor, so no cut
+    pacing.prefill_share = 0
+    assert pacing.prompt_tokens(4, 1) == 508
     with pytest.raises(UserError):
         BatchEngine(model, tokenizer, prefill_share=-1)
 

@@ -33,6 +33,7 @@ from ..model.adapters import AdapterSet
 from ..model.cache import KVSettings, activation_dtype, kv_bytes
 from ..model.cache.batch import FusedStep, batch_cache
 from .grammar import masked
+from .pacing import StepPacing
 from .prefix_cache import PrefixCache
 from .requests import Callback, Event, QueueFull, Request, SequenceState
 
@@ -50,7 +51,7 @@ class BatchEngine:
         self.model, self.tokenizer = model, tokenizer
         self.kv = kv.checked(model.config) if kv is not None else None
         self.max_batch, self.max_step_tokens, self.max_queue = max_batch, max_step_tokens, max_queue
-        self.prefill_share = prefill_share
+        self.pacing = StepPacing(max_step_tokens, prefill_share)
         self.prefix_cache = prefix_cache
         self.adapters = adapters  # per-request LoRA adapters (model/adapters.py: load_adapter_set)
         self.context = model.config.max_position_embeddings
@@ -68,8 +69,6 @@ class BatchEngine:
         self.reserved = 0  # KV bytes admitted requests may grow to
         self.queued = 0  # requests submitted and not yet admitted
         self.kv_bytes_now = 0  # KV bytes held after the last step (read by metrics from other threads)
-        self._decode_s: float | None = None  # seconds a decode step takes (moving average)
-        self._token_s: float | None = None  # seconds one prompt token takes
 
     # -- any thread -------------------------------------------------------------------------
     def submit(self, request: Request, on_event: Callback) -> None:
@@ -142,48 +141,18 @@ class BatchEngine:
         if not (self._running or self._prefilling):
             return False
         started, decoding = time.perf_counter(), bool(self._running)
+        budget = self.pacing.prompt_tokens(len(self._running), len(self._prefilling) + len(self._waiting))
         if decoding and self._prefilling:
-            decode, fed, joining = self._fused_step(self._prompt_budget())
+            decode, fed, joining = self._fused_step(budget)
         else:
             decode = self._decode_graph() if decoding else None
-            fed, joining = self._prefill(self._prompt_budget())
+            fed, joining = self._prefill(budget)
         if decode is not None:
             self._finish_decode(*decode)
         self._join(joining)
-        self._time(time.perf_counter() - started, decoding, fed)
+        self.pacing.record(time.perf_counter() - started, decoding, fed)
         self.kv_bytes_now = self.kv_cache_bytes
         return True
-
-    MIN_CHUNK = 16  # prompt tokens a step reads at least, so a prompt always moves
-    ROW_BLOCK = 16  # float32 GEMM (OpenBLAS here) runs a multiple of 16 rows up to 2x faster than others
-
-    def _prompt_budget(self) -> int:
-        """Prompt tokens this step may read: what ``max_step_tokens`` leaves after the decode rows, and
-        while streams run no more than ``prefill_share`` of a decode step's time (as measured) for each
-        request waiting for its first token (0: no such limit). Streams and waiting prompts are thus
-        slowed alike: at the default 0.8 one long prompt arriving aims to keep the streams under twice
-        their usual inter-token latency (late in a long prompt even ``MIN_CHUNK`` tokens can cost more,
-        their attention reading the whole prompt), and a queue of prompts gets a share that grows with
-        it. The chunk is cut so decode rows + chunk fill whole ``ROW_BLOCK``s when that leaves ``MIN_CHUNK``."""
-        rows = len(self._running)
-        budget = self.max_step_tokens - rows
-        if rows and self.prefill_share and self._decode_s and self._token_s:
-            waiting = max(1, len(self._prefilling) + len(self._waiting))
-            budget = min(budget, int(self.prefill_share * waiting * self._decode_s / self._token_s))
-        aligned = (rows + budget) // self.ROW_BLOCK * self.ROW_BLOCK - rows
-        return aligned if aligned >= self.MIN_CHUNK else max(budget, self.MIN_CHUNK)
-
-    def _time(self, seconds: float, decoding: bool, fed: int) -> None:
-        """Keep moving averages of a decode step's time and of one prompt token's."""
-        def mix(old: float | None, new: float) -> float:
-            return new if old is None else 0.7 * old + 0.3 * new
-
-        if decoding and not fed:
-            self._decode_s = mix(self._decode_s, seconds)
-        elif fed:
-            spent = seconds - ((self._decode_s or 0.0) if decoding else 0.0)
-            if spent > 0:
-                self._token_s = mix(self._token_s, spent / fed)
 
     def _take_inbox(self) -> None:
         while True:
