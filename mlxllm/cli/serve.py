@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..errors import UserError
-from .options import adapter_option, compute_option, kv_options, model_option, verbose_option
+from .options import adapter_option, compute_option, draft_options, kv_options, model_option, verbose_option
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -62,6 +62,8 @@ class Size(click.ParamType):
               help="How the model writes tool calls: hermes, llama3, mistral or json (default: from the chat template).")
 @click.option("--adapter", "adapters", multiple=True, metavar="NAME=PATH",
               help="Also serve this LoRA adapter; a request picks it with model \"<model name>:NAME\" (repeatable).")
+@draft_options("Speculative decoding in the batch: a small model with the same tokenizer drafts tokens for "
+               "greedy requests.", "Tokens the draft model proposes per round.")
 @click.option("--reasoning-budget", type=click.IntRange(min=0), default=None,
               help="Thinking tokens a reply of a reasoning model may take before its thought is closed (default: no cap).")
 @click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
@@ -70,7 +72,8 @@ class Size(click.ParamType):
 @verbose_option(help="Debug logging.")
 def serve_command(model_spec, compute, adapter_path, host, port, model_name, max_batch, max_step_tokens, prefill_share,
                   max_queue, max_memory, prompt_cache_bytes, prompt_cache_dir, kv, api_key, cors_origins, chat_template,
-                  adapters, tool_parser, reasoning_budget, shutdown_timeout, max_body_bytes, verbose) -> None:
+                  adapters, tool_parser, reasoning_budget, draft_model, num_draft_tokens, shutdown_timeout, max_body_bytes,
+                  verbose) -> None:
     """Serve a model over HTTP: OpenAI (/v1/chat/completions, /v1/completions, /v1/models) and
     Anthropic (/v1/messages) APIs with continuous batching and a prefix cache."""
     from ..server.launch import ServeOptions, run_server
@@ -105,5 +108,6 @@ def serve_command(model_spec, compute, adapter_path, host, port, model_name, max
         max_memory=max_memory,
         prompt_cache_bytes=prompt_cache_bytes, prompt_cache_dir=prompt_cache_dir, kv=kv, api_key=api_key,
         cors_origins=tuple(cors_origins), chat_template=template, tool_parser=tool_parser, reasoning_budget=reasoning_budget, adapters=tuple(served),
+        draft_model=draft_model, num_draft_tokens=num_draft_tokens,
         shutdown_timeout=shutdown_timeout,
         max_body_bytes=max_body_bytes, log_level="DEBUG" if verbose else "INFO"))

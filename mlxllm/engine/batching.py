@@ -32,6 +32,7 @@ from ..errors import UserError
 from ..model.adapters import AdapterSet
 from ..model.cache import KVSettings, activation_dtype, kv_bytes
 from ..model.cache.batch import FusedStep, batch_cache
+from .batch_draft import BatchDraft
 from .grammar import masked
 from .pacing import StepPacing
 from .prefix_cache import PrefixCache
@@ -45,7 +46,7 @@ class BatchEngine:
     def __init__(self, model: Any, tokenizer: Any, *, kv: KVSettings | None = None, max_batch: int = 32,
                  max_step_tokens: int = 512, max_queue: int = 256, max_memory: int | None = None,
                  prefix_cache: PrefixCache | None = None, weights_bytes: int = 0, prefill_share: float = 0.8,
-                 adapters: AdapterSet | None = None) -> None:
+                 adapters: AdapterSet | None = None, draft: BatchDraft | None = None) -> None:
         if max_batch < 1 or max_step_tokens < 1 or max_queue < 0 or not prefill_share >= 0:
             raise UserError("--max-batch and --max-step-tokens must be >= 1, --max-queue and --prefill-share >= 0")
         self.model, self.tokenizer = model, tokenizer
@@ -54,6 +55,7 @@ class BatchEngine:
         self.pacing = StepPacing(max_step_tokens, prefill_share)
         self.prefix_cache = prefix_cache
         self.adapters = adapters  # per-request LoRA adapters (model/adapters.py: load_adapter_set)
+        self.draft = draft  # speculative decoding in the batch (batch_draft.py)
         self.context = model.config.max_position_embeddings
         self.max_memory, self.weights_bytes = max_memory, weights_bytes
         self._dtype = activation_dtype(model)
@@ -142,6 +144,12 @@ class BatchEngine:
             return False
         started, decoding = time.perf_counter(), bool(self._running)
         budget = self.pacing.prompt_tokens(len(self._running), len(self._prefilling) + len(self._waiting))
+        if decoding and not self._prefilling and self._drafting():
+            with self._select([s.request.adapter for s in self._running], (len(self._running), 1)):
+                done = self.draft.decode(self.model, self._batch, self._running, lambda s, t: self._emit(s, t, None))
+            self._leave(done, None)  # a round is not a decode step's time: the pacing is left as it is
+            self.kv_bytes_now = self.kv_cache_bytes
+            return True
         if decoding and self._prefilling:
             decode, fed, joining = self._fused_step(budget)
         else:
@@ -221,6 +229,15 @@ class BatchEngine:
             self._prefilling.append(seq)
         self._waiting.extendleft(reversed(held))
 
+    def _drafting(self) -> bool:
+        """Whether this decode step can be a speculative round: a draft, caches that roll back, and
+        greedy rows with room for ``k + 1`` more positions and nothing that narrows their tokens."""
+        if self.draft is None or not self.draft.supports(self._batch):
+            return False
+        room = self.context - self.draft.k - 1
+        return all(s.plain and s.constraint is None and s.budget is None and len(s.ids) + len(s.generated) < room
+                   for s in self._running)
+
     def _prefix(self, seq: SequenceState) -> PrefixCache | None:
         """The prefix cache, for requests without an adapter (an adapter's KV differs from the base's)."""
         return self.prefix_cache if seq.request.adapter == 0 else None
@@ -260,6 +277,8 @@ class BatchEngine:
         chosen = [s.request.adapter for s in self._running] + [seq.request.adapter] * (end - seq.fed)
         with self._select(chosen, (1, len(tokens))):
             h = self.model.hidden(mx.array(tokens, dtype=mx.int32)[None], caches)[0]
+        if self.draft is not None:
+            self.draft.follow(mx.array(tokens[:rows], dtype=mx.int32)[:, None])
         decode = self._sample_rows(self.model.head(h[:rows]))
         fed, seq.fed = end - seq.fed, end
         return decode, fed, self._chunk_done(seq, h[None, -1])
@@ -289,6 +308,8 @@ class BatchEngine:
         inputs = mx.array([s.generated[-1] for s in self._running], dtype=mx.int32)[:, None]
         with self._select([s.request.adapter for s in self._running], (len(self._running), 1)):
             h = self.model.hidden(inputs, self._batch)
+        if self.draft is not None:
+            self.draft.follow(inputs)
         return self._sample_rows(self.model.head(h[:, -1, :]))
 
     def _sample_rows(self, logits: mx.array) -> tuple[mx.array, list]:
@@ -354,6 +375,8 @@ class BatchEngine:
         keep = [i for i in range(len(self._running)) if i not in gone]
         for c in self._batch:
             c.filter(keep)
+        if self.draft is not None:
+            self.draft.filter(keep)
         mx.eval([c.state for c in self._batch])  # the rows that left are released now, not at the next step
         self._running = [self._running[i] for i in keep]
         if not self._running:
@@ -365,6 +388,8 @@ class BatchEngine:
             return
         if self._batch is None:
             self._batch = [batch_cache(c) for c in seqs[0].cache]
+        if self.draft is not None:
+            self.draft.join([s.ids for s in seqs])
         for layer, c in enumerate(self._batch):
             c.extend([s.cache[layer] for s in seqs])
         for s in seqs:
@@ -379,6 +404,8 @@ class BatchEngine:
         self._waiting.clear()
         self._prefilling.clear()
         self._running, self._batch, self.reserved = [], None, 0
+        if self.draft is not None:
+            self.draft.reset()
         with self._lock:
             self.queued = 0
         mx.clear_cache()

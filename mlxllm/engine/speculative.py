@@ -56,7 +56,7 @@ def accept(target: mx.array, draft: mx.array, drafted: mx.array, greedy: bool) -
     return kept, mx.random.categorical(mx.log(residual), axis=-1)
 
 
-def _fit_vocab(logits: mx.array, vocab: int) -> mx.array:
+def fit_vocab(logits: mx.array, vocab: int) -> mx.array:
     """The draft's logits over the target's vocabulary (tables padded to different sizes)."""
     if logits.shape[-1] > vocab:
         return logits[..., :vocab]
@@ -92,7 +92,7 @@ def _draft(draft_model: Any, cache: list, step_in: mx.array, k: int, vocab: int,
     history extended by them; all lazy."""
     drafted, lps = [], []
     for _ in range(k):
-        lp = _logprobs(_fit_vocab(draft_model.head(draft_model.hidden(step_in, cache)[:, -1, :]), vocab),
+        lp = _logprobs(fit_vocab(draft_model.head(draft_model.hidden(step_in, cache)[:, -1, :]), vocab),
                        processors, history)
         if distribution is None:
             token = mx.argmax(lp, axis=-1)

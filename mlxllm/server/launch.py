@@ -50,6 +50,8 @@ class ServeOptions:
     tool_parser: str | None = None  # None: the tool-call format the chat template shows
     reasoning_budget: int | None = None  # thinking tokens a reply may take (None: no cap)
     adapters: tuple[tuple[str, str], ...] = ()  # (name, folder): LoRA adapters requests pick per row
+    draft_model: str | None = None  # speculative decoding in the batch (greedy rows)
+    num_draft_tokens: int = 3
     shutdown_timeout: float = 30.0
     max_body_bytes: int = 4 << 20
     log_level: str = "INFO"
@@ -69,20 +71,24 @@ def load_engine(opts: ServeOptions) -> Loaded:
     """Load the model and build the engine around it (on the engine thread)."""
     from mlx.utils import tree_flatten
 
-    from ..formats.loader import load
+    from ..engine.batch_draft import BatchDraft
+    from ..formats.loader import load, load_draft
     from ..model.adapters import load_adapter_set
 
     model, tokenizer = load(opts.model, compute=opts.compute, adapter_path=opts.adapter_path)
     if opts.chat_template is not None:
         tokenizer.set_chat_template(*opts.chat_template)
     adapters = load_adapter_set(model, list(opts.adapters)) if opts.adapters else None
+    draft = None
+    if opts.draft_model is not None:
+        draft = BatchDraft(model, load_draft(opts.draft_model, opts.compute, tokenizer), opts.num_draft_tokens)
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     limit = opts.max_memory if opts.max_memory is not None else memory_limit()
     budget = opts.prompt_cache_bytes if opts.prompt_cache_bytes is not None else max(0, limit - weights) // 4
     prefix = PrefixCache(budget, opts.prompt_cache_dir, _model_key(model, opts)) if budget > 0 else None
     engine = BatchEngine(model, tokenizer, kv=opts.kv, max_batch=opts.max_batch, max_step_tokens=opts.max_step_tokens,
                          max_queue=opts.max_queue, max_memory=limit, prefix_cache=prefix, weights_bytes=weights,
-                         prefill_share=opts.prefill_share, adapters=adapters)
+                         prefill_share=opts.prefill_share, adapters=adapters, draft=draft)
     cached = f", {len(prefix)} cached prefixes reloaded" if prefix is not None and prefix.directory and len(prefix) else ""
     log.info("model ready: %s; memory limit %.2f GB, prefix cache %.2f GB%s", model.load_report, limit / 1e9,
              budget / 1e9, cached)

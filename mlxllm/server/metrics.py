@@ -28,6 +28,9 @@ class Metrics:
         self.kv_bytes = Gauge("mlxllm_kv_cache_bytes", "KV cache bytes of running requests", registry=r)
         self.prompt_cache_bytes = Gauge("mlxllm_prompt_cache_bytes", "Bytes held by the prefix cache", registry=r)
         self.prompt_cache_entries = Gauge("mlxllm_prompt_cache_entries", "Prefixes held by the prefix cache", registry=r)
+        self.draft_proposed = Gauge("mlxllm_draft_tokens_proposed", "Tokens the draft model proposed (--draft-model)",
+                                    registry=r)
+        self.draft_accepted = Gauge("mlxllm_draft_tokens_accepted", "Drafted tokens the model kept", registry=r)
         self._last: dict[str, float] = {}
 
     def watch(self, engine: Any) -> None:
@@ -36,6 +39,10 @@ class Metrics:
         self.running.set_function(lambda: engine.running)
         self.prefilling.set_function(lambda: engine.prefilling)
         self.kv_bytes.set_function(lambda: engine.kv_bytes_now)
+        draft = engine.draft
+        if draft is not None:
+            self.draft_proposed.set_function(lambda: draft.proposed)
+            self.draft_accepted.set_function(lambda: draft.accepted)
         cache = engine.prefix_cache
         if cache is not None:
             self.prompt_cache_bytes.set_function(lambda: cache.stats()["bytes"])

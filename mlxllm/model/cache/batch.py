@@ -8,8 +8,9 @@ that finishes leaves at once (``filter``), and ``row`` hands any row back as a p
 RoPE takes as it is, and the mask each kind builds hides what a row does not hold, so a row's
 attention sees exactly the keys it would see alone.
 
-Only decode steps (one token per row) run batched; chunks of a prompt go through the per-sequence
-caches. ``batch_cache`` picks the batched form of a per-sequence cache.
+Only decode steps run batched (one token per row; the float cache also takes ``k + 1`` per row to
+verify drafted tokens, and rolls rows back one by one); chunks of a prompt go through the
+per-sequence caches. ``batch_cache`` picks the batched form of a per-sequence cache.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ def _round_up(n: int, step: int) -> int:
 
 
 def _write_rows(buffer: mx.array, columns: mx.array, new: mx.array) -> mx.array:
-    """``buffer [B, H, S, D]`` with row b's column ``columns[b]`` set to ``new[b, :, 0]`` (in place)."""
-    B, H, _, D = new.shape
-    return mx.put_along_axis(buffer, mx.broadcast_to(columns[:, None, None, None], (B, H, 1, D)), new, axis=2)
+    """``buffer [B, H, S, D]`` with row b's columns ``columns[b] + j`` set to ``new[b, :, j]`` (in place)."""
+    B, H, T, D = new.shape
+    at = columns[:, None] + mx.arange(T)[None] if T > 1 else columns[:, None]
+    return mx.put_along_axis(buffer, mx.broadcast_to(at[:, None, :, None], (B, H, T, D)), new, axis=2)
 
 
 class _PaddedRows:
@@ -124,20 +126,26 @@ class BatchKVCache(_PaddedRows):
         return cache
 
     def mask(self, n_queries: int) -> Mask:
-        """The keys row b may see after this step: its first ``lengths[b] + 1`` (call before the update)."""
-        _single_token(n_queries)
-        if len(set(self.lengths)) == 1:
+        """The keys row b's query j may see after this step: its first ``lengths[b] + j + 1`` (call
+        before the update). Every row takes ``n_queries`` tokens: one when decoding, ``k + 1`` when a
+        batch verifies drafted tokens."""
+        if n_queries == 1 and len(set(self.lengths)) == 1:
             return None
-        return (mx.arange(max(self.lengths) + 1)[None] <= self.offset[:, None])[:, None, None, :]
+        keys = mx.arange(max(self.lengths) + n_queries)[None, None]
+        return (keys <= self.offset[:, None, None] + mx.arange(n_queries)[None, :, None])[:, None]
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        _single_token(keys.shape[2])
-        end = max(self.lengths) + 1
+        n = keys.shape[2]
+        end = max(self.lengths) + n
         self._fit(end)
         self.keys = _write_rows(self.keys, self.offset, keys)
         self.values = _write_rows(self.values, self.offset, values)
-        self._set_lengths([n + 1 for n in self.lengths])
+        self._set_lengths([length + n for length in self.lengths])
         return self.keys[..., :end, :], self.values[..., :end, :]
+
+    def trim_rows(self, counts: list[int]) -> None:
+        """Forget the last ``counts[b]`` positions of each row b (drafted tokens that were rejected)."""
+        self._set_lengths([length - c for length, c in zip(self.lengths, counts)])
 
 
 class BatchRingCache(_PaddedRows):
