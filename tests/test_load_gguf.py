@@ -39,6 +39,8 @@ FAMILIES = {
         "llama",
     ),  # fmt: skip
     "qwen2": (dict(BASE, model_type="qwen2", tie_word_embeddings=True), "qwen2"),
+    # SmolLM3: llama.cpp keeps no NoPE metadata and takes every 4th layer as one
+    "smollm3": (dict(BASE, model_type="smollm3", num_hidden_layers=4), "smollm3"),
     "qwen3": (dict(BASE, model_type="qwen3", head_dim=32, num_key_value_heads=1), "qwen3"),
     "gemma3": (
         dict(BASE, model_type="gemma3_text", num_hidden_layers=6, head_dim=32, query_pre_attn_scalar=32,
@@ -158,7 +160,7 @@ def write_gguf(path, cfg: dict, arch: str, weights: dict[str, np.ndarray]) -> di
         qtype = TYPES[i % len(TYPES)] if value.ndim >= 2 and value.shape[-1] % 32 == 0 else T.F32
         data = quantize(stored, qtype)
         exact[name] = dequantize(data, qtype).reshape(value.shape) - (stored - value)
-        if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
+        if arch in ("llama", "smollm3") and (".q_proj." in name or ".k_proj." in name):  # LlamaModel and subclasses
             data = converter_permute(data, heads if ".q_proj." in name else kv_heads)
         if name.endswith("shared_expert_gate.weight"):
             data = data.reshape(-1)  # llama.cpp keeps this [1, hidden] map as a vector
@@ -276,3 +278,11 @@ def test_truncated_gguf(tmp_path):
     path.write_bytes(b"")
     with pytest.raises(UserError, match="neither a GGUF file"):
         load_model(path)
+
+
+def test_info_lists_the_layers_without_rope(tmp_path):
+    """SmolLM3 written as llama.cpp writes it: ``info`` names its NoPE layers (every 4th)."""
+    cfg, arch = FAMILIES["smollm3"]
+    path = tmp_path / "smollm3.gguf"
+    write_gguf(path, cfg, arch, random_weights(cfg))
+    assert describe_model(path)["layers_without_rope"] == [3]

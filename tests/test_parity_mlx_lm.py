@@ -29,6 +29,8 @@ FAMILIES = {
     "qwen3": dict(BASE, model_type="qwen3", head_dim=24, num_key_value_heads=1),
     "qwen3-yarn": dict(BASE, model_type="qwen3", head_dim=16, rope_scaling=dict(rope_type="yarn", factor=4.0,
                                                                    original_max_position_embeddings=16)),
+    "smollm3": dict(BASE, model_type="smollm3", no_rope_layer_interval=2, tie_word_embeddings=True),
+    "smollm3-listed": dict(BASE, model_type="smollm3", no_rope_layers=[1, 0, 0, 1]),
     "gemma3_text": dict(
         BASE, model_type="gemma3_text", head_dim=32, query_pre_attn_scalar=48,
         sliding_window=5, sliding_window_pattern=2, rope_local_base_freq=10.0, rope_theta=1e6,

@@ -61,7 +61,7 @@ from .weights import Quantized, REQUANT_GROUP, Tensor, TensorSpec, finish
 T = GGMLQuantizationType
 _FLOAT_BITS = {T.F32: 32, T.F16: 16, T.BF16: 16}
 _AFFINE_BITS = {T.Q4_0: 4, T.Q4_1: 4, T.Q8_0: 8}  # stored exactly as MLX affine triples, group 32
-_PERMUTED_ARCHS = {"llama"}
+_PERMUTED_ARCHS = {"llama", "smollm3"}  # llama.cpp's converter permutes Q/K rows for LlamaModel and its subclasses
 
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER_NAMES = {

@@ -170,18 +170,20 @@ def describe_model(path: str | Path | None = None, *, kquant: str = "q8") -> dic
     except UserError:
         auto = None
     total = sum(s.elements for s in specs)
-    moe: dict[str, Any] = {}
+    specifics: dict[str, Any] = {}  # what this family adds to the common facts
     if cfg.num_experts:  # stacked (switch_mlp / experts) or per-expert (experts.N) tensors
         routed = sum(s.elements for s in specs if ".switch_mlp." in s.name or ".experts." in s.name)
-        moe = {"experts": f"{cfg.num_experts} ({cfg.num_experts_per_tok} active per token)",
-               "active_parameters": total - routed + routed * cfg.num_experts_per_tok // cfg.num_experts}
+        specifics = {"experts": f"{cfg.num_experts} ({cfg.num_experts_per_tok} active per token)",
+                     "active_parameters": total - routed + routed * cfg.num_experts_per_tok // cfg.num_experts}
+    if cfg.no_rope_layers is not None:
+        specifics["layers_without_rope"] = [i for i in range(cfg.num_hidden_layers) if not cfg.uses_rope(i)]
     return {
         "path": str(source.path),
         "format": source.format,
         "architecture": source.arch,
         "family": cfg.model_type,
         "parameters": total,
-        **moe,
+        **specifics,
         "layers": cfg.num_hidden_layers,
         "hidden_size": cfg.hidden_size,
         "vocab_size": cfg.vocab_size,

@@ -27,6 +27,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "mistral": {},
     "qwen2": {"attention_bias": True},
     "qwen3": {"qk_norm": True},
+    "smollm3": {},  # Llama with some layers that take no RoPE (``no_rope_layers``)
     "gemma3_text": {
         "qk_norm": True,
         "norm_plus_one": True,
@@ -105,6 +106,7 @@ class ModelConfig:
     sliding_window: int | None = None
     layer_types: list[str] | None = None
     rope_local_base_freq: float | None = None
+    no_rope_layers: list[int] | None = None  # per layer, 1: RoPE, 0: none (SmolLM3's NoPE layers); None: all RoPE
     qk_norm_per_head: bool = True  # False: one norm over all heads' projections (OLMoE)
     # Mixture of experts: a layer is MoE when num_experts > 0, it is not in mlp_only_layers, and
     # (layer + 1) is a multiple of decoder_sparse_step.
@@ -153,6 +155,9 @@ class ModelConfig:
             raise UserError(
                 f"config lists {len(self.layer_types)} layer types for {self.num_hidden_layers} layers"
             )
+        if self.no_rope_layers is not None and (len(self.no_rope_layers) != self.num_hidden_layers
+                                                or any(v not in (0, 1) for v in self.no_rope_layers)):
+            raise UserError(f"no_rope_layers must list 0 or 1 for each of the {self.num_hidden_layers} layers")
         if self.num_attention_heads % self.num_key_value_heads:
             raise UserError(
                 f"{self.num_attention_heads} attention heads are not a multiple of "
@@ -182,6 +187,9 @@ class ModelConfig:
         if self.kv_lora_rank:
             return 1, self.kv_lora_rank + self.qk_rope_head_dim
         return self.num_key_value_heads, 2 * self.head_dim
+
+    def uses_rope(self, layer: int) -> bool:
+        return self.no_rope_layers is None or bool(self.no_rope_layers[layer])
 
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types[layer] == "sliding_attention"
@@ -250,8 +258,13 @@ class ModelConfig:
             values["layer_types"] = ["sliding_attention"] * values.get("num_hidden_layers", 0)
         elif family in ("qwen2", "qwen2_moe") and not config.get("use_sliding_window"):
             values["sliding_window"] = None
-        elif family in ("llama", "qwen3", "qwen3_moe", "olmoe", "dots1", "deepseek_v2", "deepseek_v3"):
+        elif family in ("llama", "qwen3", "qwen3_moe", "olmoe", "dots1", "deepseek_v2", "deepseek_v3", "smollm3"):
             values.pop("sliding_window", None)
+        if family == "smollm3" and config.get("no_rope_layers") is None:  # every interval-th layer has none
+            interval = config.get("no_rope_layer_interval", 4)
+            if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
+                raise UserError(f"{where}: no_rope_layer_interval must be a positive integer, got {interval!r}")
+            values["no_rope_layers"] = [int((i + 1) % interval != 0) for i in range(values.get("num_hidden_layers", 0))]
         try:
             cfg = cls(**values)
         except TypeError as e:

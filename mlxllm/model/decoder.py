@@ -14,7 +14,7 @@ from .cache.batch import FusedStep
 from .config import ModelConfig
 from .mla import LatentAttention
 from .moe import MoE
-from .rope import make_rope
+from .rope import NoRoPE, make_rope
 
 
 class RMSNorm(nn.Module):
@@ -46,7 +46,9 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(q_dims * self.head_dim, cfg.rms_norm_eps, cfg.norm_plus_one)
             self.k_norm = RMSNorm(k_dims * self.head_dim, cfg.rms_norm_eps, cfg.norm_plus_one)
         sliding = cfg.is_sliding(layer)
-        if sliding and cfg.rope_local_base_freq is not None:  # Gemma 3 local layers: own base, no scaling
+        if not cfg.uses_rope(layer):
+            self.rope = NoRoPE()
+        elif sliding and cfg.rope_local_base_freq is not None:  # Gemma 3 local layers: own base, no scaling
             self.rope = make_rope(self.head_dim, cfg.rope_local_base_freq, None)
         else:
             self.rope = make_rope(self.head_dim, cfg.rope_theta, cfg.rope_scaling)

@@ -34,6 +34,13 @@ class RoPE(nn.Module):
         )
 
 
+class NoRoPE(nn.Module):
+    """A layer that takes no positions (SmolLM3's NoPE layers): queries and keys pass unchanged."""
+
+    def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
+        return x
+
+
 def llama3_freqs(dims: int, base: float, scaling: dict[str, Any]) -> mx.array:
     """Llama 3.1 long-context frequencies: low frequencies divided by ``factor``, a smooth ramp between."""
     factor = scaling["factor"]
