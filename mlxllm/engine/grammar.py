@@ -120,7 +120,10 @@ def grammar_tokenizer(tokenizer: Any) -> llguidance.LLTokenizer:
             eos = sorted(tokenizer.eos_token_ids)
             if not eos:
                 raise GrammarError("constrained decoding needs a tokenizer with an end-of-sequence token")
-            found = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_TokenizerView(tokenizer)), eos_token=eos)
+            try:
+                found = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_TokenizerView(tokenizer)), eos_token=eos)
+            except (ValueError, RuntimeError) as e:  # a vocabulary the grammar engine cannot index
+                raise GrammarError(f"constrained decoding cannot use this tokenizer: {one_line(str(e))}") from None
             _compiled[tokenizer] = found
         return found
 
