@@ -465,3 +465,21 @@ def test_exported_hf_files_tokenize_like_the_gguf(model, tmp_path):
         tk = pytest.importorskip("tokenizers")
         ref = tk.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
         assert [ref.encode(t).ids for t in texts] == [tok.encode(t) for t in texts]
+
+
+def test_padding_pieces_typed_unknown_load_and_change_nothing(gemma_meta):
+    """llama.cpp's Phi-3 converter pads the vocabulary with ``[PAD<id>]`` pieces typed UNKNOWN, which
+    sentencepiece once refused ("unk is already defined"). Gemma 3's real SentencePiece vocabulary so
+    padded loads, and every text of the corpus still gets llama.cpp's ids (no padding id among them)."""
+    n = len(gemma_meta["tokenizer.ggml.tokens"])
+    padded = dict(gemma_meta)
+    padded["tokenizer.ggml.tokens"] = [*gemma_meta["tokenizer.ggml.tokens"], *(f"[PAD{n + i}]" for i in range(4))]
+    padded["tokenizer.ggml.token_type"] = [*gemma_meta["tokenizer.ggml.token_type"], *[2] * 4]
+    padded["tokenizer.ggml.scores"] = [*gemma_meta["tokenizer.ggml.scores"], *[-1000.0] * 4]
+    tok = Tokenizer.from_gguf_metadata(padded)
+    assert tok.vocab_size == n + 4
+    want = GOLDEN["models"]["gemma3"]["ids"]
+    assert [tok.encode(text, add_special_tokens=False) for text in CORPUS] == want
+    # written out, a padding piece is matched whole, as llama.cpp matches UNKNOWN-typed pieces when it
+    # parses special tokens; it decodes to that text
+    assert tok.encode(f"[PAD{n}]", add_special_tokens=False) == [n] and tok.decode([n]) == f"[PAD{n}]"

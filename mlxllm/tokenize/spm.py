@@ -92,9 +92,19 @@ def from_gguf_vocab(
     norm.remove_extra_whitespaces = False
     norm.escape_whitespaces = True
     types = list(token_types) if token_types is not None else [NORMAL] * len(tokens)
-    # Without an UNKNOWN piece sentencepiece has nothing to emit for text no piece covers.
-    if UNKNOWN not in types and unknown_token_id is not None and 0 <= unknown_token_id < len(types):
-        types[unknown_token_id] = UNKNOWN
+    # sentencepiece needs exactly one UNKNOWN piece: without one it has nothing to emit for text no piece
+    # covers, and it refuses a second ("unk is already defined"). llama.cpp's Phi-3 converter types its
+    # padding ids ([PAD32000] ...) UNKNOWN; llama.cpp never matches such pieces, nor does an UNUSED one.
+    unknown = [i for i, t in enumerate(types) if t == UNKNOWN]
+    if unknown_token_id is not None and 0 <= unknown_token_id < len(types):
+        keep = unknown_token_id
+    else:
+        keep = unknown[0] if unknown else None
+    for i in unknown:
+        if i != keep:
+            types[i] = UNUSED
+    if keep is not None:
+        types[keep] = UNKNOWN
     proto.trainer_spec.byte_fallback = BYTE in types
     piece_scores = scores if scores is not None else [0.0] * len(tokens)
     add = proto.pieces.add
