@@ -18,7 +18,7 @@ from pathlib import Path
 import mlxllm  # noqa: F401  (BLAS preload before mlx.core)
 import mlx.core as mx
 
-from batch_scaling import prompts
+from batch_scaling import alternated, prompts
 from mlxllm import backend
 from mlxllm.engine.batching import BatchEngine
 from mlxllm.engine.requests import Request, SamplingParams
@@ -74,12 +74,7 @@ def main() -> None:
         "base model, one batch": lambda: timed(engine, [requests([0] * 8)]),
     }
     timed(engine, [requests([1, 2] * 4)])  # warm-up
-    samples: dict[str, list[float]] = {k: [] for k in runs}
-    for rep in range(args.reps):
-        for name, run in runs.items():
-            samples[name].append(run())
-        print(f"round {rep + 1}: " + ", ".join(f"{k} {8 * args.tokens / v[-1]:.1f} tok/s" for k, v in samples.items()),
-              flush=True)
+    samples = alternated(runs, args.reps, lambda s: f"{8 * args.tokens / s:.1f} tok/s")
     tok_s = {k: round(8 * args.tokens / statistics.median(v), 1) for k, v in samples.items()}
     report = {"benchmark": "adapters_batch", "model": "SmolLM2-135M-Instruct.Q4_1.gguf (float32)",
               "machine": backend.describe(), "requests": 8, "tokens": args.tokens, "reps": args.reps,

@@ -15,6 +15,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import mlxllm  # noqa: F401  (BLAS preload before mlx.core)
 import mlx.core as mx
@@ -68,6 +69,17 @@ def single_step_s(model, tokenizer, steps: int, constraint=None) -> float:
     return statistics.median(times)
 
 
+def alternated(runs: dict[str, Callable[[], float]], reps: int, show: Callable[[float], str]) -> dict[str, list[float]]:
+    """Each of ``runs`` once per round for ``reps`` rounds (so a slow spell hits all alike); the samples
+    by name, each round printed with ``show``."""
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for rep in range(reps):
+        for name, run in runs.items():
+            samples[name].append(run())
+        print(f"round {rep + 1}/{reps}: " + ", ".join(f"{k} {show(v[-1])}" for k, v in samples.items()), flush=True)
+    return samples
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model path (default: SmolLM2-135M-Instruct Q4_1 GGUF)")
@@ -78,13 +90,9 @@ def main() -> None:
     args = p.parse_args()
     model, tokenizer = load(args.model, compute="float32")
     rows = [int(r) for r in args.rows.split(",")]
-    samples: dict[str, list[float]] = {"single": [], **{str(r): [] for r in rows}}
-    for rep in range(args.reps):
-        samples["single"].append(single_step_s(model, tokenizer, args.steps))
-        for r in rows:
-            samples[str(r)].append(batch_step_s(model, tokenizer, r, args.steps))
-        print(f"round {rep + 1}/{args.reps}: " + ", ".join(f"{k} {v[-1] * 1e3:.0f} ms" for k, v in samples.items()),
-              flush=True)
+    runs = {"single": lambda: single_step_s(model, tokenizer, args.steps),
+            **{str(r): lambda r=r: batch_step_s(model, tokenizer, r, args.steps) for r in rows}}
+    samples = alternated(runs, args.reps, lambda s: f"{s * 1e3:.0f} ms")
     single = statistics.median(samples["single"])
     table = []
     for r in rows:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import mlxllm  # noqa: F401  (BLAS preload before mlx.core)
 
-from batch_scaling import batch_step_s, prompts, single_step_s
+from batch_scaling import alternated, batch_step_s, prompts, single_step_s
 from mlxllm import backend
 from mlxllm.engine.grammar import Constraint, Grammar
 from mlxllm.engine.stream import stream_generate
@@ -63,12 +63,7 @@ def main() -> None:
         f"{args.rows} free": lambda: batch_step_s(model, tokenizer, args.rows, args.steps) / args.rows,
         f"{args.rows} schema": lambda: batch_step_s(model, tokenizer, args.rows, args.steps, grammar) / args.rows,
     }
-    samples: dict[str, list[float]] = {k: [] for k in runs}
-    for rep in range(args.reps):
-        for name, run in runs.items():
-            samples[name].append(run())
-        print(f"round {rep + 1}/{args.reps}: " + ", ".join(f"{k} {1 / v[-1]:.1f} tok/s" for k, v in samples.items()),
-              flush=True)
+    samples = alternated(runs, args.reps, lambda s: f"{1 / s:.1f} tok/s")
     tok_s = {k: round(1 / statistics.median(v), 1) for k, v in samples.items()}
     report = {"benchmark": "grammar_cost", "model": args.model or "SmolLM2-135M-Instruct.Q4_1.gguf (float32)",
               "machine": backend.describe(), "grammar_engine": "llguidance", "steps": args.steps, "reps": args.reps,
