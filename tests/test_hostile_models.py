@@ -472,7 +472,8 @@ def gguf_metadata_cases(bases, at: Path) -> list[Case]:
                                 "llama.attention.value_length": (15, V.UINT32),
                                 "llama.rope.dimension_count": (15, V.UINT32)}, "llama.attention.key_length")
     add("meta-value_length", {"llama.attention.value_length": (32, V.UINT32)}, "key and value head sizes")
-    add("meta-rope-dims", {"llama.rope.dimension_count": (8, V.UINT32)}, "partial rotary")
+    add("meta-rope-dims-odd", {"llama.rope.dimension_count": (7, V.UINT32)}, "llama.rope.dimension_count")
+    add("meta-rope-dims-wide", {"llama.rope.dimension_count": (4096, V.UINT32)}, "llama.rope.dimension_count")
     add("meta-context-huge", {"llama.context_length": (2**40, V.UINT64)}, "llama.context_length")
     add("meta-arch-missing", {"general.architecture": None}, "general.architecture")
     add("meta-arch-int", {"general.architecture": (5, V.UINT32)}, "unsupported architecture")

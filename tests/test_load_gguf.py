@@ -55,6 +55,24 @@ FAMILIES = {
     "qwen3moe": (dict(BASE, model_type="qwen3_moe", head_dim=32, num_experts=4, num_experts_per_tok=2,
                       moe_intermediate_size=32, norm_topk_prob=True), "qwen3moe"),
     "olmoe": (dict(BASE, model_type="olmoe", num_key_value_heads=4, num_experts=4, num_experts_per_tok=2), "olmoe"),
+    # Phi-3 as llama.cpp stores it: fused attn_qkv, gate and up stacked in ffn_up, LongRoPE factor tensors,
+    # RoPE over 3/4 of each head (Phi-4-mini).
+    "phi3": (dict(BASE, model_type="phi3", partial_rotary_factor=0.75, original_max_position_embeddings=64,
+                  rope_scaling=dict(type="longrope", short_factor=[1.0, 1.2, 1.5, 2.0, 3.0, 4.0],
+                                    long_factor=[1.0, 2.0, 3.0, 5.0, 8.0, 13.0])), "phi3"),
+    # GLM-4.5: half-rotary heads, biases, q/k norms, sigmoid routing; one multi-token-prediction layer
+    # after the decoder's, as the converter writes it (counted in block_count).
+    "glm4moe": (dict(BASE, model_type="glm4_moe", head_dim=32, n_routed_experts=4, num_experts_per_tok=2,
+                     moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1, norm_topk_prob=True,
+                     routed_scaling_factor=2.0, use_qk_norm=True, attention_bias=True, partial_rotary_factor=0.5,
+                     num_nextn_predict_layers=1), "glm4moe"),
+    # Ministral 3: llama.cpp's LlamaModel layout (permuted Q/K) under the mistral3 architecture, YaRN and
+    # the query scale as metadata.
+    "mistral3": (dict({k: v for k, v in BASE.items() if k != "rope_theta"}, model_type="ministral3", head_dim=32,
+                      tie_word_embeddings=False,
+                      rope_parameters=dict(rope_type="yarn", rope_theta=1e6, factor=4.0,
+                                           original_max_position_embeddings=4, beta_fast=32.0, beta_slow=1.0,
+                                           mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.1)), "mistral3"),
     "dots1": (dict(BASE, model_type="dots1", head_dim=32, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
                    moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1, norm_topk_prob=True,
                    routed_scaling_factor=2.0), "dots1"),
@@ -63,7 +81,7 @@ TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.F16, T.BF16, T.Q5_1]
 TOKENS = [[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43]]
 
 # llama.cpp's tensor names (gguf-py's tensor map), written out here independently of the loader.
-LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+LAYER = {"self_attn.q_proj": "attn_q", "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
          "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
          "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
          "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
@@ -120,7 +138,8 @@ def write_gguf(path, cfg: dict, arch: str, weights: dict[str, np.ndarray]) -> di
     w.add_tokenizer_model("none")  # no vocabulary: llama.cpp then runs on token ids alone
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     head_dim = cfg.get("head_dim", cfg["hidden_size"] // heads)
-    w.add_block_count(cfg["num_hidden_layers"])
+    rope = cfg.get("rope_parameters", cfg)
+    w.add_block_count(cfg["num_hidden_layers"] + cfg.get("num_nextn_predict_layers", 0))
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
     w.add_feed_forward_length(cfg["intermediate_size"])
@@ -128,8 +147,8 @@ def write_gguf(path, cfg: dict, arch: str, weights: dict[str, np.ndarray]) -> di
     w.add_head_count_kv(kv_heads)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
-    w.add_rope_dimension_count(head_dim)
-    w.add_rope_freq_base(cfg["rope_theta"])
+    w.add_rope_dimension_count(int(head_dim * cfg.get("partial_rotary_factor", 1.0)))
+    w.add_rope_freq_base(rope["rope_theta"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_vocab_size(cfg["vocab_size"])
     if arch == "gemma3":
@@ -142,7 +161,7 @@ def write_gguf(path, cfg: dict, arch: str, weights: dict[str, np.ndarray]) -> di
             w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
         if "shared_expert_intermediate_size" in cfg:
             w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
-        if arch == "dots1":  # DeepSeek-V3-style metadata
+        if arch in ("dots1", "glm4moe"):  # DeepSeek-V3-style metadata
             w.add_expert_shared_count(cfg["n_shared_experts"])
             w.add_leading_dense_block_count(cfg["first_k_dense_replace"])
             w.add_expert_weights_scale(cfg["routed_scaling_factor"])
@@ -154,13 +173,31 @@ def write_gguf(path, cfg: dict, arch: str, weights: dict[str, np.ndarray]) -> di
         w.add_rope_scaling_factor(scaling["factor"])
     if scaling.get("rope_type") == "llama3":
         w.add_tensor("rope_freqs.weight", llama3_factors(cfg))
+    if arch == "phi3":  # Phi3MiniModel's extra tensors and keys
+        w.add_sliding_window(0)
+        w.add_rope_scaling_orig_ctx_len(cfg["original_max_position_embeddings"])
+        scale = cfg["max_position_embeddings"] / cfg["original_max_position_embeddings"]
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(cfg["original_max_position_embeddings"])))
+        w.add_tensor("rope_factors_long.weight", np.array(scaling["long_factor"], np.float32))
+        w.add_tensor("rope_factors_short.weight", np.array(scaling["short_factor"], np.float32))
+    if arch == "mistral3":  # Ministral3Model: YaRN, its log multiplier, the query scale
+        w.add_rope_scaling_type(RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rope["factor"])
+        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        w.add_rope_scaling_yarn_log_mul(rope["mscale_all_dim"])
+        w.add_attn_temperature_scale(rope["llama_4_scaling_beta"])
+    if cfg.get("num_nextn_predict_layers"):  # GLM-4.5's MTP layer: tensors the decoder must not load
+        w.add_nextn_predict_layers(cfg["num_nextn_predict_layers"])
+        extra = f"blk.{cfg['num_hidden_layers']}."
+        w.add_tensor(extra + "attn_norm.weight", np.ones(cfg["hidden_size"], np.float32))
+        w.add_tensor(extra + "nextn.eh_proj.weight", np.zeros((cfg["hidden_size"], 2 * cfg["hidden_size"]), np.float32))
     exact = {}
     for i, (name, value) in enumerate(weights.items()):
         stored = value + 1 if arch == "gemma3" and "norm" in name else value  # Gemma: norms stored +1
         qtype = TYPES[i % len(TYPES)] if value.ndim >= 2 and value.shape[-1] % 32 == 0 else T.F32
         data = quantize(stored, qtype)
         exact[name] = dequantize(data, qtype).reshape(value.shape) - (stored - value)
-        if arch in ("llama", "smollm3") and (".q_proj." in name or ".k_proj." in name):  # LlamaModel and subclasses
+        if arch in ("llama", "smollm3", "mistral3") and (".q_proj." in name or ".k_proj." in name):  # LlamaModel
             data = converter_permute(data, heads if ".q_proj." in name else kv_heads)
         if name.endswith("shared_expert_gate.weight"):
             data = data.reshape(-1)  # llama.cpp keeps this [1, hidden] map as a vector
@@ -286,3 +323,32 @@ def test_info_lists_the_layers_without_rope(tmp_path):
     path = tmp_path / "smollm3.gguf"
     write_gguf(path, cfg, arch, random_weights(cfg))
     assert describe_model(path)["layers_without_rope"] == [3]
+
+
+@pytest.mark.parametrize("family, facts", [
+    ("phi3", {"rope_features_per_head": "12 of 16", "rope_scaling": "longrope",
+              "fused_projections": ["qkv_proj", "gate_up_proj"]}),
+    ("glm4moe", {"rope_features_per_head": "16 of 32", "experts": "4 (2 active per token)", "layers": 2}),
+    ("mistral3", {"rope_scaling": "yarn", "query_scale": "1 + 0.1 * log(1 + floor(position / 4))"}),
+])
+def test_info_shows_the_family_specifics(family, facts, tmp_path):
+    cfg, arch = FAMILIES[family]
+    path = tmp_path / f"{family}.gguf"
+    write_gguf(path, cfg, arch, random_weights(cfg))
+    described = describe_model(path)
+    assert {k: described.get(k) for k in facts} == facts
+
+
+def test_phi3_longrope_comes_from_the_factor_tensors(tmp_path):
+    """The long factors and attention factor llama.cpp stores reach the RoPE (as mlx-lm, the long factors
+    at every length), and a factor tensor of the wrong size is one clear error."""
+    cfg, arch = FAMILIES["phi3"]
+    path = tmp_path / "phi3.gguf"
+    write_gguf(path, cfg, arch, random_weights(cfg))
+    scaling = load_model(path).config.rope_scaling
+    assert scaling["long_factor"] == cfg["rope_scaling"]["long_factor"]
+    assert scaling["attention_factor"] == pytest.approx(math.sqrt(1 + math.log(8) / math.log(64)))
+    bad = dict(cfg, rope_scaling=dict(cfg["rope_scaling"], long_factor=[1.0] * 5, short_factor=[1.0] * 5))
+    with pytest.raises(UserError, match=r"rope_factors_long.weight' holds 5 values, not 6 positive"):
+        write_gguf(path, bad, arch, random_weights(cfg))
+        load_model(path)

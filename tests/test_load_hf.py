@@ -132,7 +132,7 @@ def test_missing_path():
 
 def test_unknown_architecture(tmp_path):
     path = write_dir(tmp_path / "foo", dict(CONFIG, model_type="foo"), {"x": mx.zeros((1,))})
-    with pytest.raises(UserError, match=r"unsupported architecture 'foo' \(supported: deepseek_v2, deepseek_v3, dots1, gemma3_text, llama"):
+    with pytest.raises(UserError, match=r"unsupported architecture 'foo' \(supported: deepseek_v2, deepseek_v3, dots1, gemma3_text, glm4_moe, llama, ministral3"):
         load_model(path)
 
 

@@ -68,8 +68,27 @@ FAMILIES = {
         rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=64, beta_fast=32, beta_slow=1,
                           mscale=1.0, mscale_all_dim=1.0),
     ),
+    # Phi-4-mini's shape: fused projections, LongRoPE over 3/4 of each head.
+    "phi3": dict(
+        BASE, model_type="phi3", partial_rotary_factor=0.75, original_max_position_embeddings=64,
+        rope_scaling=dict(type="longrope", short_factor=[1.0, 1.1, 1.3, 2.0, 3.0, 5.0],
+                          long_factor=[1.0, 1.5, 2.5, 4.0, 8.0, 16.0]),
+    ),
+    "phi3-plain": dict(BASE, model_type="phi3", tie_word_embeddings=True),
+    # Ministral 3: YaRN plus Llama 4's query scale, whose steps (every 8 positions here) the tokens cross.
+    "ministral3": dict(
+        {k: v for k, v in BASE.items() if k != "rope_theta"}, model_type="ministral3", head_dim=32,
+        layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=5,
+        rope_parameters=dict(rope_type="yarn", rope_theta=1e6, factor=4.0, original_max_position_embeddings=8,
+                             beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.1),
+    ),
+    "glm4_moe": dict(
+        BASE, model_type="glm4_moe", head_dim=32, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+        n_shared_experts=1, first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5, n_group=4,
+        topk_group=2, use_qk_norm=True, attention_bias=True, partial_rotary_factor=0.5, rope_scaling=None,
+    ),
 }
-MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "dots1", "deepseek_v2", "deepseek_v3"]
+MOE_FAMILIES = ["glm4_moe", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "dots1", "deepseek_v2", "deepseek_v3"]
 
 
 def _reference(config: dict) -> nn.Module:
@@ -120,3 +139,19 @@ def test_moe_prefill_sorted_by_expert_matches_mlx_lm(family):
     tokens = (mx.arange(40)[None] * 7) % 97
     a, b = ours(tokens), ref(tokens)
     assert mx.allclose(a, b, atol=1e-4, rtol=1e-4).item(), float(mx.abs(a - b).max())
+
+
+@pytest.mark.parametrize("family", ["phi3", "phi3-plain", "ministral3", "glm4_moe", "smollm3"])
+def test_saved_checkpoint_reads_back_in_mlxllm_and_mlx_lm(family, tmp_path):
+    """``convert``'s writer spells each family's settings as its config.json does (Phi-3's LongRoPE,
+    Ministral 3's rope_parameters and query scale, GLM's use_qk_norm, partial rotary factors)."""
+    from mlxllm.formats.loader import load_model
+    from mlxllm.formats.save import save_model
+
+    ours, _ = _random_pair(FAMILIES[family])
+    path = save_model(ours, tmp_path / family)
+    tokens = mx.array([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43]])
+    want = ours(tokens)
+    assert mx.allclose(load_model(path, compute="float32")(tokens), want, atol=1e-5).item()
+    theirs, _ = mlx_lm_utils.load_model(path)
+    assert mx.allclose(theirs(tokens), want, atol=1e-4).item()

@@ -61,11 +61,13 @@ from .weights import Quantized, REQUANT_GROUP, Tensor, TensorSpec, finish
 T = GGMLQuantizationType
 _FLOAT_BITS = {T.F32: 32, T.F16: 16, T.BF16: 16}
 _AFFINE_BITS = {T.Q4_0: 4, T.Q4_1: 4, T.Q8_0: 8}  # stored exactly as MLX affine triples, group 32
-_PERMUTED_ARCHS = {"llama", "smollm3"}  # llama.cpp's converter permutes Q/K rows for LlamaModel and its subclasses
+# llama.cpp's converter permutes Q/K rows for LlamaModel and its subclasses
+_PERMUTED_ARCHS = {"llama", "smollm3", "mistral3"}
 
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
+    "attn_qkv": "self_attn.qkv_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
@@ -89,7 +91,9 @@ _LAYER_NAMES = {
 }
 # llama.cpp's default renormalisation of the top-k expert weights per architecture (norm_w in its
 # graph); a file may say otherwise with `<arch>.expert_weights_norm`.
-_MOE_NORM = {"llama": True, "qwen2moe": False, "qwen3moe": True, "olmoe": False, "dots1": False}
+_MOE_NORM = {"llama": True, "qwen2moe": False, "qwen3moe": True, "olmoe": False, "dots1": False, "glm4moe": True}
+# DeepSeek-V3-style routing metadata (sigmoid scores, groups, scaled weights, leading dense layers).
+_DEEPSEEK_ROUTED = ("dots1", "glm4_moe")
 # Gemma's sandwich norms: llama.cpp's ffn_norm is the norm *before* the MLP there.
 _GEMMA_LAYER_NAMES = {
     **_LAYER_NAMES,
@@ -173,11 +177,12 @@ def config_from_gguf(meta: Mapping[str, Any], shapes: Mapping[str, tuple[int, ..
         )
         if family == "llama":  # Mixtral is stored as a llama with experts
             config["model_type"] = "mixtral"
-        if family == "dots1":  # DeepSeek-V3-style routing (n_shared_experts and first_k_dense_replace: from_hf's)
+        if family in _DEEPSEEK_ROUTED:  # DeepSeek-V3-style routing (n_shared_experts and first_k_dense_replace: from_hf's)
             config.update(n_shared_experts=get("expert_shared_count", 0),
                           first_k_dense_replace=get("leading_dense_block_count", 0),
                           routed_scaling_factor=get("expert_weights_scale", 1.0),
                           n_group=get("expert_group_count", 1), topk_group=get("expert_group_used_count", 1))
+    _family_metadata(family, get, config, shapes)
     sliding = None
     if family == "gemma3_text":
         sliding = get("attention.sliding_window", None)
@@ -196,13 +201,37 @@ def config_from_gguf(meta: Mapping[str, Any], shapes: Mapping[str, tuple[int, ..
                               weights=lambda: {hf_name(name, final): shape for name, shape in shapes.items()})
     if get("attention.value_length", cfg.head_dim) != cfg.head_dim:
         raise UserError("GGUF models with different key and value head sizes are not supported")
-    if get("rope.dimension_count", cfg.head_dim) != cfg.head_dim:
-        raise UserError("GGUF models with partial rotary embeddings are not supported")
+    rope_dims = get("rope.dimension_count", cfg.head_dim)
+    if rope_dims != cfg.rope_dims:  # partial rotary embeddings (Phi-4-mini, GLM-4.5)
+        if not isinstance(rope_dims, int) or isinstance(rope_dims, bool) or not 0 < rope_dims <= cfg.head_dim or rope_dims % 2:
+            raise UserError(f"{where}: {arch}.rope.dimension_count is {rope_dims!r}, not an even number of "
+                            f"features up to the head size {cfg.head_dim}")
+        cfg.partial_rotary_factor = rope_dims / cfg.head_dim
     if family == "gemma3_text":  # llama.cpp's attention scale; its sliding window when the file has one
         wide = cfg.num_hidden_layers == 62  # the 27B
         cfg.query_pre_attn_scalar = cfg.hidden_size // cfg.num_attention_heads if wide else cfg.head_dim
         cfg.sliding_window = sliding
     return cfg
+
+
+def _family_metadata(family: str, get, config: dict[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Metadata only some architectures carry: GLM-4.5's q/k norms (present or not) and multi-token-
+    prediction layers (counted in block_count, not part of the decoder), Phi-3's window (0: none), Ministral 3's query scale and YaRN
+    multiplier (llama.cpp keeps one: HF's mscale and mscale_all_dim alike)."""
+    if family == "glm4_moe":
+        config["use_qk_norm"] = "blk.0.attn_q_norm.weight" in shapes
+    if family == "glm4_moe" and get("nextn_predict_layers", 0):
+        config["num_nextn_predict_layers"] = get("nextn_predict_layers")
+        config["num_hidden_layers"] -= config["num_nextn_predict_layers"]
+    elif family == "phi3":
+        window = get("attention.sliding_window", 0)
+        config["sliding_window"] = window or None
+    elif family == "ministral3" and get("attention.temperature_scale", None) is not None:
+        config["query_scale_beta"] = get("attention.temperature_scale")
+        config["query_scale_length"] = get("rope.scaling.original_context_length", 8192)
+        if "rope_scaling" in config and get("rope.scaling.yarn_log_multiplier", None) is not None:
+            config["rope_scaling"]["mscale"] = config["rope_scaling"]["mscale_all_dim"] = get(
+                "rope.scaling.yarn_log_multiplier")
 
 
 def hf_name(name: str, family: str) -> str:
@@ -215,10 +244,14 @@ def hf_name(name: str, family: str) -> str:
         module = table[parts[2]]
         if family == "mixtral" and module.startswith("mlp.") and parts[2].endswith(("_inp", "_exps")):
             module = "block_sparse_moe." + module[len("mlp."):]
-        if family == "dots1":  # DeepSeek names: experts / shared_experts, the router's selection bias
-            module = module.replace("mlp.switch_mlp.", "mlp.experts.").replace("mlp.shared_expert.", "mlp.shared_experts.")
+        if family in _DEEPSEEK_ROUTED:  # DeepSeek names: shared_experts, the router's selection bias
+            module = module.replace("mlp.shared_expert.", "mlp.shared_experts.")
+            if family == "dots1":
+                module = module.replace("mlp.switch_mlp.", "mlp.experts.")
             if parts[2] == "exp_probs_b":
                 return f"model.layers.{parts[1]}.mlp.gate.e_score_correction_bias"
+        if family == "phi3" and parts[2] == "ffn_up":  # gate and up stacked, as the HF checkpoint holds them
+            module = "mlp.gate_up_proj"
         return ".".join(["model.layers", parts[1], module, *parts[3:]])
     return name
 
@@ -265,18 +298,33 @@ class GGUFSource:
             meta = ChainMap({f"{arch}.vocab_size": embed.shape[0]}, meta)
         self.config = config_from_gguf(meta, {t.name: t.shape for t in self.file.tensors}, path.name)
         self.arch = arch
-        freq_factors = by_name.pop("rope_freqs.weight", None)
-        if freq_factors is not None:  # Llama 3.x long-context RoPE, stored as computed divisors
-            with np.errstate(all="ignore"):
-                factors = self._floats(freq_factors, self.raw(freq_factors)).reshape(-1)
-            if factors.size != self.config.head_dim // 2 or not np.all(np.isfinite(factors) & (factors > 0)):
-                raise UserError(f"{path.name}: tensor 'rope_freqs.weight' holds {factors.size} values, not "
-                                f"{self.config.head_dim // 2} positive finite RoPE frequency divisors")
-            self.config.rope_scaling = {"rope_type": "freq_factors", "factors": factors.tolist()}
+        for t in [t for t in by_name.values() if t.name.startswith("blk.")]:
+            if int(t.name.split(".")[1]) >= self.config.num_hidden_layers:  # GLM-4.5's multi-token prediction
+                del by_name[t.name]
+        factors = {name: self._rope_factors(by_name.pop(f"{name}.weight")) for name in
+                   ("rope_freqs", "rope_factors_long", "rope_factors_short") if f"{name}.weight" in by_name}
+        if "rope_freqs" in factors:  # Llama 3.x long-context RoPE, stored as computed divisors
+            self.config.rope_scaling = {"rope_type": "freq_factors", "factors": factors["rope_freqs"]}
+        elif "rope_factors_long" in factors:  # Phi-3's LongRoPE
+            self.config.rope_scaling = {
+                "rope_type": "longrope", "long_factor": factors["rope_factors_long"],
+                "short_factor": factors.get("rope_factors_short", factors["rope_factors_long"]),
+                "attention_factor": meta.get(f"{arch}.rope.scaling.attn_factor"),
+                "original_max_position_embeddings": meta.get(f"{arch}.rope.scaling.original_context_length", 4096),
+                "max_position_embeddings": self.config.max_position_embeddings}
         self._tensors = list(by_name.values())
         self.requant_errors: dict[str, list[float]] = {}  # block type -> relative RMS error per tensor
         # 16-bit type of the 'native' path: Gemma 3's residual stream overflows float16.
         self.native_dtype = mx.bfloat16 if self.config.model_type == "gemma3_text" else mx.float16
+
+    def _rope_factors(self, t: GGUFTensor) -> list[float]:
+        with np.errstate(all="ignore"):
+            factors = self._floats(t, self.raw(t)).reshape(-1)
+        dims = self.config.rope_dims
+        if factors.size != dims // 2 or not np.all(np.isfinite(factors) & (factors > 0)):
+            raise UserError(f"{self.path.name}: tensor '{t.name}' holds {factors.size} values, not "
+                            f"{dims // 2} positive finite RoPE frequency factors")
+        return factors.tolist()
 
     @property
     def specs(self) -> list[TensorSpec]:

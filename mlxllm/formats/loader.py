@@ -18,6 +18,7 @@ import mlx.core as mx
 
 from .. import backend
 from ..errors import UserError
+from ..model.config import ModelConfig
 from ..model.decoder import Model
 from .gguf import GGUFSource
 from .hf import HFSource
@@ -156,6 +157,33 @@ def load(
     return model, tokenizer
 
 
+def _specifics(cfg: ModelConfig, specs: list, total: int) -> dict[str, Any]:
+    """What a family adds to the common facts: experts, layers without RoPE or with a window, partial or
+    scaled RoPE, the query scale, fused projections."""
+    out: dict[str, Any] = {}
+    if cfg.num_experts:  # stacked (switch_mlp / experts) or per-expert (experts.N) tensors
+        routed = sum(s.elements for s in specs if ".switch_mlp." in s.name or ".experts." in s.name)
+        out = {"experts": f"{cfg.num_experts} ({cfg.num_experts_per_tok} active per token)",
+               "active_parameters": total - routed + routed * cfg.num_experts_per_tok // cfg.num_experts}
+    layers = range(cfg.num_hidden_layers)
+    if cfg.no_rope_layers is not None:
+        out["layers_without_rope"] = [i for i in layers if not cfg.uses_rope(i)]
+    sliding = [i for i in layers if cfg.is_sliding(i)]
+    if sliding:
+        out["sliding_window"] = f"{cfg.sliding_window} tokens, on {len(sliding)} of {len(layers)} layers"
+    if not cfg.kv_lora_rank and cfg.rope_dims != cfg.head_dim:
+        out["rope_features_per_head"] = f"{cfg.rope_dims} of {cfg.head_dim}"
+    scaling = cfg.rope_scaling or {}
+    if scaling:
+        out["rope_scaling"] = scaling.get("rope_type", scaling.get("type"))
+    if cfg.query_scale_beta is not None:
+        out["query_scale"] = f"1 + {cfg.query_scale_beta:.6g} * log(1 + floor(position / {cfg.query_scale_length}))"
+    fused = [name for name, on in (("qkv_proj", cfg.fused_qkv), ("gate_up_proj", cfg.fused_gate_up)) if on]
+    if fused:
+        out["fused_projections"] = fused
+    return out
+
+
 def describe_model(path: str | Path | None = None, *, kquant: str = "q8") -> dict[str, Any]:
     """Facts about a model from its header/index alone (no tensor data read), for ``mlxllm info``."""
     source = open_source(path)
@@ -170,13 +198,7 @@ def describe_model(path: str | Path | None = None, *, kquant: str = "q8") -> dic
     except UserError:
         auto = None
     total = sum(s.elements for s in specs)
-    specifics: dict[str, Any] = {}  # what this family adds to the common facts
-    if cfg.num_experts:  # stacked (switch_mlp / experts) or per-expert (experts.N) tensors
-        routed = sum(s.elements for s in specs if ".switch_mlp." in s.name or ".experts." in s.name)
-        specifics = {"experts": f"{cfg.num_experts} ({cfg.num_experts_per_tok} active per token)",
-                     "active_parameters": total - routed + routed * cfg.num_experts_per_tok // cfg.num_experts}
-    if cfg.no_rope_layers is not None:
-        specifics["layers_without_rope"] = [i for i in range(cfg.num_hidden_layers) if not cfg.uses_rope(i)]
+    specifics = _specifics(cfg, specs, total)
     return {
         "path": str(source.path),
         "format": source.format,

@@ -28,7 +28,8 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", 
                   "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "mixtral": "MixtralForCausalLM",
                   "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
                   "dots1": "Dots1ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
-                  "deepseek_v3": "DeepseekV3ForCausalLM", "smollm3": "SmolLM3ForCausalLM"}
+                  "deepseek_v3": "DeepseekV3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "phi3": "Phi3ForCausalLM",
+                  "glm4_moe": "Glm4MoeForCausalLM", "ministral3": "Ministral3ForCausalLM"}
 _MOE = ("num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size", "norm_topk_prob",
         "decoder_sparse_step", "mlp_only_layers")
 _LATENT = ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
@@ -54,6 +55,9 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
         out.update({k: getattr(cfg, k) for k in _LATENT})
     if cfg.no_rope_layers is not None:
         out["no_rope_layers"] = cfg.no_rope_layers
+    if cfg.partial_rotary_factor != 1.0:
+        out["partial_rotary_factor"] = cfg.partial_rotary_factor
+    _family_fields(cfg, out)
     if cfg.num_experts and (cfg.router == "sigmoid_group" or cfg.model_type.startswith("deepseek")):
         sigmoid = cfg.router == "sigmoid_group"  # DeepSeek-style names
         out.update(n_routed_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
@@ -66,7 +70,27 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
     elif cfg.num_experts:
         out.update({k: getattr(cfg, k) for k in _MOE})
         out["num_local_experts" if cfg.model_type == "mixtral" else "num_experts"] = cfg.num_experts
-    return {k: v for k, v in out.items() if v is not None or k == "q_lora_rank"}
+    return {k: v for k, v in out.items() if v is not None or k in ("q_lora_rank", "rope_scaling")}
+
+
+def _family_fields(cfg: ModelConfig, out: dict[str, Any]) -> None:
+    """Where a family's config.json spells a setting its own way: GLM's ``use_qk_norm``, Phi-3's LongRoPE
+    (``type`` and the original context beside it), Ministral 3's ``rope_parameters`` with the query scale."""
+    scaling = dict(cfg.rope_scaling or {})
+    if cfg.model_type == "glm4_moe":
+        out["use_qk_norm"] = cfg.qk_norm
+    elif cfg.model_type == "phi3" and scaling.get("rope_type", scaling.get("type")) in ("longrope", "su"):
+        out["original_max_position_embeddings"] = scaling.pop("original_max_position_embeddings")
+        scaling.pop("max_position_embeddings", None)
+        out["rope_scaling"] = {"type": scaling.pop("rope_type", scaling.pop("type", "longrope")), **scaling}
+    elif cfg.model_type == "ministral3":
+        params = {"rope_type": "default", **scaling, "rope_theta": out.pop("rope_theta")}
+        if cfg.query_scale_beta is not None:
+            params.update(llama_4_scaling_beta=cfg.query_scale_beta,
+                          original_max_position_embeddings=cfg.query_scale_length)
+        out.pop("rope_scaling")
+        out.update(rope_parameters=params, layer_types=cfg.layer_types)
+        out.pop("use_sliding_window", None)
 
 
 SHARD_BYTES = 5 * 2**30

@@ -26,14 +26,15 @@ from ..files import write_atomic
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
 # --lora-targets names -> the linear layers (leaf names inside a block) they select, across the
-# attention forms (plain, and DeepSeek's latent attention) and dense MLPs (incl. MoE shared experts).
+# attention forms (plain, fused as Phi-3's, and DeepSeek's latent attention) and dense MLPs (incl. MoE
+# shared experts). A fused projection is selected by any of the maps it holds.
 TARGETS = {
-    "q": ("q_proj", "q_a_proj", "q_b_proj"),
-    "k": ("k_proj", "kv_a_proj_with_mqa"),
-    "v": ("v_proj", "kv_b_proj"),
+    "q": ("q_proj", "q_a_proj", "q_b_proj", "qkv_proj"),
+    "k": ("k_proj", "kv_a_proj_with_mqa", "qkv_proj"),
+    "v": ("v_proj", "kv_b_proj", "qkv_proj"),
     "o": ("o_proj",),
-    "gate": ("gate_proj",),
-    "up": ("up_proj",),
+    "gate": ("gate_proj", "gate_up_proj"),
+    "up": ("up_proj", "gate_up_proj"),
     "down": ("down_proj",),
 }
 

@@ -49,9 +49,17 @@ FAMILIES: dict[str, dict[str, Any]] = {
     # V2 routes by softmax (optionally group-limited), V3 by sigmoid + selection bias.
     "deepseek_v2": {"shared_expert_gate": False, "float_router": True},
     "deepseek_v3": {"router": "sigmoid_group", "shared_expert_gate": False},
+    # GLM-4.5/4.6: DeepSeek-V3's routing and ungated shared experts under Qwen-style attention with
+    # biases, optional per-head q/k norms and RoPE over half of each head.
+    "glm4_moe": {"router": "sigmoid_group", "shared_expert_gate": False, "partial_rotary_factor": 0.5},
+    # Phi-3 / Phi-4: Llama with fused q|k|v and gate|up projections, LongRoPE ("su") scaling.
+    "phi3": {"fused_qkv": True, "fused_gate_up": True},
+    # Ministral 3 (Mistral 3's text model): Llama with YaRN and Llama 4's position-dependent query scale.
+    "ministral3": {"tie_word_embeddings": True},
 }
 # Names under which the same families appear elsewhere (HF multimodal wrappers, GGUF).
 ALIASES = {"gemma3": "gemma3_text", "smollm2": "llama", "smollm": "llama", "qwen2moe": "qwen2_moe",
+           "glm4moe": "glm4_moe", "mistral3": "ministral3",
            "qwen3moe": "qwen3_moe"}
 
 
@@ -108,6 +116,12 @@ class ModelConfig:
     rope_local_base_freq: float | None = None
     no_rope_layers: list[int] | None = None  # per layer, 1: RoPE, 0: none (SmolLM3's NoPE layers); None: all RoPE
     qk_norm_per_head: bool = True  # False: one norm over all heads' projections (OLMoE)
+    partial_rotary_factor: float = 1.0  # RoPE turns the first rope_dims = head_dim x this features of each head
+    fused_qkv: bool = False  # one qkv_proj (rows: q, k, v) instead of q_proj/k_proj/v_proj (Phi-3)
+    fused_gate_up: bool = False  # one gate_up_proj (rows: gate, up) instead of gate_proj/up_proj (Phi-3)
+    # Llama 4 / Ministral 3: queries at position p scaled by 1 + beta * log(1 + floor(p / length)).
+    query_scale_beta: float | None = None
+    query_scale_length: int = 8192
     # Mixture of experts: a layer is MoE when num_experts > 0, it is not in mlp_only_layers, and
     # (layer + 1) is a multiple of decoder_sparse_step.
     num_experts: int = 0
@@ -146,9 +160,12 @@ class ModelConfig:
             if not self.head_dim:
                 raise UserError(f"num_attention_heads is {self.num_attention_heads}, more than hidden_size "
                                 f"({self.hidden_size}) has features")
-        if self.head_dim % 2 and not self.kv_lora_rank or self.qk_rope_head_dim % 2:
-            dims = "qk_rope_head_dim" if self.kv_lora_rank else "head_dim"
-            raise UserError(f"{dims} is {getattr(self, dims)}, not even (RoPE turns pairs of features)")
+        if self.rope_dims % 2 and not self.kv_lora_rank or self.qk_rope_head_dim % 2 or not self.rope_dims:
+            dims = "qk_rope_head_dim" if self.kv_lora_rank else "head_dim x partial_rotary_factor"
+            value = self.qk_rope_head_dim if self.kv_lora_rank else self.rope_dims
+            raise UserError(f"{dims} is {value}, not a positive even number (RoPE turns pairs of features)")
+        if self.partial_rotary_factor > 1:
+            raise UserError(f"partial_rotary_factor is {self.partial_rotary_factor}, more than 1")
         if self.layer_types is None:
             self.layer_types = ["full_attention"] * self.num_hidden_layers
         if len(self.layer_types) != self.num_hidden_layers:
@@ -180,6 +197,11 @@ class ModelConfig:
     @property
     def attention_scale(self) -> float:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @property
+    def rope_dims(self) -> int:
+        """Features of each head that RoPE turns (all but the tail when partial_rotary_factor < 1)."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def kv_cache_width(self) -> tuple[int, int]:
@@ -216,6 +238,8 @@ class ModelConfig:
             for key in ("quantization", "tie_word_embeddings"):
                 if key in config:
                     text.setdefault(key, config[key])
+            if config.get("model_type") == "mistral3":  # Mistral 3's wrapper unties the head unless told
+                text.setdefault("tie_word_embeddings", False)
             config = text
         model_type = config.get("model_type")
         if model_type is None:
@@ -252,13 +276,20 @@ class ModelConfig:
                 raise UserError(f"{where}: rope_parameters is not a valid RoPE description") from None
             if params.get("rope_type", "default") != "default":
                 values["rope_scaling"] = params
+        if family == "phi3":
+            _phi3_rope(values, config)
+        elif family == "glm4_moe":
+            values["qk_norm"] = bool(config.get("use_qk_norm", False))
+        elif family == "ministral3":
+            _query_scale(values, config.get("rope_parameters") or config.get("rope_scaling") or {})
         if family == "gemma3_text":
             _gemma3_layers(values, config)
-        elif config.get("sliding_window") and family in ("mistral", "mixtral"):
+        elif config.get("sliding_window") and family in ("mistral", "mixtral", "phi3"):
             values["layer_types"] = ["sliding_attention"] * values.get("num_hidden_layers", 0)
         elif family in ("qwen2", "qwen2_moe") and not config.get("use_sliding_window"):
             values["sliding_window"] = None
-        elif family in ("llama", "qwen3", "qwen3_moe", "olmoe", "dots1", "deepseek_v2", "deepseek_v3", "smollm3"):
+        elif family in ("llama", "qwen3", "qwen3_moe", "olmoe", "dots1", "deepseek_v2", "deepseek_v3", "smollm3",
+                        "glm4_moe"):
             values.pop("sliding_window", None)
         if family == "smollm3" and config.get("no_rope_layers") is None:  # every interval-th layer has none
             interval = config.get("no_rope_layer_interval", 4)
@@ -292,6 +323,24 @@ def _deepseek_routing(values: dict[str, Any], config: dict[str, Any]) -> None:
         raise UserError(f"moe_layer_freq {config['moe_layer_freq']} is not supported (only 1)")
 
 
+def _phi3_rope(values: dict[str, Any], config: dict[str, Any]) -> None:
+    """Phi-3 keeps LongRoPE's context lengths beside rope_scaling; the RoPE needs both to size its
+    attention factor."""
+    scaling = values.get("rope_scaling")
+    if isinstance(scaling, Mapping) and scaling.get("rope_type", scaling.get("type")) in ("longrope", "su"):
+        scaling = dict(scaling)
+        scaling.setdefault("original_max_position_embeddings", config.get("original_max_position_embeddings", 4096))
+        scaling.setdefault("max_position_embeddings", values.get("max_position_embeddings", 4096))
+        values["rope_scaling"] = scaling
+
+
+def _query_scale(values: dict[str, Any], rope: Mapping[str, Any]) -> None:
+    """Ministral 3 states Llama 4's query scaling in its RoPE parameters."""
+    if isinstance(rope, Mapping) and rope.get("llama_4_scaling_beta") is not None:
+        values["query_scale_beta"] = rope["llama_4_scaling_beta"]
+        values["query_scale_length"] = rope.get("original_max_position_embeddings", 8192)
+
+
 def _gemma3_layers(values: dict[str, Any], config: dict[str, Any]) -> None:
     """Gemma 3: every Nth layer is global, the rest use a sliding window with their own RoPE base."""
     values.setdefault("query_pre_attn_scalar", config.get("query_pre_attn_scalar", 256))
@@ -320,11 +369,11 @@ _SIZES = {
     "topk_group": (0, 2**16), "first_k_dense_replace": (0, 2**20), "decoder_sparse_step": (1, 2**20),
     "moe_layer_freq": (1, 2**20), "num_nextn_predict_layers": (0, 2**20), "kv_lora_rank": (0, 2**24),
     "q_lora_rank": (0, 2**24), "qk_nope_head_dim": (0, 2**16), "qk_rope_head_dim": (0, 2**16),
-    "v_head_dim": (0, 2**16),
+    "v_head_dim": (0, 2**16), "query_scale_length": (1, 2**26),
 }  # fmt: skip
 # Floats that must be finite and above a bound (a RoPE base of 1 or less has no wavelengths).
 _ABOVE = {"rms_norm_eps": 0, "rope_theta": 1, "rope_local_base_freq": 1, "query_pre_attn_scalar": 0,
-          "routed_scaling_factor": 0}  # fmt: skip
+          "routed_scaling_factor": 0, "partial_rotary_factor": 0, "query_scale_beta": 0}  # fmt: skip
 _BOOLS = {f.name for f in fields(ModelConfig) if f.type == "bool"}
 # What MLX loads, per quantization mode: (group sizes, bits); ``quantize.MODES`` is what convert offers of it.
 QUANT_MODES = {"affine": ((32, 64, 128), (1, 2, 3, 4, 5, 6, 8)), "mxfp4": ((32,), (4,)), "mxfp8": ((32,), (8,)),
@@ -412,6 +461,13 @@ def _check_rope_scaling(scaling: Any, fail: Fail) -> None:
             _number(f"rope_scaling.{key}", scaling[key], 0 if "factor" in key else -math.inf, fail)
     if scaling.get("factor") is None and (kind in ("linear", "llama3", "yarn") or scaling.get("mscale_all_dim")):
         fail("rope_scaling.factor", f"is missing (rope type {kind!r} needs it)")
+    if kind in ("longrope", "su"):
+        for key in ("short_factor", "long_factor"):
+            factors = scaling.get(key)
+            if not isinstance(factors, list) or not factors:
+                fail(f"rope_scaling.{key}", f"is {factors!r}, not a list of numbers ({kind} scaling needs it)")
+            for i, value in enumerate(factors):
+                _number(f"rope_scaling.{key}[{i}]", value, 0, fail)
     if kind == "llama3" and scaling.get("low_freq_factor", 1.0) == scaling.get("high_freq_factor", 4.0):
         fail("rope_scaling.high_freq_factor", "equals low_freq_factor (llama3 scaling ramps between them)")
     if scaling.get("original_max_position_embeddings") is not None:

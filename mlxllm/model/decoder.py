@@ -36,9 +36,11 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale = cfg.attention_scale
         bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.widths = [self.n_heads * self.head_dim] + [self.n_kv_heads * self.head_dim] * 2
+        if cfg.fused_qkv:
+            self.qkv_proj = nn.Linear(cfg.hidden_size, sum(self.widths), bias=bias)
+        else:
+            self.q_proj, self.k_proj, self.v_proj = (nn.Linear(cfg.hidden_size, w, bias=bias) for w in self.widths)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
         self.qk_norm_per_head = cfg.qk_norm_per_head
         if cfg.qk_norm:  # per head (Qwen3, Gemma 3) or over all heads' projections (OLMoE)
@@ -49,19 +51,25 @@ class Attention(nn.Module):
         if not cfg.uses_rope(layer):
             self.rope = NoRoPE()
         elif sliding and cfg.rope_local_base_freq is not None:  # Gemma 3 local layers: own base, no scaling
-            self.rope = make_rope(self.head_dim, cfg.rope_local_base_freq, None)
+            self.rope = make_rope(cfg.rope_dims, cfg.rope_local_base_freq, None)
         else:
-            self.rope = make_rope(self.head_dim, cfg.rope_theta, cfg.rope_scaling)
+            self.rope = make_rope(cfg.rope_dims, cfg.rope_theta, cfg.rope_scaling)
+        self.query_scale = None if cfg.query_scale_beta is None else (cfg.query_scale_beta, cfg.query_scale_length)
+
+    def _project(self, x: mx.array) -> list[mx.array]:
+        if "qkv_proj" in self:
+            return mx.split(self.qkv_proj(x), [self.widths[0], self.widths[0] + self.widths[1]], axis=-1)
+        return [self.q_proj(x), self.k_proj(x), self.v_proj(x)]
 
     def __call__(self, x: mx.array, mask, cache) -> mx.array:
         B, L, _ = x.shape
-        q, k = self.q_proj(x), self.k_proj(x)
+        q, k, v = self._project(x)
         norm = "q_norm" in self
         if norm and not self.qk_norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.reshape(B, L, self.n_heads, self.head_dim)
         k = k.reshape(B, L, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        v = v.reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         if norm and self.qk_norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
@@ -75,11 +83,21 @@ class Attention(nn.Module):
         """Positions, the cache update and attention for ``q, k, v [B, heads, L, head_dim]``."""
         offset = 0 if cache is None else cache.offset
         q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        if self.query_scale is not None:
+            q = q * query_scale(q.shape[2], offset, *self.query_scale).astype(q.dtype)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         if isinstance(k, tuple):  # a quantized cache hands back packed (weights, scales, biases)
             return cache.attend(q, k, v, self.scale, mask)
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+
+
+def query_scale(n: int, offset: int | mx.array, beta: float, length: int) -> mx.array:
+    """Llama 4's per-position query scale ``1 + beta * log(1 + floor(p / length))`` for positions
+    ``offset + [0, n)``, shaped to multiply queries ``[B, heads, n, dims]`` (``offset``: one per row)."""
+    positions = mx.arange(n) + (offset[:, None] if isinstance(offset, mx.array) and offset.ndim else offset)
+    scale = 1 + beta * mx.log(1 + mx.floor(positions / length))
+    return scale[:, None, :, None] if scale.ndim == 2 else scale[:, None]
 
 
 def _activation(cfg: ModelConfig):
@@ -90,13 +108,20 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, hidden: int | None = None):
         super().__init__()
         hidden = hidden or cfg.intermediate_size
-        self.gate_proj = nn.Linear(cfg.hidden_size, hidden, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, hidden, bias=False)
+        if cfg.fused_gate_up:
+            self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * hidden, bias=False)
+        else:
+            self.gate_proj = nn.Linear(cfg.hidden_size, hidden, bias=False)
+            self.up_proj = nn.Linear(cfg.hidden_size, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, cfg.hidden_size, bias=False)
         self.act = _activation(cfg)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        if "gate_up_proj" in self:
+            gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.act(gate) * up)
 
 
 class Block(nn.Module):

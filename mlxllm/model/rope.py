@@ -85,6 +85,13 @@ def yarn_freqs(dims: int, base: float, scaling: dict[str, Any]) -> mx.array:
     return mx.array(out, dtype=mx.float32)
 
 
+def _scaled_periods(dims: int, base: float, factors: list[float], name: str) -> mx.array:
+    """Default RoPE periods, each multiplied by its factor (one per turned pair of features)."""
+    if len(factors) != dims // 2:
+        raise UserError(f"{name} has {len(factors)} values, expected {dims // 2}")
+    return mx.array([base ** (i / dims) * f for i, f in zip(range(0, dims, 2), factors)], dtype=mx.float32)
+
+
 def make_rope(dims: int, base: float, scaling: dict[str, Any] | None, traditional: bool = False) -> RoPE:
     """Build the RoPE a config asks for; unknown scaling types are a clear error, not a silent default."""
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
@@ -101,11 +108,13 @@ def make_rope(dims: int, base: float, scaling: dict[str, Any] | None, traditiona
         )
         kw = {"freqs": yarn_freqs(dims, base, scaling), "mscale": mscale}
     elif kind == "freq_factors":  # GGUF's rope_freqs tensor: per-frequency divisors, already computed
-        factors = scaling["factors"]
-        if len(factors) != dims // 2:
-            raise UserError(f"rope_freqs has {len(factors)} values, expected {dims // 2}")
-        periods = [base ** (i / dims) * f for i, f in zip(range(0, dims, 2), factors)]
-        kw = {"freqs": mx.array(periods, dtype=mx.float32)}
+        kw = {"freqs": _scaled_periods(dims, base, scaling["factors"], "rope_freqs")}
+    elif kind in ("longrope", "su"):  # Phi-3: long factors at every length, as mlx-lm does
+        original = scaling.get("original_max_position_embeddings") or 4096
+        factor = (scaling.get("max_position_embeddings") or original) / original
+        mscale = scaling.get("long_mscale") or scaling.get("attention_factor") or (
+            math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0)
+        kw = {"freqs": _scaled_periods(dims, base, scaling["long_factor"], "rope_scaling.long_factor"), "mscale": mscale}
     else:
-        raise UserError(f"unsupported rope_scaling type '{kind}' (supported: default, linear, llama3, yarn, freq_factors)")
+        raise UserError(f"unsupported rope_scaling type '{kind}' (supported: default, linear, llama3, yarn, longrope, freq_factors)")
     return RoPE(dims, base, traditional=traditional, **kw)
