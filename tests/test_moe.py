@@ -29,7 +29,7 @@ def _cfg(**kw) -> ModelConfig:
 
 def _random_moe(cfg: ModelConfig) -> moe.MoE:
     mx.random.seed(1)
-    block = moe.MoE(cfg, nn.silu, lambda h: None)
+    block = moe.MoE(cfg, lambda gate, up: nn.silu(gate) * up, lambda h: None)
     block.update(tree_unflatten([(k, mx.random.normal(v.shape) * 0.3) for k, v in tree_flatten(block.parameters())]))
     return block
 

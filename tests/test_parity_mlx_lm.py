@@ -87,8 +87,13 @@ FAMILIES = {
         n_shared_experts=1, first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5, n_group=4,
         topk_group=2, use_qk_norm=True, attention_bias=True, partial_rotary_factor=0.5, rope_scaling=None,
     ),
+    "gpt_oss": dict(
+        BASE, model_type="gpt_oss", head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=5,
+        rope_scaling=dict(rope_type="yarn", factor=4.0, beta_fast=32.0, beta_slow=1.0,
+                          original_max_position_embeddings=16),
+    ),
 }
-MOE_FAMILIES = ["glm4_moe", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "dots1", "deepseek_v2", "deepseek_v3"]
+MOE_FAMILIES = ["gpt_oss", "glm4_moe", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "dots1", "deepseek_v2", "deepseek_v3"]
 
 
 def _reference(config: dict) -> nn.Module:
@@ -141,7 +146,7 @@ def test_moe_prefill_sorted_by_expert_matches_mlx_lm(family):
     assert mx.allclose(a, b, atol=1e-4, rtol=1e-4).item(), float(mx.abs(a - b).max())
 
 
-@pytest.mark.parametrize("family", ["phi3", "phi3-plain", "ministral3", "glm4_moe", "smollm3"])
+@pytest.mark.parametrize("family", ["phi3", "phi3-plain", "ministral3", "glm4_moe", "smollm3", "gpt_oss"])
 def test_saved_checkpoint_reads_back_in_mlxllm_and_mlx_lm(family, tmp_path):
     """``convert``'s writer spells each family's settings as its config.json does (Phi-3's LongRoPE,
     Ministral 3's rope_parameters and query scale, GLM's use_qk_norm, partial rotary factors)."""
@@ -155,3 +160,27 @@ def test_saved_checkpoint_reads_back_in_mlxllm_and_mlx_lm(family, tmp_path):
     assert mx.allclose(load_model(path, compute="float32")(tokens), want, atol=1e-5).item()
     theirs, _ = mlx_lm_utils.load_model(path)
     assert mx.allclose(theirs(tokens), want, atol=1e-4).item()
+
+
+@pytest.mark.parametrize("truncate", [True, False])
+def test_yarn_periods_follow_the_definition(truncate):
+    """YaRN as Hugging Face defines it, written out in numpy: the ramp between the dimensions where
+    ``beta_fast`` and ``beta_slow`` turns fit the original context, rounded outward unless ``truncate``
+    is false (gpt-oss; mlx-lm always rounds)."""
+    import math
+
+    import numpy as np
+
+    from mlxllm.model.rope import yarn_freqs
+
+    dims, base, factor, original = 64, 150000.0, 32.0, 4096
+    corr = [dims * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(base)) for turns in (32, 1)]
+    if truncate:
+        corr = [math.floor(corr[0]), math.ceil(corr[1])]
+    low, high = max(corr[0], 0), min(corr[1], dims - 1)
+    extrapolate = 1 - np.clip((np.arange(dims // 2) - low) / (high - low), 0, 1)
+    periods = base ** (np.arange(0, dims, 2) / dims)
+    inv = (1 / (factor * periods)) * (1 - extrapolate) + (1 / periods) * extrapolate
+    scaling = dict(factor=factor, original_max_position_embeddings=original, beta_fast=32, beta_slow=1,
+                   truncate=truncate)
+    np.testing.assert_allclose(np.array(yarn_freqs(dims, base, scaling)), 1 / inv, rtol=1e-5)

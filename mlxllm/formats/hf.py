@@ -16,7 +16,7 @@ import math
 import re
 import struct
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import mlx.core as mx
 
@@ -50,6 +50,35 @@ def expert_stacks(names: list[str], stack: str = "switch_mlp") -> dict[str, list
         if sorted(members) != list(range(len(members))):
             raise UserError(f"experts for '{stacked}' are not numbered 0..{len(members) - 1}")
     return {stacked: [members[e] for e in range(len(members))] for stacked, members in groups.items()}
+
+
+# gpt-oss keeps each layer's experts as two stacks: gate|up interleaved (gate rows even, up rows odd) and
+# down; OpenAI's release as MXFP4 blocks + e8m0 scales ([experts, out, in/32, 16] bytes), dequantized
+# exports as float maps [experts, in, out].
+_OSS_EXPERTS = re.compile(r"^(.+\.experts)\.(gate_up_proj|down_proj)(_blocks|_scales|_bias)?$")
+
+
+def _oss_experts(prefix: str, proj: str, part: Callable[[str], mx.array | None]) -> Iterator[tuple[str, Tensor]]:
+    """One gpt-oss expert stack (``part(suffix)`` reads it) as the decoder's stacked gate/up/down maps:
+    MXFP4 stays MXFP4 (MLX's mxfp4 packs the same nibbles and scales), float maps are transposed."""
+    blocks, bias = part("_blocks"), part("_bias")
+    if blocks is not None:
+        packed, scales = blocks.view(mx.uint32).flatten(-2), part("_scales")
+
+        def rows(r: slice) -> Tensor:
+            return Quantized(mx.contiguous(packed[..., r, :]), mx.contiguous(scales[..., r, :]), None, 32, 4, "mxfp4")
+    else:
+        dense = part("").swapaxes(-1, -2)
+
+        def rows(r: slice) -> Tensor:
+            return mx.contiguous(dense[..., r, :])
+
+    maps = [("down_proj", slice(None))] if proj == "down_proj" else [("gate_proj", slice(0, None, 2)),
+                                                                      ("up_proj", slice(1, None, 2))]
+    for name, r in maps:
+        yield f"{prefix}.{name}.weight", rows(r)
+        if bias is not None:
+            yield f"{prefix}.{name}.bias", mx.contiguous(bias[..., r])
 
 
 def _fold_latent_maps(held: dict[str, Tensor], name: str, cfg: ModelConfig, target: str,
@@ -193,6 +222,8 @@ class HFSource:
         self.arch = raw.get("model_type")
         quant = raw.get("quantization_config")
         method = quant.get("quant_method") if isinstance(quant, dict) else None
+        if method == "mxfp4" and self.config.model_type == "gpt_oss":
+            method = None  # OpenAI's MXFP4 experts: read as MLX mxfp4 (``_oss_experts``)
         if method and not self.config.quantization:  # GPTQ, AWQ, bitsandbytes, FP8...: other tensor layouts
             raise UserError(f"{method} checkpoints are not supported: use an unquantized or an MLX-quantized one")
         mtp_layers = raw.get("num_nextn_predict_layers", 0)
@@ -250,7 +281,12 @@ class HFSource:
             prefix, _, leaf = name.rpartition(".")
             nbytes = info["data_offsets"][1] - info["data_offsets"][0]
             count = math.prod(info["shape"])
-            if prefix in self.quant:
+            if name.endswith("_scales") and _OSS_EXPERTS.match(name):
+                continue  # accounted with their blocks
+            if name.endswith("_blocks") and _OSS_EXPERTS.match(name):  # two 4-bit weights per byte
+                nbytes += self._bytes(name[: -len("_blocks")] + "_scales")
+                out.append(TensorSpec(name, 2 * count, "mxfp4/g32", nbytes, "affine", 4, 32))
+            elif prefix in self.quant:
                 if leaf != "weight":
                     continue  # scales and biases are accounted with their weight
                 group, bits, mode = self.quant[prefix]
@@ -283,8 +319,13 @@ class HFSource:
             return mx.stack([array(m) for m in members]) if members else array(name)
 
         in_stacks = {m for members in self.stacks.values() for m in members}
+        oss = {m.group(1, 2) for m in map(_OSS_EXPERTS.match, self.index) if m}
+        for prefix, proj in sorted(oss):
+            yield from ((n, finish(t, target, self.native_dtype)) for n, t in _oss_experts(
+                prefix, proj, lambda suffix: array(f"{prefix}.{proj}{suffix}") if f"{prefix}.{proj}{suffix}" in self.index
+                else None))
         latent_maps: dict[str, Tensor] = {}
-        for name in [n for n in self.index if n not in in_stacks] + list(self.stacks):
+        for name in [n for n in self.index if n not in in_stacks and not _OSS_EXPERTS.match(n)] + list(self.stacks):
             prefix, _, leaf = name.rpartition(".")
             quant = self.quant.get(self.stacks[name][0].rpartition(".")[0] if name in self.stacks else prefix)
             if quant and leaf in ("scales", "biases"):

@@ -29,7 +29,7 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", 
                   "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
                   "dots1": "Dots1ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
                   "deepseek_v3": "DeepseekV3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "phi3": "Phi3ForCausalLM",
-                  "glm4_moe": "Glm4MoeForCausalLM", "ministral3": "Ministral3ForCausalLM"}
+                  "glm4_moe": "Glm4MoeForCausalLM", "ministral3": "Ministral3ForCausalLM", "gpt_oss": "GptOssForCausalLM"}
 _MOE = ("num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size", "norm_topk_prob",
         "decoder_sparse_step", "mlp_only_layers")
 _LATENT = ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
@@ -69,13 +69,14 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
                    topk_method="noaux_tc" if sigmoid else "group_limited_greedy" if cfg.n_group > 1 else "greedy")
     elif cfg.num_experts:
         out.update({k: getattr(cfg, k) for k in _MOE})
-        out["num_local_experts" if cfg.model_type == "mixtral" else "num_experts"] = cfg.num_experts
+        out["num_local_experts" if cfg.model_type in ("mixtral", "gpt_oss") else "num_experts"] = cfg.num_experts
     return {k: v for k, v in out.items() if v is not None or k in ("q_lora_rank", "rope_scaling")}
 
 
 def _family_fields(cfg: ModelConfig, out: dict[str, Any]) -> None:
     """Where a family's config.json spells a setting its own way: GLM's ``use_qk_norm``, Phi-3's LongRoPE
-    (``type`` and the original context beside it), Ministral 3's ``rope_parameters`` with the query scale."""
+    (``type`` and the original context beside it), gpt-oss's layer types, Ministral 3's ``rope_parameters``
+    with the query scale."""
     scaling = dict(cfg.rope_scaling or {})
     if cfg.model_type == "glm4_moe":
         out["use_qk_norm"] = cfg.qk_norm
@@ -83,6 +84,9 @@ def _family_fields(cfg: ModelConfig, out: dict[str, Any]) -> None:
         out["original_max_position_embeddings"] = scaling.pop("original_max_position_embeddings")
         scaling.pop("max_position_embeddings", None)
         out["rope_scaling"] = {"type": scaling.pop("rope_type", scaling.pop("type", "longrope")), **scaling}
+    elif cfg.model_type == "gpt_oss":
+        out["layer_types"] = cfg.layer_types
+        out.pop("use_sliding_window", None)
     elif cfg.model_type == "ministral3":
         params = {"rope_type": "default", **scaling, "rope_theta": out.pop("rope_theta")}
         if cfg.query_scale_beta is not None:

@@ -56,6 +56,10 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "phi3": {"fused_qkv": True, "fused_gate_up": True},
     # Ministral 3 (Mistral 3's text model): Llama with YaRN and Llama 4's position-dependent query scale.
     "ministral3": {"tie_word_embeddings": True},
+    # gpt-oss: biased projections, attention sinks, alternating window/full layers, a biased top-k-softmax
+    # router over biased experts with a clipped gated unit.
+    "gpt_oss": {"attention_bias": True, "attention_out_bias": True, "attention_sinks": True, "router": "topk_softmax",
+                "router_name": "router", "expert_stack_name": "experts", "expert_bias": True, "activation": "swiglu_oai"},
 }
 # Names under which the same families appear elsewhere (HF multimodal wrappers, GGUF).
 ALIASES = {"gemma3": "gemma3_text", "smollm2": "llama", "smollm": "llama", "qwen2moe": "qwen2_moe",
@@ -119,6 +123,8 @@ class ModelConfig:
     partial_rotary_factor: float = 1.0  # RoPE turns the first rope_dims = head_dim x this features of each head
     fused_qkv: bool = False  # one qkv_proj (rows: q, k, v) instead of q_proj/k_proj/v_proj (Phi-3)
     fused_gate_up: bool = False  # one gate_up_proj (rows: gate, up) instead of gate_proj/up_proj (Phi-3)
+    attention_out_bias: bool = False  # o_proj has a bias (gpt-oss)
+    attention_sinks: bool = False  # a learned per-head logit joins each softmax (gpt-oss)
     # Llama 4 / Ministral 3: queries at position p scaled by 1 + beta * log(1 + floor(p / length)).
     query_scale_beta: float | None = None
     query_scale_length: int = 8192
@@ -134,6 +140,8 @@ class ModelConfig:
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
     expert_stack_name: str = "switch_mlp"  # parameter name of the stacked experts
+    router_name: str = "gate"  # parameter name of the router
+    expert_bias: bool = False  # the router and each expert's maps have biases (gpt-oss)
     shared_expert_gate: bool = True  # the shared expert's output is sigmoid-gated (Qwen2-MoE) or not
     float_router: bool = False  # router stored as a plain weight, never quantized (DeepSeek; always for sigmoid_group)
     decoder_sparse_step: int = 1
@@ -180,7 +188,7 @@ class ModelConfig:
                 f"{self.num_attention_heads} attention heads are not a multiple of "
                 f"{self.num_key_value_heads} key/value heads"
             )
-        if self.activation not in ("silu", "gelu_tanh"):
+        if self.activation not in ("silu", "gelu_tanh", "swiglu_oai"):
             raise UserError(f"unsupported activation '{self.activation}'")
         if self.router not in ("softmax_topk", "topk_softmax", "sigmoid_group"):
             raise UserError(f"unsupported MoE router '{self.router}'")
@@ -257,6 +265,9 @@ class ModelConfig:
             if name in config:
                 values["num_experts"] = config[name]
                 names.setdefault("num_experts", name)
+        if "experts_per_token" in config and "num_experts_per_tok" not in config:  # OpenAI's name (gpt-oss)
+            values["num_experts_per_tok"] = config["experts_per_token"]
+            names.setdefault("num_experts_per_tok", "experts_per_token")
         if config.get("n_shared_experts"):  # DeepSeek style: n experts' width, always on
             width = values.get("moe_intermediate_size") or values.get("intermediate_size", 0)
             values["shared_expert_intermediate_size"] = config["n_shared_experts"] * width
@@ -282,6 +293,9 @@ class ModelConfig:
             values["qk_norm"] = bool(config.get("use_qk_norm", False))
         elif family == "ministral3":
             _query_scale(values, config.get("rope_parameters") or config.get("rope_scaling") or {})
+        if family == "gpt_oss" and "layer_types" not in config:  # window first, then every other layer full
+            values["layer_types"] = [("sliding_attention", "full_attention")[i % 2]
+                                     for i in range(values.get("num_hidden_layers", 0))]
         if family == "gemma3_text":
             _gemma3_layers(values, config)
         elif config.get("sliding_window") and family in ("mistral", "mixtral", "phi3"):
@@ -364,7 +378,7 @@ _SIZES = {
     "num_attention_heads": (1, 2**16), "num_key_value_heads": (1, 2**16), "head_dim": (1, 2**16),
     "vocab_size": (1, 2**27), "max_position_embeddings": (1, 2**26), "sliding_window": (0, 2**26),
     "sliding_window_pattern": (1, 2**20), "num_experts": (0, 2**16), "num_local_experts": (0, 2**16),
-    "n_routed_experts": (0, 2**16), "num_experts_per_tok": (0, 2**16), "n_shared_experts": (0, 2**16),
+    "n_routed_experts": (0, 2**16), "num_experts_per_tok": (0, 2**16), "experts_per_token": (0, 2**16), "n_shared_experts": (0, 2**16),
     "moe_intermediate_size": (0, 2**24), "shared_expert_intermediate_size": (0, 2**24), "n_group": (0, 2**16),
     "topk_group": (0, 2**16), "first_k_dense_replace": (0, 2**20), "decoder_sparse_step": (1, 2**20),
     "moe_layer_freq": (1, 2**20), "num_nextn_predict_layers": (0, 2**20), "kv_lora_rank": (0, 2**24),
@@ -434,7 +448,7 @@ def check_config(values: Mapping[str, Any], where: str | None = None, names: Map
             _number(key, value, _ABOVE[key], fail)
         elif key in _BOOLS and not isinstance(value, bool):
             fail(key, f"is {value!r}, not true or false")
-        elif key in ("model_type", "activation", "router", "expert_stack_name", "ffn_name") and (
+        elif key in ("model_type", "activation", "router", "expert_stack_name", "router_name", "ffn_name") and (
                 not isinstance(value, str)):
             fail(key, f"is {value!r}, not a name")
     layer_types, dense = values.get("layer_types"), values.get("mlp_only_layers")

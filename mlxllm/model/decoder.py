@@ -11,6 +11,7 @@ import mlx.nn as nn
 
 from .cache import KVCache, KVSettings, QuantizedKVCache, RotatingKVCache, causal_mask
 from .cache.batch import FusedStep
+from ..errors import UserError
 from .config import ModelConfig
 from .mla import LatentAttention
 from .moe import MoE
@@ -41,7 +42,9 @@ class Attention(nn.Module):
             self.qkv_proj = nn.Linear(cfg.hidden_size, sum(self.widths), bias=bias)
         else:
             self.q_proj, self.k_proj, self.v_proj = (nn.Linear(cfg.hidden_size, w, bias=bias) for w in self.widths)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_out_bias)
+        if cfg.attention_sinks:  # gpt-oss: a learned logit per head that takes a share of the softmax
+            self.sinks = mx.zeros((self.n_heads,))
         self.qk_norm_per_head = cfg.qk_norm_per_head
         if cfg.qk_norm:  # per head (Qwen3, Gemma 3) or over all heads' projections (OLMoE)
             q_dims, k_dims = (1, 1) if cfg.qk_norm_per_head else (self.n_heads, self.n_kv_heads)
@@ -89,7 +92,8 @@ class Attention(nn.Module):
             k, v = cache.update_and_fetch(k, v)
         if isinstance(k, tuple):  # a quantized cache hands back packed (weights, scales, biases)
             return cache.attend(q, k, v, self.scale, mask)
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        sinks = self["sinks"].astype(q.dtype) if "sinks" in self else None
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask, sinks=sinks)
 
 
 def query_scale(n: int, offset: int | mx.array, beta: float, length: int) -> mx.array:
@@ -100,8 +104,20 @@ def query_scale(n: int, offset: int | mx.array, beta: float, length: int) -> mx.
     return scale[:, None, :, None] if scale.ndim == 2 else scale[:, None]
 
 
+def _swiglu_oai(gate: mx.array, up: mx.array) -> mx.array:
+    """gpt-oss's gated unit: the gate clipped from above at 7, up to +-7 and shifted by one, a sigmoid of
+    1.702 x gate (a GELU approximation) in place of SiLU's."""
+    gate, up = mx.minimum(gate, 7.0), mx.clip(up, -7.0, 7.0)
+    return (up + 1.0) * gate * mx.sigmoid(1.702 * gate)
+
+
+_GATED = {"silu": lambda gate, up: nn.silu(gate) * up, "gelu_tanh": lambda gate, up: nn.gelu_approx(gate) * up,
+          "swiglu_oai": _swiglu_oai}
+
+
 def _activation(cfg: ModelConfig):
-    return nn.silu if cfg.activation == "silu" else nn.gelu_approx
+    """``(gate, up) -> hidden`` of the family's gated MLP."""
+    return _GATED[cfg.activation]
 
 
 class MLP(nn.Module):
@@ -121,7 +137,7 @@ class MLP(nn.Module):
             gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(self.act(gate) * up)
+        return self.down_proj(self.act(gate, up))
 
 
 class Block(nn.Module):
@@ -178,6 +194,8 @@ class Model(nn.Module):
         settings are checked first with ``KVSettings.checked``), sliding-window layers in a float ring."""
         cfg = self.config
         kv = kv or KVSettings()
+        if kv.quantized and cfg.attention_sinks:
+            raise UserError("a quantized KV cache cannot be used with attention sinks (gpt-oss): drop --kv-bits")
 
         def full() -> KVCache:
             return QuantizedKVCache(kv.bits, kv.group_size, kv.start, kv.float_prefix) if kv.quantized else KVCache()

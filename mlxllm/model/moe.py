@@ -23,28 +23,40 @@ SORT_FROM = 64  # (token, expert) pairs from which sorting by expert pays for it
 
 
 class ExpertLinear(nn.Module):
-    """``num_experts`` stacked linear maps; ``x @ W[e].T`` for each row's expert ``e``.
+    """``num_experts`` stacked linear maps; ``x @ W[e].T (+ b[e])`` for each row's expert ``e``.
 
     ``top_k`` (experts per token) is kept so byte and FLOP counts can tell the active share."""
 
-    def __init__(self, input_dims: int, output_dims: int, num_experts: int, top_k: int):
+    def __init__(self, input_dims: int, output_dims: int, num_experts: int, top_k: int, bias: bool = False):
         super().__init__()
         scale = math.sqrt(1 / input_dims)
         self.weight = mx.random.uniform(-scale, scale, (num_experts, output_dims, input_dims))
+        if bias:  # gpt-oss's experts
+            self.bias = mx.zeros((num_experts, output_dims))
         self.num_experts, self.top_k = num_experts, top_k
 
     def __call__(self, x: mx.array, experts: mx.array, sorted_experts: bool = False) -> mx.array:
         if self.weight.dtype != mx.float32 and backend.device_name() == "cpu":
             # MLX's CPU gather_mm takes float32 only: gather the chosen experts' 16-bit weights instead
-            return x @ self.weight[experts].swapaxes(-1, -2)
-        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=experts, sorted_indices=sorted_experts)
+            return _biased(x @ self.weight[experts].swapaxes(-1, -2), self, experts)
+        y = mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=experts, sorted_indices=sorted_experts)
+        return _biased(y, self, experts)
 
     def one(self, x: mx.array, expert: int) -> mx.array:
         """``x @ W[expert].T`` for rows that all go to one expert."""
-        return x @ self.weight[expert].T
+        y = x @ self.weight[expert].T
+        return y + self["bias"][expert] if "bias" in self else y
 
     def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine") -> "QuantizedExpertLinear":
-        return QuantizedExpertLinear.of(self.weight, self.top_k, group_size, bits, mode)
+        q = QuantizedExpertLinear.of(self.weight, self.top_k, group_size, bits, mode)
+        if "bias" in self:
+            q.bias = self.bias
+        return q
+
+
+def _biased(y: mx.array, layer: nn.Module, experts: mx.array) -> mx.array:
+    """``y [..., k, 1, out]`` plus each row's expert bias, when the layer has biases."""
+    return y + mx.expand_dims(layer["bias"][experts], -2) if "bias" in layer else y
 
 
 class QuantizedExpertLinear(nn.Module):
@@ -66,24 +78,25 @@ class QuantizedExpertLinear(nn.Module):
         return cls(q, scales, biases[0] if biases else None, top_k, group_size, bits, mode)
 
     def __call__(self, x: mx.array, experts: mx.array, sorted_experts: bool = False) -> mx.array:
-        return mx.gather_qmm(x, self.weight, self.scales, self.get("biases"), rhs_indices=experts, transpose=True,
-                             group_size=self.group_size, bits=self.bits, mode=self.mode,
-                             sorted_indices=sorted_experts)
+        y = mx.gather_qmm(x, self.weight, self.scales, self.get("biases"), rhs_indices=experts, transpose=True,
+                          group_size=self.group_size, bits=self.bits, mode=self.mode, sorted_indices=sorted_experts)
+        return _biased(y, self, experts)
 
     def one(self, x: mx.array, expert: int) -> mx.array:
         biases = self["biases"][expert] if "biases" in self else None
-        return mx.quantized_matmul(x, self.weight[expert], self.scales[expert], biases, transpose=True,
-                                   group_size=self.group_size, bits=self.bits, mode=self.mode)
+        y = mx.quantized_matmul(x, self.weight[expert], self.scales[expert], biases, transpose=True,
+                                group_size=self.group_size, bits=self.bits, mode=self.mode)
+        return y + self["bias"][expert] if "bias" in self else y
 
 
 class ExpertMLPs(nn.Module):
-    """The experts' gated MLPs: ``down(act(gate(x)) * up(x))`` with each token's chosen experts."""
+    """The experts' gated MLPs: ``down(act(gate(x), up(x)))`` with each token's chosen experts."""
 
-    def __init__(self, dims: int, hidden: int, num_experts: int, top_k: int, act):
+    def __init__(self, dims: int, hidden: int, num_experts: int, top_k: int, act, bias: bool = False):
         super().__init__()
-        self.gate_proj = ExpertLinear(dims, hidden, num_experts, top_k)
-        self.up_proj = ExpertLinear(dims, hidden, num_experts, top_k)
-        self.down_proj = ExpertLinear(hidden, dims, num_experts, top_k)
+        self.gate_proj = ExpertLinear(dims, hidden, num_experts, top_k, bias)
+        self.up_proj = ExpertLinear(dims, hidden, num_experts, top_k, bias)
+        self.down_proj = ExpertLinear(hidden, dims, num_experts, top_k, bias)
         self.act = act
 
     def __call__(self, x: mx.array, experts: mx.array) -> mx.array:
@@ -107,14 +120,14 @@ class ExpertMLPs(nn.Module):
         out, start = [], 0
         for e, run in itertools.groupby(experts.tolist()):
             seg = rows[start : (start := start + len(list(run)))]
-            h = self.act(self.gate_proj.one(seg, e)) * self.up_proj.one(seg, e)
+            h = self.act(self.gate_proj.one(seg, e), self.up_proj.one(seg, e))
             out.append(self.down_proj.one(h, e))
         return mx.concatenate(out, axis=0)
 
     def _mlp(self, h: mx.array, experts: mx.array, sorted_experts: bool) -> mx.array:
         gate = self.gate_proj(h, experts, sorted_experts)
         up = self.up_proj(h, experts, sorted_experts)
-        return self.down_proj(self.act(gate) * up, experts, sorted_experts)
+        return self.down_proj(self.act(gate, up), experts, sorted_experts)
 
 
 def route(logits: mx.array, cfg: ModelConfig, bias: mx.array | None = None) -> tuple[mx.array, mx.array]:
@@ -175,12 +188,15 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         hidden = cfg.moe_intermediate_size or cfg.intermediate_size
+        self.router_name = cfg.router_name
         if cfg.router == "sigmoid_group" or cfg.float_router:
-            self.gate = Router(cfg.hidden_size, cfg.num_experts, cfg.router == "sigmoid_group")
+            router = Router(cfg.hidden_size, cfg.num_experts, cfg.router == "sigmoid_group")
         else:
-            self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+            router = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=cfg.expert_bias)
+        setattr(self, self.router_name, router)
         self.stack_name = cfg.expert_stack_name
-        setattr(self, self.stack_name, ExpertMLPs(cfg.hidden_size, hidden, cfg.num_experts, cfg.num_experts_per_tok, act))
+        setattr(self, self.stack_name, ExpertMLPs(cfg.hidden_size, hidden, cfg.num_experts, cfg.num_experts_per_tok, act,
+                                                  cfg.expert_bias))
         self.shared_name = None
         if cfg.shared_expert_intermediate_size:
             self.shared_name = "shared_expert" if cfg.shared_expert_gate else "shared_experts"
@@ -189,8 +205,8 @@ class MoE(nn.Module):
                 self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        bias = self.gate.get("e_score_correction_bias")
-        weights, experts = route(self.gate(x), self.cfg, bias)
+        router = self[self.router_name]
+        weights, experts = route(router(x), self.cfg, router.get("e_score_correction_bias"))
         y = (self[self.stack_name](x, mx.stop_gradient(experts)) * weights[..., None]).sum(axis=-2).astype(x.dtype)
         if self.shared_name:
             shared = self[self.shared_name](x)

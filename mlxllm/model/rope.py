@@ -75,7 +75,10 @@ def yarn_freqs(dims: int, base: float, scaling: dict[str, Any]) -> mx.array:
     def dim_of(turns: float) -> float:  # the feature index whose wavelength fits ``turns`` times in ``original``
         return dims * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(base))
 
-    low, high = max(math.floor(dim_of(fast)), 0), min(math.ceil(dim_of(slow)), dims - 1)
+    low, high = dim_of(fast), dim_of(slow)
+    if scaling.get("truncate", True):  # gpt-oss turns the rounding of the ramp's ends off
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dims - 1)
     high = high if high != low else high + 0.001
     out = []
     for j, i in enumerate(range(0, dims, 2)):
