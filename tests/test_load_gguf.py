@@ -73,6 +73,11 @@ FAMILIES = {
                       rope_parameters=dict(rope_type="yarn", rope_theta=1e6, factor=4.0,
                                            original_max_position_embeddings=4, beta_fast=32.0, beta_slow=1.0,
                                            mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.1)), "mistral3"),
+    # gpt-oss: MXFP4 experts with biases, sinks, a biased router; llama.cpp alternates the window itself.
+    "gpt-oss": (dict(BASE, model_type="gpt_oss", head_dim=32, num_local_experts=4, num_experts_per_tok=2,
+                     sliding_window=4, rope_scaling=dict(rope_type="yarn", factor=4.0, beta_fast=32.0, beta_slow=1.0,
+                                                         original_max_position_embeddings=4, truncate=False)),
+                "gpt-oss"),
     "dots1": (dict(BASE, model_type="dots1", head_dim=32, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
                    moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1, norm_topk_prob=True,
                    routed_scaling_factor=2.0), "dots1"),
@@ -95,9 +100,19 @@ TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "o
        "lm_head.weight": "output.weight"}  # fmt: skip
 
 
+OSS_LAYER = dict(LAYER, post_attention_layernorm="post_attention_norm", **{
+    "mlp.router": "ffn_gate_inp", "mlp.experts.gate_proj": "ffn_gate_exps", "mlp.experts.up_proj": "ffn_up_exps",
+    "mlp.experts.down_proj": "ffn_down_exps"})  # fmt: skip
+
+
 def gguf_name(name: str, arch: str) -> str:
     if name in TOP:
         return TOP[name]
+    if arch == "gpt-oss":
+        if name.endswith(".self_attn.sinks"):
+            return f"blk.{name.split('.')[2]}.attn_sinks.weight"
+        layer, module, leaf = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name).groups()
+        return f"blk.{layer}.{OSS_LAYER[module]}.{leaf}"
     name = name.replace(".block_sparse_moe.", ".mlp.").replace(".mlp.experts.", ".mlp.switch_mlp.")
     name = name.replace(".shared_experts.", ".shared_expert.")
     if name.endswith(".gate.e_score_correction_bias"):
@@ -173,6 +188,11 @@ def write_gguf(path, cfg: dict, arch: str, weights: dict[str, np.ndarray]) -> di
         w.add_rope_scaling_factor(scaling["factor"])
     if scaling.get("rope_type") == "llama3":
         w.add_tensor("rope_freqs.weight", llama3_factors(cfg))
+    if arch == "gpt-oss":  # GptOssModel: the window, YaRN
+        w.add_sliding_window(cfg["sliding_window"])
+        w.add_rope_scaling_type(RopeScalingType.YARN)
+        w.add_rope_scaling_factor(scaling["factor"])
+        w.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
     if arch == "phi3":  # Phi3MiniModel's extra tensors and keys
         w.add_sliding_window(0)
         w.add_rope_scaling_orig_ctx_len(cfg["original_max_position_embeddings"])
@@ -195,6 +215,8 @@ def write_gguf(path, cfg: dict, arch: str, weights: dict[str, np.ndarray]) -> di
     for i, (name, value) in enumerate(weights.items()):
         stored = value + 1 if arch == "gemma3" and "norm" in name else value  # Gemma: norms stored +1
         qtype = TYPES[i % len(TYPES)] if value.ndim >= 2 and value.shape[-1] % 32 == 0 else T.F32
+        if arch == "gpt-oss" and ".mlp.experts." in name and value.ndim == 3:
+            qtype = T.MXFP4  # as the converter writes OpenAI's blocks
         data = quantize(stored, qtype)
         exact[name] = dequantize(data, qtype).reshape(value.shape) - (stored - value)
         if arch in ("llama", "smollm3", "mistral3") and (".q_proj." in name or ".k_proj." in name):  # LlamaModel

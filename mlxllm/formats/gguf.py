@@ -12,6 +12,7 @@ decodes one tensor at a time:
   * Q4_0, Q4_1, Q8_0: repacked into MLX affine triples (group 32) bit for bit as ``mx.load`` does
     (``tests/test_load_gguf.py`` checks the equality): no loss. Q4_0 ``d*(q-8)`` -> scale d, bias -8d;
     Q4_1 ``d*q+m`` -> scale d, bias m; Q8_0 ``d*q`` with int8 q -> uint8 q+128, bias -128d.
+    MXFP4 (gpt-oss's experts) is the same OCP format MLX's mxfp4 holds: nibbles repacked, scales kept.
   * every other block type ``gguf.quants`` can decode (Q5_0/Q5_1, K-quants Q2_K..Q6_K, IQ*, ...):
     dequantized to float32 with ``gguf.quants.dequantize``. Kept as float32 on the float32 path;
     when weights stay quantized the ``kquant`` policy applies (MLX has no kernel for these blocks):
@@ -61,6 +62,7 @@ from .weights import Quantized, REQUANT_GROUP, Tensor, TensorSpec, finish
 T = GGMLQuantizationType
 _FLOAT_BITS = {T.F32: 32, T.F16: 16, T.BF16: 16}
 _AFFINE_BITS = {T.Q4_0: 4, T.Q4_1: 4, T.Q8_0: 8}  # stored exactly as MLX affine triples, group 32
+_MX_BITS = {T.MXFP4: 4}  # stored exactly as MLX mxfp4 (e8m0 scale per 32, e2m1 values)
 # llama.cpp's converter permutes Q/K rows for LlamaModel and its subclasses
 _PERMUTED_ARCHS = {"llama", "smollm3", "mistral3"}
 
@@ -91,7 +93,8 @@ _LAYER_NAMES = {
 }
 # llama.cpp's default renormalisation of the top-k expert weights per architecture (norm_w in its
 # graph); a file may say otherwise with `<arch>.expert_weights_norm`.
-_MOE_NORM = {"llama": True, "qwen2moe": False, "qwen3moe": True, "olmoe": False, "dots1": False, "glm4moe": True}
+_MOE_NORM = {"llama": True, "qwen2moe": False, "qwen3moe": True, "olmoe": False, "dots1": False, "glm4moe": True,
+             "gpt-oss": False}
 # DeepSeek-V3-style routing metadata (sigmoid scores, groups, scaled weights, leading dense layers).
 _DEEPSEEK_ROUTED = ("dots1", "glm4_moe")
 # Gemma's sandwich norms: llama.cpp's ffn_norm is the norm *before* the MLP there.
@@ -100,6 +103,17 @@ _GEMMA_LAYER_NAMES = {
     "ffn_norm": "pre_feedforward_layernorm",
     "post_attention_norm": "post_attention_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
+}
+
+
+# gpt-oss: norms named as in Gemma's table, its router and experts under their own names, the sinks.
+_GPT_OSS_LAYER_NAMES = {
+    **_LAYER_NAMES,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_gate_inp": "mlp.router",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
 }
 
 
@@ -223,6 +237,10 @@ def _family_metadata(family: str, get, config: dict[str, Any], shapes: Mapping[s
     if family == "glm4_moe" and get("nextn_predict_layers", 0):
         config["num_nextn_predict_layers"] = get("nextn_predict_layers")
         config["num_hidden_layers"] -= config["num_nextn_predict_layers"]
+    elif family == "gpt_oss":  # llama.cpp alternates window and full layers itself; HF's YaRN is untruncated
+        config["sliding_window"] = get("attention.sliding_window")
+        if "rope_scaling" in config:
+            config["rope_scaling"]["truncate"] = False
     elif family == "phi3":
         window = get("attention.sliding_window", 0)
         config["sliding_window"] = window or None
@@ -239,7 +257,9 @@ def hf_name(name: str, family: str) -> str:
     parts = name.split(".")
     if parts[0] in _TOP_NAMES:
         return ".".join([_TOP_NAMES[parts[0]], *parts[1:]])
-    table = _GEMMA_LAYER_NAMES if family == "gemma3_text" else _LAYER_NAMES
+    table = {"gemma3_text": _GEMMA_LAYER_NAMES, "gpt_oss": _GPT_OSS_LAYER_NAMES}.get(family, _LAYER_NAMES)
+    if family == "gpt_oss" and parts[0] == "blk" and parts[2:] == ["attn_sinks", "weight"]:
+        return f"model.layers.{parts[1]}.self_attn.sinks"
     if parts[0] == "blk" and len(parts) >= 4 and parts[2] in table:
         module = table[parts[2]]
         if family == "mixtral" and module.startswith("mlp.") and parts[2].endswith(("_inp", "_exps")):
@@ -262,9 +282,13 @@ def _unpermute_qk(rows: np.ndarray, n_heads: int) -> np.ndarray:
     return rows.reshape(n_heads, shape[0] // n_heads // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
-def _repack(raw: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Q4_0/Q4_1/Q8_0 blocks of one tensor [rows, row_bytes] -> MLX (packed uint32, scales, biases)."""
+def _repack(raw: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndarray, ...]:
+    """Q4_0/Q4_1/Q8_0 blocks of one tensor [rows, row_bytes] -> MLX (packed uint32, scales, biases);
+    MXFP4 blocks -> MLX mxfp4 (packed uint32, e8m0 scales)."""
     rows = raw.shape[0]
+    if qtype == T.MXFP4:  # 1 scale byte, then 16 bytes whose nibbles hold elements i (low) and i + 16 (high)
+        blocks = raw.reshape(rows, -1, 17)
+        return _pack_nibbles(blocks[..., 1:], rows), np.ascontiguousarray(blocks[..., 0])
     if qtype == T.Q8_0:
         blocks = raw.reshape(rows, -1, 34)
         d = np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0]
@@ -273,11 +297,16 @@ def _repack(raw: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndarray, n
     head = 4 if qtype == T.Q4_1 else 2
     blocks = raw.reshape(rows, -1, head + 16)
     dm = np.ascontiguousarray(blocks[..., :head]).view(np.float16)
-    qs = blocks[..., head:]
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # GGUF: byte i holds elements i and i+16
-    packed = np.ascontiguousarray(q[..., 0::2] | (q[..., 1::2] << 4))  # MLX: 8 nibbles per uint32, low first
     biases = dm[..., 1] if qtype == T.Q4_1 else dm[..., 0] * np.float16(-8)
-    return packed.reshape(rows, -1).view(np.uint32), dm[..., 0], biases
+    return _pack_nibbles(blocks[..., head:], rows), dm[..., 0], biases
+
+
+def _pack_nibbles(qs: np.ndarray, rows: int) -> np.ndarray:
+    """GGUF's 16-byte nibble blocks (byte i: elements i and i + 16) -> MLX's packing (8 nibbles per uint32,
+    element order, low first)."""
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+    packed = np.ascontiguousarray(q[..., 0::2] | (q[..., 1::2] << 4))
+    return packed.reshape(rows, -1).view(np.uint32)
 
 
 class GGUFSource:
@@ -334,8 +363,8 @@ class GGUFSource:
             elements = math.prod(t.shape)
             if t.qtype in _FLOAT_BITS:
                 form, bits, group = "float", _FLOAT_BITS[t.qtype], 0
-            elif t.qtype in _AFFINE_BITS:
-                form, bits, group = "affine", _AFFINE_BITS[t.qtype], 32
+            elif t.qtype in _AFFINE_BITS or t.qtype in _MX_BITS:
+                form, bits, group = "affine", {**_AFFINE_BITS, **_MX_BITS}[t.qtype], 32
             else:
                 form, bits, group = "other", 0, 0
             out.append(TensorSpec(hf_name(t.name, family), elements, t.qtype.name, t.nbytes, form, bits, group))
@@ -367,6 +396,9 @@ class GGUFSource:
             if t.qtype in _AFFINE_BITS:  # rows of a stacked [experts, out, in] tensor regain their stack
                 parts = [self._fix(t, a.reshape(*t.shape[:-1], -1)) for a in _repack(raw, t.qtype)]
                 return Quantized(*(mx.array(a) for a in parts), group_size=32, bits=_AFFINE_BITS[t.qtype])
+            if t.qtype in _MX_BITS:
+                weight, scales = (mx.array(a.reshape(*t.shape[:-1], -1)) for a in _repack(raw, t.qtype))
+                return Quantized(weight, scales, None, group_size=32, bits=4, mode="mxfp4")
             return mx.array(self._fix(t, self._floats(t, raw).reshape(t.shape)))
 
     def _floats(self, t: GGUFTensor, raw: np.ndarray) -> np.ndarray:

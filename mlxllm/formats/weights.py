@@ -185,8 +185,9 @@ def build(cfg: ModelConfig, tensors: Iterable[tuple[str, Tensor]]) -> Model:
     model = Model(cfg)
     tensors = dict(tensors)
     plain = {path for path, m in model.named_modules() if not hasattr(m, "to_quantized")}
-    for name, t in tensors.items():  # e.g. a quantized router, which DeepSeek-style MoE keeps as a float map
-        if isinstance(t, Quantized) and name.rsplit(".", 1)[0] in plain:
+    for name, t in tensors.items():  # a quantized bias, or router DeepSeek-style MoE keeps as a float map
+        prefix, _, leaf = name.rpartition(".")
+        if isinstance(t, Quantized) and (leaf != "weight" or prefix in plain):
             tensors[name] = t.dequantize()
     quantized = {name.rsplit(".", 1)[0]: t for name, t in tensors.items() if isinstance(t, Quantized)}
     if quantized:

@@ -63,7 +63,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }
 # Names under which the same families appear elsewhere (HF multimodal wrappers, GGUF).
 ALIASES = {"gemma3": "gemma3_text", "smollm2": "llama", "smollm": "llama", "qwen2moe": "qwen2_moe",
-           "glm4moe": "glm4_moe", "mistral3": "ministral3",
+           "glm4moe": "glm4_moe", "mistral3": "ministral3", "gpt-oss": "gpt_oss",
            "qwen3moe": "qwen3_moe"}
 
 
