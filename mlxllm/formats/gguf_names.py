@@ -1,0 +1,74 @@
+"""llama.cpp's GGUF tensor names -> the decoder's (Hugging Face) parameter names, per family."""
+
+from __future__ import annotations
+
+# DeepSeek-V3-style routing (sigmoid scores, groups, scaled weights, leading dense layers, shared_experts).
+DEEPSEEK_ROUTED = ("dots1", "glm4_moe")
+
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_qkv": "self_attn.qkv_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    # Mixture of experts: the router, the stacked experts, the shared expert and its gate.
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.switch_mlp.gate_proj",
+    "ffn_up_exps": "mlp.switch_mlp.up_proj",
+    "ffn_down_exps": "mlp.switch_mlp.down_proj",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    "exp_probs_b": "mlp.gate",
+}
+# Gemma's sandwich norms: llama.cpp's ffn_norm is the norm *before* the MLP there.
+_GEMMA_LAYER_NAMES = {
+    **_LAYER_NAMES,
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+
+
+# gpt-oss: norms named as in Gemma's table, its router and experts under their own names, the sinks.
+_GPT_OSS_LAYER_NAMES = {
+    **_LAYER_NAMES,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_gate_inp": "mlp.router",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
+}
+
+
+def hf_name(name: str, family: str) -> str:
+    """GGUF tensor name -> our (Hugging Face) parameter name; unknown names pass through unchanged."""
+    parts = name.split(".")
+    if parts[0] in _TOP_NAMES:
+        return ".".join([_TOP_NAMES[parts[0]], *parts[1:]])
+    table = {"gemma3_text": _GEMMA_LAYER_NAMES, "gpt_oss": _GPT_OSS_LAYER_NAMES}.get(family, _LAYER_NAMES)
+    if family == "gpt_oss" and parts[0] == "blk" and parts[2:] == ["attn_sinks", "weight"]:
+        return f"model.layers.{parts[1]}.self_attn.sinks"
+    if parts[0] == "blk" and len(parts) >= 4 and parts[2] in table:
+        module = table[parts[2]]
+        if family == "mixtral" and module.startswith("mlp.") and parts[2].endswith(("_inp", "_exps")):
+            module = "block_sparse_moe." + module[len("mlp."):]
+        if family in DEEPSEEK_ROUTED:  # DeepSeek names: shared_experts, the router's selection bias
+            module = module.replace("mlp.shared_expert.", "mlp.shared_experts.")
+            if family == "dots1":
+                module = module.replace("mlp.switch_mlp.", "mlp.experts.")
+            if parts[2] == "exp_probs_b":
+                return f"model.layers.{parts[1]}.mlp.gate.e_score_correction_bias"
+        if family == "phi3" and parts[2] == "ffn_up":  # gate and up stacked, as the HF checkpoint holds them
+            module = "mlp.gate_up_proj"
+        return ".".join(["model.layers", parts[1], module, *parts[3:]])
+    return name
