@@ -14,7 +14,7 @@ from mlxllm.engine.prefix_cache import PrefixCache
 from mlxllm.engine.stream import stream_generate
 from mlxllm.errors import UserError
 from mlxllm.model.cache import KVCache, KVSettings, QuantizedKVCache, RotatingKVCache
-from mlxllm.model.cache.batch import BatchKVCache, BatchRingCache, BatchRowsCache, batch_cache
+from mlxllm.model.cache.batch import BatchChunkedCache, BatchKVCache, BatchRingCache, BatchRowsCache, batch_cache
 from mlxllm.model.cache.snapshot import load_caches, save_caches
 from mlxllm.model.config import ModelConfig
 from mlxllm.model.decoder import Model
@@ -25,6 +25,7 @@ QUANTIZED = KVSettings(8, 32, 0, 4)  # a small float prefix, so decoding crosses
 
 def _random_model(config: dict, vocab: int | None = None) -> Model:
     mx.random.seed(0)
+    config = config.get("text_config", config)  # a multimodal wrapper's text model
     model = Model(ModelConfig.from_hf(dict(config, vocab_size=vocab or config["vocab_size"])))
     weights = [(k, mx.random.normal(v.shape) * 0.2) for k, v in tree_flatten(model.parameters())]
     model.update(tree_unflatten(weights))
@@ -54,7 +55,7 @@ def test_batched_decode_logits_equal_each_row_alone(family, kv):
     next_ids = [int(mx.argmax(model(mx.array([p]))[0, -1])) for p in prompts]
     batch = [batch_cache(c) for c in rows[0]]
     kinds = {type(b) for b in batch}
-    assert kinds <= {BatchKVCache, BatchRingCache, BatchRowsCache}
+    assert kinds <= {BatchKVCache, BatchRingCache, BatchRowsCache, BatchChunkedCache}
     if kv is not None:
         assert BatchRowsCache in kinds
     for layer, b in enumerate(batch):

@@ -272,3 +272,29 @@ def test_gpt_oss_checkpoints_as_openai_ships_them(mxfp4, tmp_path):
         mlx_lm_utils = pytest.importorskip("mlx_lm.utils")  # mlx-lm reads OpenAI's blocks the same way
         theirs, _ = mlx_lm_utils.load_model(path)
         assert mx.allclose(theirs(TOKENS), want, atol=1e-3).item()
+
+
+def test_llama4_checkpoint_as_meta_ships_it(tmp_path):
+    """Llama 4's layout: the text model under language_model (beside a vision tower that is skipped), experts
+    as two float stacks ``[experts, in, out]``, gate and up side by side in one."""
+    from test_parity_mlx_lm import FAMILIES
+
+    config = FAMILIES["llama4"]
+    model = random_model(config["text_config"], mx.float32)
+    weights = {}
+    for name, value in tree_flatten(model.parameters()):
+        if ".feed_forward.experts." not in name:
+            weights[f"language_model.{name}"] = value
+    for i, layer in enumerate(model.layers):
+        if "experts" in layer.feed_forward:
+            e, p = layer.feed_forward.experts, f"language_model.model.layers.{i}.feed_forward.experts."
+            weights[p + "gate_up_proj"] = mx.concatenate([e.gate_proj.weight, e.up_proj.weight], axis=1).swapaxes(1, 2)
+            weights[p + "down_proj"] = e.down_proj.weight.swapaxes(1, 2)
+    weights["vision_model.patch_embedding.weight"] = mx.zeros((4, 4))
+    path = write_dir(tmp_path / "llama4", config, weights)
+    loaded = load_model(path, compute="float32")
+    assert loaded.config.layer_types[:4] == ["chunked_attention"] * 3 + ["full_attention"]
+    assert mx.allclose(loaded(TOKENS), model(TOKENS), atol=1e-4).item()
+    facts = describe_model(path)
+    assert facts["chunked_attention"] == "5 tokens, on 3 of 4 layers" and facts["layers_without_rope"] == [3]
+    assert facts["query_scale"] == "1 + 0.1 * log(1 + floor((position + 1) / 4)) on layers without RoPE"

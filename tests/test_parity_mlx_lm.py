@@ -92,8 +92,16 @@ FAMILIES = {
         rope_scaling=dict(rope_type="yarn", factor=4.0, beta_fast=32.0, beta_slow=1.0,
                           original_max_position_embeddings=16),
     ),
+    # Llama 4 as shipped (a text_config inside the multimodal wrapper): chunks of 5 and a temperature
+    # floor of 4 positions, both crossed by the test's tokens; MoE on every other layer.
+    "llama4": dict(model_type="llama4", text_config=dict(
+        BASE, model_type="llama4_text", head_dim=16, rms_norm_eps=1e-6, attention_bias=False, attention_chunk_size=5,
+        interleave_moe_layer_step=2, intermediate_size_mlp=96, num_local_experts=4, num_experts_per_tok=1,
+        use_qk_norm=True, floor_scale=4, attn_scale=0.1,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=16))),
 }
-MOE_FAMILIES = ["gpt_oss", "glm4_moe", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "dots1", "deepseek_v2", "deepseek_v3"]
+MOE_FAMILIES = ["llama4", "gpt_oss", "glm4_moe", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "dots1", "deepseek_v2", "deepseek_v3"]
 
 
 def _reference(config: dict) -> nn.Module:
@@ -107,6 +115,8 @@ def _random_pair(config: dict):
     weights = {k: mx.random.normal(v.shape) * 0.2 for k, v in tree_flatten(ours.parameters())}
     ours.update(tree_unflatten(list(weights.items())))
     ref = _reference(config)
+    if "text_config" in config:  # the wrapper holds the text model under language_model
+        weights = {f"language_model.{k}": v for k, v in weights.items()}
     ref_weights = ref.sanitize(dict(weights)) if hasattr(ref, "sanitize") else weights
     ref.load_weights(list(ref_weights.items()), strict=True)
     mx.eval(ours.parameters(), ref.parameters())
@@ -146,7 +156,7 @@ def test_moe_prefill_sorted_by_expert_matches_mlx_lm(family):
     assert mx.allclose(a, b, atol=1e-4, rtol=1e-4).item(), float(mx.abs(a - b).max())
 
 
-@pytest.mark.parametrize("family", ["phi3", "phi3-plain", "ministral3", "glm4_moe", "smollm3", "gpt_oss"])
+@pytest.mark.parametrize("family", ["phi3", "phi3-plain", "ministral3", "glm4_moe", "smollm3", "gpt_oss", "llama4"])
 def test_saved_checkpoint_reads_back_in_mlxllm_and_mlx_lm(family, tmp_path):
     """``convert``'s writer spells each family's settings as its config.json does (Phi-3's LongRoPE,
     Ministral 3's rope_parameters and query scale, GLM's use_qk_norm, partial rotary factors)."""

@@ -27,7 +27,8 @@ from .weights import Quantized, Tensor, TensorSpec, finish
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
                 "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
 # Checkpoint parts the text decoder does not use (multimodal towers, buffers some exporters save).
-_UNUSED_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+_UNUSED_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.",
+                    "vision_model.", "model.vision_model.")
 _UNUSED_SUFFIXES = ("rotary_emb.inv_freq",)
 # Multimodal wrappers (e.g. Gemma3ForConditionalGeneration) nest the text model.
 _RENAMES = (("language_model.model.", "model."), ("model.language_model.", "model."), ("language_model.", ""))
@@ -52,14 +53,16 @@ def expert_stacks(names: list[str], stack: str = "switch_mlp") -> dict[str, list
     return {stacked: [members[e] for e in range(len(members))] for stacked, members in groups.items()}
 
 
-# gpt-oss keeps each layer's experts as two stacks: gate|up interleaved (gate rows even, up rows odd) and
-# down; OpenAI's release as MXFP4 blocks + e8m0 scales ([experts, out, in/32, 16] bytes), dequantized
-# exports as float maps [experts, in, out].
-_OSS_EXPERTS = re.compile(r"^(.+\.experts)\.(gate_up_proj|down_proj)(_blocks|_scales|_bias)?$")
+# gpt-oss and Llama 4 keep each layer's experts as two stacks, gate|up and down. gpt-oss interleaves gate
+# and up (gate rows even, up rows odd); OpenAI's release holds MXFP4 blocks + e8m0 scales ([experts, out,
+# in/32, 16] bytes), dequantized exports float maps [experts, in, out]. Llama 4: float maps [experts, in,
+# out], gate then up.
+_FUSED_EXPERTS = re.compile(r"^(.+\.experts)\.(gate_up_proj|down_proj)(_blocks|_scales|_bias)?$")
 
 
-def _oss_experts(prefix: str, proj: str, part: Callable[[str], mx.array | None]) -> Iterator[tuple[str, Tensor]]:
-    """One gpt-oss expert stack (``part(suffix)`` reads it) as the decoder's stacked gate/up/down maps:
+def _fused_experts(prefix: str, proj: str, part: Callable[[str], mx.array | None],
+                   interleaved: bool) -> Iterator[tuple[str, Tensor]]:
+    """One fused expert stack (``part(suffix)`` reads it) as the decoder's stacked gate/up/down maps:
     MXFP4 stays MXFP4 (MLX's mxfp4 packs the same nibbles and scales), float maps are transposed."""
     blocks, bias = part("_blocks"), part("_bias")
     if blocks is not None:
@@ -73,8 +76,13 @@ def _oss_experts(prefix: str, proj: str, part: Callable[[str], mx.array | None])
         def rows(r: slice) -> Tensor:
             return mx.contiguous(dense[..., r, :])
 
-    maps = [("down_proj", slice(None))] if proj == "down_proj" else [("gate_proj", slice(0, None, 2)),
-                                                                      ("up_proj", slice(1, None, 2))]
+    if proj == "down_proj":
+        maps = [("down_proj", slice(None))]
+    elif interleaved:
+        maps = [("gate_proj", slice(0, None, 2)), ("up_proj", slice(1, None, 2))]
+    else:
+        half = (blocks if blocks is not None else dense).shape[1] // 2
+        maps = [("gate_proj", slice(0, half)), ("up_proj", slice(half, None))]
     for name, r in maps:
         yield f"{prefix}.{name}.weight", rows(r)
         if bias is not None:
@@ -223,7 +231,7 @@ class HFSource:
         quant = raw.get("quantization_config")
         method = quant.get("quant_method") if isinstance(quant, dict) else None
         if method == "mxfp4" and self.config.model_type == "gpt_oss":
-            method = None  # OpenAI's MXFP4 experts: read as MLX mxfp4 (``_oss_experts``)
+            method = None  # OpenAI's MXFP4 experts: read as MLX mxfp4 (``_fused_experts``)
         if method and not self.config.quantization:  # GPTQ, AWQ, bitsandbytes, FP8...: other tensor layouts
             raise UserError(f"{method} checkpoints are not supported: use an unquantized or an MLX-quantized one")
         mtp_layers = raw.get("num_nextn_predict_layers", 0)
@@ -281,9 +289,9 @@ class HFSource:
             prefix, _, leaf = name.rpartition(".")
             nbytes = info["data_offsets"][1] - info["data_offsets"][0]
             count = math.prod(info["shape"])
-            if name.endswith("_scales") and _OSS_EXPERTS.match(name):
+            if name.endswith("_scales") and _FUSED_EXPERTS.match(name):
                 continue  # accounted with their blocks
-            if name.endswith("_blocks") and _OSS_EXPERTS.match(name):  # two 4-bit weights per byte
+            if name.endswith("_blocks") and _FUSED_EXPERTS.match(name):  # two 4-bit weights per byte
                 nbytes += self._bytes(name[: -len("_blocks")] + "_scales")
                 out.append(TensorSpec(name, 2 * count, "mxfp4/g32", nbytes, "affine", 4, 32))
             elif prefix in self.quant:
@@ -319,13 +327,13 @@ class HFSource:
             return mx.stack([array(m) for m in members]) if members else array(name)
 
         in_stacks = {m for members in self.stacks.values() for m in members}
-        oss = {m.group(1, 2) for m in map(_OSS_EXPERTS.match, self.index) if m}
-        for prefix, proj in sorted(oss):
-            yield from ((n, finish(t, target, self.native_dtype)) for n, t in _oss_experts(
+        fused = {m.group(1, 2) for m in map(_FUSED_EXPERTS.match, self.index) if m}
+        for prefix, proj in sorted(fused):
+            yield from ((n, finish(t, target, self.native_dtype)) for n, t in _fused_experts(
                 prefix, proj, lambda suffix: array(f"{prefix}.{proj}{suffix}") if f"{prefix}.{proj}{suffix}" in self.index
-                else None))
+                else None, self.config.model_type == "gpt_oss"))
         latent_maps: dict[str, Tensor] = {}
-        for name in [n for n in self.index if n not in in_stacks and not _OSS_EXPERTS.match(n)] + list(self.stacks):
+        for name in [n for n in self.index if n not in in_stacks and not _FUSED_EXPERTS.match(n)] + list(self.stacks):
             prefix, _, leaf = name.rpartition(".")
             quant = self.quant.get(self.stacks[name][0].rpartition(".")[0] if name in self.stacks else prefix)
             if quant and leaf in ("scales", "biases"):

@@ -158,8 +158,8 @@ def load(
 
 
 def _specifics(cfg: ModelConfig, specs: list, total: int) -> dict[str, Any]:
-    """What a family adds to the common facts: experts, layers without RoPE or with a window, partial or
-    scaled RoPE, the query scale, fused projections."""
+    """What a family adds to the common facts: experts, layers without RoPE, with a window or chunked,
+    partial or scaled RoPE, the query scale, fused projections."""
     out: dict[str, Any] = {}
     if cfg.num_experts:  # stacked (switch_mlp / experts) or per-expert (experts.N) tensors
         routed = sum(s.elements for s in specs if ".switch_mlp." in s.name or ".experts." in s.name)
@@ -176,8 +176,14 @@ def _specifics(cfg: ModelConfig, specs: list, total: int) -> dict[str, Any]:
     scaling = cfg.rope_scaling or {}
     if scaling:
         out["rope_scaling"] = scaling.get("rope_type", scaling.get("type"))
+    chunked = [i for i in layers if cfg.is_chunked(i)]
+    if chunked:
+        out["chunked_attention"] = f"{cfg.attention_chunk_size} tokens, on {len(chunked)} of {len(layers)} layers"
     if cfg.query_scale_beta is not None:
-        out["query_scale"] = f"1 + {cfg.query_scale_beta:.6g} * log(1 + floor(position / {cfg.query_scale_length}))"
+        position = f"(position + {cfg.query_scale_shift})" if cfg.query_scale_shift else "position"
+        where = " on layers without RoPE" if cfg.query_scale_nope_only else ""
+        out["query_scale"] = (f"1 + {cfg.query_scale_beta:.6g} * log(1 + floor({position} / "
+                              f"{cfg.query_scale_length})){where}")
     fused = [name for name, on in (("qkv_proj", cfg.fused_qkv), ("gate_up_proj", cfg.fused_gate_up)) if on]
     if fused:
         out["fused_projections"] = fused

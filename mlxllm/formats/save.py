@@ -29,7 +29,8 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", 
                   "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
                   "dots1": "Dots1ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
                   "deepseek_v3": "DeepseekV3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "phi3": "Phi3ForCausalLM",
-                  "glm4_moe": "Glm4MoeForCausalLM", "ministral3": "Ministral3ForCausalLM", "gpt_oss": "GptOssForCausalLM"}
+                  "glm4_moe": "Glm4MoeForCausalLM", "ministral3": "Ministral3ForCausalLM", "gpt_oss": "GptOssForCausalLM",
+                  "llama4_text": "Llama4ForCausalLM"}
 _MOE = ("num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size", "norm_topk_prob",
         "decoder_sparse_step", "mlp_only_layers")
 _LATENT = ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
@@ -57,7 +58,6 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
         out["no_rope_layers"] = cfg.no_rope_layers
     if cfg.partial_rotary_factor != 1.0:
         out["partial_rotary_factor"] = cfg.partial_rotary_factor
-    _family_fields(cfg, out)
     if cfg.num_experts and (cfg.router == "sigmoid_group" or cfg.model_type.startswith("deepseek")):
         sigmoid = cfg.router == "sigmoid_group"  # DeepSeek-style names
         out.update(n_routed_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
@@ -70,13 +70,14 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
     elif cfg.num_experts:
         out.update({k: getattr(cfg, k) for k in _MOE})
         out["num_local_experts" if cfg.model_type in ("mixtral", "gpt_oss") else "num_experts"] = cfg.num_experts
+    _family_fields(cfg, out)
     return {k: v for k, v in out.items() if v is not None or k in ("q_lora_rank", "rope_scaling")}
 
 
 def _family_fields(cfg: ModelConfig, out: dict[str, Any]) -> None:
     """Where a family's config.json spells a setting its own way: GLM's ``use_qk_norm``, Phi-3's LongRoPE
-    (``type`` and the original context beside it), gpt-oss's layer types, Ministral 3's ``rope_parameters``
-    with the query scale."""
+    (``type`` and the original context beside it), gpt-oss's layer types, Llama 4's wrapper and names,
+    Ministral 3's ``rope_parameters`` with the query scale."""
     scaling = dict(cfg.rope_scaling or {})
     if cfg.model_type == "glm4_moe":
         out["use_qk_norm"] = cfg.qk_norm
@@ -87,6 +88,20 @@ def _family_fields(cfg: ModelConfig, out: dict[str, Any]) -> None:
     elif cfg.model_type == "gpt_oss":
         out["layer_types"] = cfg.layer_types
         out.pop("use_sliding_window", None)
+    elif cfg.model_type == "llama4_text":  # as shipped: the text model inside Llama 4's multimodal wrapper
+        text = {k: v for k, v in out.items() if k != "architectures"}
+        for k in ("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size", "decoder_sparse_step",
+                  "norm_topk_prob", "mlp_only_layers"):
+            text.pop(k, None)
+        if cfg.num_experts:
+            text.update(num_local_experts=cfg.num_experts, intermediate_size=cfg.moe_intermediate_size,
+                        intermediate_size_mlp=cfg.intermediate_size, interleave_moe_layer_step=cfg.decoder_sparse_step)
+        text.update(attention_chunk_size=cfg.attention_chunk_size, use_qk_norm=cfg.qk_rms_after_rope,
+                    no_rope_layers=cfg.no_rope_layers, layer_types=cfg.layer_types,
+                    attn_temperature_tuning=cfg.query_scale_beta is not None,
+                    floor_scale=cfg.query_scale_length, attn_scale=cfg.query_scale_beta or 0.1)
+        out.clear()
+        out.update(architectures=["Llama4ForConditionalGeneration"], model_type="llama4", text_config=text)
     elif cfg.model_type == "ministral3":
         params = {"rope_type": "default", **scaling, "rope_theta": out.pop("rope_theta")}
         if cfg.query_scale_beta is not None:
@@ -147,10 +162,11 @@ def save_model(model: Model, out: str | Path, tokenizer_files: Path | None = Non
     out = Path(out)
     with replacing_dir(out) as tmp:
         config = hf_config(model.config)
+        prefix = "language_model." if "text_config" in config else ""  # a wrapper holds the text model there
         quant = quantization_block(model)
         if quant:
-            config["quantization"] = quant
-        _write_shards(dict(tree_flatten(model.parameters())), tmp, shard_bytes)
+            config["quantization"] = {f"{prefix}{k}" if isinstance(v, dict) else k: v for k, v in quant.items()}
+        _write_shards({prefix + k: v for k, v in tree_flatten(model.parameters())}, tmp, shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         for name in _TOKENIZER_FILES if tokenizer_files is not None else ():
             if (tokenizer_files / name).exists():

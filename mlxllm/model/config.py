@@ -60,10 +60,16 @@ FAMILIES: dict[str, dict[str, Any]] = {
     # router over biased experts with a clipped gated unit.
     "gpt_oss": {"attention_bias": True, "attention_out_bias": True, "attention_sinks": True, "router": "topk_softmax",
                 "router_name": "router", "expert_stack_name": "experts", "expert_bias": True, "activation": "swiglu_oai"},
+    # Llama 4 (Scout, Maverick): interleaved RoPE layers with chunked attention and unit q/k norms, every
+    # 4th layer without RoPE, attending globally, its queries temperature-scaled; MoE layers route each
+    # token to one expert whose sigmoid weight scales its input, beside an always-on shared expert.
+    "llama4_text": {"ffn_name": "feed_forward", "router": "sigmoid_input", "router_name": "router",
+                    "expert_stack_name": "experts", "shared_expert_gate": False, "shared_expert_name": "shared_expert",
+                    "rope_traditional": True, "query_scale_nope_only": True, "query_scale_shift": 1},
 }
 # Names under which the same families appear elsewhere (HF multimodal wrappers, GGUF).
 ALIASES = {"gemma3": "gemma3_text", "smollm2": "llama", "smollm": "llama", "qwen2moe": "qwen2_moe",
-           "glm4moe": "glm4_moe", "mistral3": "ministral3", "gpt-oss": "gpt_oss",
+           "glm4moe": "glm4_moe", "mistral3": "ministral3", "gpt-oss": "gpt_oss", "llama4": "llama4_text",
            "qwen3moe": "qwen3_moe"}
 
 
@@ -125,9 +131,15 @@ class ModelConfig:
     fused_gate_up: bool = False  # one gate_up_proj (rows: gate, up) instead of gate_proj/up_proj (Phi-3)
     attention_out_bias: bool = False  # o_proj has a bias (gpt-oss)
     attention_sinks: bool = False  # a learned per-head logit joins each softmax (gpt-oss)
-    # Llama 4 / Ministral 3: queries at position p scaled by 1 + beta * log(1 + floor(p / length)).
+    # Llama 4 / Ministral 3: queries at position p scaled by 1 + beta * log(1 + floor((p + shift) / length)),
+    # on every layer or (Llama 4) only on those without RoPE.
     query_scale_beta: float | None = None
     query_scale_length: int = 8192
+    query_scale_shift: int = 0
+    query_scale_nope_only: bool = False
+    rope_traditional: bool = False  # RoPE turns adjacent feature pairs (Llama 4's checkpoints)
+    qk_rms_after_rope: bool = False  # Llama 4: q and k RMS-normed without weights after RoPE, on RoPE layers
+    attention_chunk_size: int | None = None  # "chunked_attention" layers see only their own chunk (Llama 4)
     # Mixture of experts: a layer is MoE when num_experts > 0, it is not in mlp_only_layers, and
     # (layer + 1) is a multiple of decoder_sparse_step.
     num_experts: int = 0
@@ -135,7 +147,7 @@ class ModelConfig:
     moe_intermediate_size: int | None = None  # expert width (default: intermediate_size)
     shared_expert_intermediate_size: int | None = None  # an always-on, sigmoid-gated shared expert
     norm_topk_prob: bool = False
-    router: str = "softmax_topk"  # or "topk_softmax" (Mixtral), "sigmoid_group" (DeepSeek-V3 style)
+    router: str = "softmax_topk"  # or "topk_softmax" (Mixtral), "sigmoid_group" (DeepSeek-V3), "sigmoid_input" (Llama 4)
     n_group: int = 1  # experts fall in n_group groups; only the topk_group best groups are eligible
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
@@ -143,6 +155,7 @@ class ModelConfig:
     router_name: str = "gate"  # parameter name of the router
     expert_bias: bool = False  # the router and each expert's maps have biases (gpt-oss)
     shared_expert_gate: bool = True  # the shared expert's output is sigmoid-gated (Qwen2-MoE) or not
+    shared_expert_name: str | None = None  # its parameter name (default: shared_expert when gated, else shared_experts)
     float_router: bool = False  # router stored as a plain weight, never quantized (DeepSeek; always for sigmoid_group)
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
@@ -190,8 +203,12 @@ class ModelConfig:
             )
         if self.activation not in ("silu", "gelu_tanh", "swiglu_oai"):
             raise UserError(f"unsupported activation '{self.activation}'")
-        if self.router not in ("softmax_topk", "topk_softmax", "sigmoid_group"):
+        if self.router not in ("softmax_topk", "topk_softmax", "sigmoid_group", "sigmoid_input"):
             raise UserError(f"unsupported MoE router '{self.router}'")
+        if self.num_experts and self.router == "sigmoid_input" and self.num_experts_per_tok != 1:
+            raise UserError(f"num_experts_per_tok is {self.num_experts_per_tok}; Llama 4's routing takes 1 expert per token")
+        if "chunked_attention" in self.layer_types and not self.attention_chunk_size:
+            raise UserError("attention_chunk_size is missing but the config has chunked-attention layers")
         if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
             raise UserError(f"num_experts_per_tok must be in 1..{self.num_experts}, got {self.num_experts_per_tok}")
         if self.num_experts and (self.num_experts % max(self.n_group, 1) or not 0 < self.topk_group <= self.n_group):
@@ -220,6 +237,9 @@ class ModelConfig:
 
     def uses_rope(self, layer: int) -> bool:
         return self.no_rope_layers is None or bool(self.no_rope_layers[layer])
+
+    def is_chunked(self, layer: int) -> bool:
+        return self.layer_types[layer] == "chunked_attention"
 
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types[layer] == "sliding_attention"
@@ -303,13 +323,17 @@ class ModelConfig:
         elif family in ("qwen2", "qwen2_moe") and not config.get("use_sliding_window"):
             values["sliding_window"] = None
         elif family in ("llama", "qwen3", "qwen3_moe", "olmoe", "dots1", "deepseek_v2", "deepseek_v3", "smollm3",
-                        "glm4_moe"):
+                        "glm4_moe", "llama4_text"):
             values.pop("sliding_window", None)
-        if family == "smollm3" and config.get("no_rope_layers") is None:  # every interval-th layer has none
+        if family == "llama4_text":
+            _llama4(values, config)
+        if family in ("smollm3", "llama4_text") and not config.get("no_rope_layers"):  # every interval-th has none
             interval = config.get("no_rope_layer_interval", 4)
             if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
                 raise UserError(f"{where}: no_rope_layer_interval must be a positive integer, got {interval!r}")
             values["no_rope_layers"] = [int((i + 1) % interval != 0) for i in range(values.get("num_hidden_layers", 0))]
+        if family == "llama4_text" and "layer_types" not in config and values.get("attention_chunk_size"):
+            values["layer_types"] = ["chunked_attention" if r else "full_attention" for r in values["no_rope_layers"]]
         try:
             cfg = cls(**values)
         except TypeError as e:
@@ -348,6 +372,21 @@ def _phi3_rope(values: dict[str, Any], config: dict[str, Any]) -> None:
         values["rope_scaling"] = scaling
 
 
+def _llama4(values: dict[str, Any], config: dict[str, Any]) -> None:
+    """Llama 4's names: experts and the shared expert are ``intermediate_size`` wide, dense layers
+    ``intermediate_size_mlp``; MoE every ``interleave_moe_layer_step``-th layer; biases on all four
+    attention maps; temperature tuning of the RoPE-less layers' queries."""
+    if config.get("num_local_experts"):
+        values["moe_intermediate_size"] = values["shared_expert_intermediate_size"] = config.get("intermediate_size")
+        values["intermediate_size"] = config.get("intermediate_size_mlp", config.get("intermediate_size"))
+        values["decoder_sparse_step"] = config.get("interleave_moe_layer_step", 1)
+    values["attention_out_bias"] = bool(config.get("attention_bias", False))
+    values["qk_rms_after_rope"] = bool(config.get("use_qk_norm", True))
+    if config.get("attn_temperature_tuning", True):
+        values["query_scale_beta"] = config.get("attn_scale", 0.1)
+        values["query_scale_length"] = config.get("floor_scale", 8192)
+
+
 def _query_scale(values: dict[str, Any], rope: Mapping[str, Any]) -> None:
     """Ministral 3 states Llama 4's query scaling in its RoPE parameters."""
     if isinstance(rope, Mapping) and rope.get("llama_4_scaling_beta") is not None:
@@ -383,7 +422,8 @@ _SIZES = {
     "topk_group": (0, 2**16), "first_k_dense_replace": (0, 2**20), "decoder_sparse_step": (1, 2**20),
     "moe_layer_freq": (1, 2**20), "num_nextn_predict_layers": (0, 2**20), "kv_lora_rank": (0, 2**24),
     "q_lora_rank": (0, 2**24), "qk_nope_head_dim": (0, 2**16), "qk_rope_head_dim": (0, 2**16),
-    "v_head_dim": (0, 2**16), "query_scale_length": (1, 2**26),
+    "v_head_dim": (0, 2**16), "query_scale_length": (1, 2**26), "attention_chunk_size": (1, 2**26),
+    "interleave_moe_layer_step": (1, 2**20), "intermediate_size_mlp": (1, 2**24), "query_scale_shift": (0, 1),
 }  # fmt: skip
 # Floats that must be finite and above a bound (a RoPE base of 1 or less has no wavelengths).
 _ABOVE = {"rms_norm_eps": 0, "rope_theta": 1, "rope_local_base_freq": 1, "query_pre_attn_scalar": 0,
@@ -448,13 +488,14 @@ def check_config(values: Mapping[str, Any], where: str | None = None, names: Map
             _number(key, value, _ABOVE[key], fail)
         elif key in _BOOLS and not isinstance(value, bool):
             fail(key, f"is {value!r}, not true or false")
-        elif key in ("model_type", "activation", "router", "expert_stack_name", "router_name", "ffn_name") and (
+        elif key in ("model_type", "activation", "router", "expert_stack_name", "router_name", "ffn_name",
+                     "shared_expert_name") and (
                 not isinstance(value, str)):
             fail(key, f"is {value!r}, not a name")
     layer_types, dense = values.get("layer_types"), values.get("mlp_only_layers")
-    kinds = ("sliding_attention", "full_attention")
+    kinds = ("sliding_attention", "full_attention", "chunked_attention")
     if layer_types is not None and not (isinstance(layer_types, list) and all(t in kinds for t in layer_types)):
-        fail("layer_types", "is not a list of 'sliding_attention' / 'full_attention'")
+        fail("layer_types", "is not a list of 'sliding_attention' / 'full_attention' / 'chunked_attention'")
     if dense is not None:
         if not isinstance(dense, list):
             fail("mlp_only_layers", f"is {dense!r}, not a list of layer numbers")

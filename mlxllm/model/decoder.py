@@ -9,7 +9,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import KVCache, KVSettings, QuantizedKVCache, RotatingKVCache, causal_mask
+from .cache import ChunkedKVCache, KVCache, KVSettings, QuantizedKVCache, RotatingKVCache, causal_mask
 from .cache.batch import FusedStep
 from ..errors import UserError
 from .config import ModelConfig
@@ -56,8 +56,10 @@ class Attention(nn.Module):
         elif sliding and cfg.rope_local_base_freq is not None:  # Gemma 3 local layers: own base, no scaling
             self.rope = make_rope(cfg.rope_dims, cfg.rope_local_base_freq, None)
         else:
-            self.rope = make_rope(cfg.rope_dims, cfg.rope_theta, cfg.rope_scaling)
-        self.query_scale = None if cfg.query_scale_beta is None else (cfg.query_scale_beta, cfg.query_scale_length)
+            self.rope = make_rope(cfg.rope_dims, cfg.rope_theta, cfg.rope_scaling, cfg.rope_traditional)
+        scaled = cfg.query_scale_beta is not None and not (cfg.query_scale_nope_only and cfg.uses_rope(layer))
+        self.query_scale = (cfg.query_scale_beta, cfg.query_scale_length, cfg.query_scale_shift) if scaled else None
+        self.rms_after_rope = cfg.rms_norm_eps if cfg.qk_rms_after_rope and cfg.uses_rope(layer) else None
 
     def _project(self, x: mx.array) -> list[mx.array]:
         if "qkv_proj" in self:
@@ -86,8 +88,11 @@ class Attention(nn.Module):
         """Positions, the cache update and attention for ``q, k, v [B, heads, L, head_dim]``."""
         offset = 0 if cache is None else cache.offset
         q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        if self.rms_after_rope is not None:
+            q, k = mx.fast.rms_norm(q, None, self.rms_after_rope), mx.fast.rms_norm(k, None, self.rms_after_rope)
         if self.query_scale is not None:
-            q = q * query_scale(q.shape[2], offset, *self.query_scale).astype(q.dtype)
+            beta, length, shift = self.query_scale
+            q = q * query_scale(q.shape[2], offset + shift, beta, length).astype(q.dtype)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         if isinstance(k, tuple):  # a quantized cache hands back packed (weights, scales, biases)
@@ -197,10 +202,14 @@ class Model(nn.Module):
         if kv.quantized and cfg.attention_sinks:
             raise UserError("a quantized KV cache cannot be used with attention sinks (gpt-oss): drop --kv-bits")
 
-        def full() -> KVCache:
+        def layer(i: int) -> KVCache | RotatingKVCache:
+            if cfg.is_sliding(i):
+                return RotatingKVCache(cfg.sliding_window)
+            if cfg.is_chunked(i):
+                return ChunkedKVCache(cfg.attention_chunk_size)
             return QuantizedKVCache(kv.bits, kv.group_size, kv.start, kv.float_prefix) if kv.quantized else KVCache()
 
-        return [RotatingKVCache(cfg.sliding_window) if cfg.is_sliding(i) else full() for i in range(cfg.num_hidden_layers)]
+        return [layer(i) for i in range(cfg.num_hidden_layers)]
 
     def embed(self, inputs: mx.array) -> mx.array:
         h = self.model.embed_tokens(inputs)
@@ -213,12 +222,13 @@ class Model(nn.Module):
         h = self.embed(inputs)
         L = h.shape[1]
         caches = cache if cache is not None else [None] * len(self.layers)
-        masks: dict[bool, object] = {}
+        cfg, masks = self.config, {}
         for i, (layer, c) in enumerate(zip(self.layers, caches)):
-            sliding = self.config.is_sliding(i)
-            if sliding not in masks:
-                masks[sliding] = _mask(c, L, self.config.sliding_window if sliding else None)
-            h = layer(h, masks[sliding], c)
+            kind = cfg.layer_types[i]
+            if kind not in masks:
+                masks[kind] = _mask(c, L, cfg.sliding_window if cfg.is_sliding(i) else None,
+                                    cfg.attention_chunk_size if cfg.is_chunked(i) else None)
+            h = layer(h, masks[kind], c)
         return self.model.norm(h)
 
     def head(self, h: mx.array) -> mx.array:
@@ -230,11 +240,11 @@ class Model(nn.Module):
         return self.head(self.hidden(inputs, cache))
 
 
-def _mask(cache, n_queries: int, window: int | None):
+def _mask(cache, n_queries: int, window: int | None, chunk: int | None):
     if cache is not None:
         return cache.mask(n_queries)
     if n_queries == 1:
         return None
-    if window is not None and n_queries > window:
-        return causal_mask(0, n_queries, 0, n_queries, window)
+    if window is not None and n_queries > window or chunk is not None and n_queries > chunk:
+        return causal_mask(0, n_queries, 0, n_queries, window, chunk)
     return "causal"

@@ -141,6 +141,9 @@ def route(logits: mx.array, cfg: ModelConfig, bias: mx.array | None = None) -> t
     highest, *weighted* by the plain scores (renormalised when ``norm_topk_prob``), times
     ``routed_scaling_factor``."""
     k = cfg.num_experts_per_tok
+    if cfg.router == "sigmoid_input":
+        ids = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]
+        return mx.sigmoid(mx.take_along_axis(logits, ids, axis=-1).astype(mx.float32)).astype(logits.dtype), ids
     if cfg.router == "topk_softmax":
         ids = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]
         return mx.softmax(mx.take_along_axis(logits, ids, axis=-1), axis=-1, precise=True), ids
@@ -199,7 +202,7 @@ class MoE(nn.Module):
                                                   cfg.expert_bias))
         self.shared_name = None
         if cfg.shared_expert_intermediate_size:
-            self.shared_name = "shared_expert" if cfg.shared_expert_gate else "shared_experts"
+            self.shared_name = cfg.shared_expert_name or ("shared_expert" if cfg.shared_expert_gate else "shared_experts")
             setattr(self, self.shared_name, dense_mlp(cfg.shared_expert_intermediate_size))
             if cfg.shared_expert_gate:
                 self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
@@ -207,7 +210,11 @@ class MoE(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         router = self[self.router_name]
         weights, experts = route(router(x), self.cfg, router.get("e_score_correction_bias"))
-        y = (self[self.stack_name](x, mx.stop_gradient(experts)) * weights[..., None]).sum(axis=-2).astype(x.dtype)
+        experts = mx.stop_gradient(experts)
+        if self.cfg.router == "sigmoid_input":  # one expert, its weight on the way in
+            y = self[self.stack_name](x * weights, experts).sum(axis=-2)
+        else:
+            y = (self[self.stack_name](x, experts) * weights[..., None]).sum(axis=-2).astype(x.dtype)
         if self.shared_name:
             shared = self[self.shared_name](x)
             y = y + (mx.sigmoid(self.shared_expert_gate(x)) * shared if "shared_expert_gate" in self else shared)

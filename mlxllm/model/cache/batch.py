@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from .chunked import ChunkedKVCache
 from .kv import KVCache, Mask
 from .quantized import QuantizedKVCache
 from .rotating import RotatingKVCache
@@ -258,6 +259,27 @@ class BatchRowsCache:
         return [a for c in self.rows for a in c.state]
 
 
+class BatchChunkedCache(BatchKVCache):
+    """The batched chunked cache: rows as in ``BatchKVCache``, each masked to its own chunk."""
+
+    def __init__(self, chunk: int) -> None:
+        super().__init__()
+        self.chunk = chunk
+
+    def row(self, i: int) -> ChunkedKVCache:
+        cache = ChunkedKVCache(self.chunk)
+        held = super().row(i)
+        cache.keys, cache.values, cache.offset = held.keys, held.values, held.offset
+        return cache
+
+    def mask(self, n_queries: int) -> Mask:
+        if max(self.lengths) + n_queries <= self.chunk:
+            return super().mask(n_queries)
+        keys = mx.arange(max(self.lengths) + n_queries)[None, None]
+        queries = self.offset[:, None, None] + mx.arange(n_queries)[None, :, None]
+        return ((keys <= queries) & (keys // self.chunk == queries // self.chunk))[:, None]
+
+
 BatchCache = BatchKVCache | BatchRingCache | BatchRowsCache
 
 
@@ -287,6 +309,8 @@ def batch_cache(cache: KVCache | RotatingKVCache) -> BatchCache:
     """An empty batched cache for rows shaped like ``cache``."""
     if isinstance(cache, QuantizedKVCache):
         return BatchRowsCache()
+    if isinstance(cache, ChunkedKVCache):
+        return BatchChunkedCache(cache.chunk)
     if isinstance(cache, RotatingKVCache):
         return BatchRingCache(cache.window)
     return BatchKVCache()

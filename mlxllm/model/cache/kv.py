@@ -11,14 +11,18 @@ import mlx.core as mx
 Mask = mx.array | str | None
 
 
-def causal_mask(q_start: int, n_queries: int, k_start: int, n_keys: int, window: int | None) -> mx.array:
+def causal_mask(q_start: int, n_queries: int, k_start: int, n_keys: int, window: int | None,
+                chunk: int | None = None) -> mx.array:
     """Boolean ``[L, S]`` mask for queries at absolute positions q_start.. over keys at k_start..;
-    a key is visible when it is not in the future and (with a window) fewer than ``window`` back."""
+    a key is visible when it is not in the future, (with a window) fewer than ``window`` back and (with
+    a chunk size) in the query's chunk."""
     q = mx.arange(q_start, q_start + n_queries)[:, None]
     k = mx.arange(k_start, k_start + n_keys)[None]
     mask = k <= q
     if window is not None:
         mask = mask & (q - k < window)
+    if chunk is not None:
+        mask = mask & (k // chunk == q // chunk)
     return mask
 
 

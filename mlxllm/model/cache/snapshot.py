@@ -11,6 +11,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .chunked import ChunkedKVCache
 from .kv import KVCache
 from .quantized import QuantizedKVCache
 from .rotating import RotatingKVCache
@@ -39,6 +40,9 @@ def _layer(cache) -> tuple[dict[str, mx.array], dict]:
         held = cache.copy()
         info = {"kind": "rotating", "offset": cache.offset, "window": cache.window}
         return ({} if held.keys is None else {"keys": held.keys, "values": held.values}), info
+    if isinstance(cache, ChunkedKVCache):
+        held = {} if cache.keys is None else {"keys": cache.keys, "values": cache.values}
+        return held, {"kind": "chunked", "offset": cache.offset, "chunk": cache.chunk}
     if type(cache) is KVCache:
         return ({} if cache.keys is None else {"keys": cache.keys, "values": cache.values}), {"kind": "kv", "offset": cache.offset}
     raise TypeError(f"cannot save a {type(cache).__name__}")
@@ -80,6 +84,8 @@ def _rebuild(info: dict, arrays: dict[str, mx.array]):
         cache = KVCache()
     elif kind == "rotating":
         cache = RotatingKVCache(_int(info, "window", 1))
+    elif kind == "chunked":
+        cache = ChunkedKVCache(_int(info, "chunk", 1))
     elif kind == "quantized":
         cache = QuantizedKVCache(_int(info, "bits", 1), _int(info, "group_size", 1), _int(info, "start"),
                                  _int(info, "float_prefix"))
