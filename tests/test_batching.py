@@ -15,6 +15,7 @@ from mlxllm.engine.stream import stream_generate
 from mlxllm.errors import UserError
 from mlxllm.model.cache import KVCache, KVSettings, QuantizedKVCache, RotatingKVCache
 from mlxllm.model.cache.batch import BatchKVCache, BatchRingCache, BatchRowsCache, batch_cache
+from mlxllm.model.cache.recurrent import BatchRecurrentCache
 from mlxllm.model.cache.snapshot import load_caches, save_caches
 from mlxllm.model.config import ModelConfig
 from mlxllm.model.decoder import Model
@@ -54,7 +55,7 @@ def test_batched_decode_logits_equal_each_row_alone(family, kv):
     next_ids = [int(mx.argmax(model(mx.array([p]))[0, -1])) for p in prompts]
     batch = [batch_cache(c) for c in rows[0]]
     kinds = {type(b) for b in batch}
-    assert kinds <= {BatchKVCache, BatchRingCache, BatchRowsCache}
+    assert kinds <= {BatchKVCache, BatchRingCache, BatchRowsCache, BatchRecurrentCache}
     if kv is not None:
         assert BatchRowsCache in kinds
     for layer, b in enumerate(batch):

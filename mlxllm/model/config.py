@@ -49,10 +49,16 @@ FAMILIES: dict[str, dict[str, Any]] = {
     # V2 routes by softmax (optionally group-limited), V3 by sigmoid + selection bias.
     "deepseek_v2": {"shared_expert_gate": False, "float_router": True},
     "deepseek_v3": {"router": "sigmoid_group", "shared_expert_gate": False},
+    # Qwen3-Next / Qwen3.5: Gated DeltaNet linear-attention layers between gated full-attention ones
+    # (gated_delta.py); Qwen3-Next fuses the linear layers' projections (in_proj_qkvz, in_proj_ba).
+    "qwen3_next": {"qk_norm": True, "attn_output_gate": True, "partial_rotary_factor": 0.25, "norm_topk_prob": True},
+    "qwen3_5": {"qk_norm": True, "attn_output_gate": True, "partial_rotary_factor": 0.25},
+    "qwen3_5_moe": {"qk_norm": True, "attn_output_gate": True, "partial_rotary_factor": 0.25, "norm_topk_prob": True},
 }
 # Names under which the same families appear elsewhere (HF multimodal wrappers, GGUF).
 ALIASES = {"gemma3": "gemma3_text", "smollm2": "llama", "smollm": "llama", "qwen2moe": "qwen2_moe",
-           "qwen3moe": "qwen3_moe"}
+           "qwen3moe": "qwen3_moe", "qwen3_5_text": "qwen3_5", "qwen3_5_moe_text": "qwen3_5_moe",
+           "qwen3next": "qwen3_next", "qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe"}
 
 
 class UnsupportedArchitecture(UserError):
@@ -132,6 +138,14 @@ class ModelConfig:
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
+    # Gated DeltaNet ("linear_attention" layers, gated_delta.py) and the gated full attention beside it.
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel_dim: int = 4
+    attn_output_gate: bool = False  # q_proj also yields a sigmoid gate per output feature (Qwen3-Next)
+    partial_rotary_factor: float = 1.0  # RoPE turns this share of each head's features
     # mlx-community quantization block ({"group_size", "bits", per-layer overrides}).
     quantization: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -174,6 +188,12 @@ class ModelConfig:
         if self.sliding_window is None or self.sliding_window < 1:
             if any(t == "sliding_attention" for t in self.layer_types):
                 raise UserError(f"sliding_window is {self.sliding_window} but the config has sliding-window layers")
+        if any(self.is_linear(i) for i in range(self.num_hidden_layers)) and not (
+                self.linear_num_key_heads and self.linear_key_head_dim and self.linear_value_head_dim
+                and self.linear_num_value_heads % self.linear_num_key_heads == 0 and self.linear_conv_kernel_dim > 1):
+            raise UserError("linear_attention layers need linear_num_key_heads, linear_key_head_dim, "
+                            "linear_value_head_dim, linear_num_value_heads (a multiple of the key heads) and "
+                            "linear_conv_kernel_dim > 1")
         if self.kv_lora_rank and not (self.qk_rope_head_dim and self.qk_nope_head_dim and self.v_head_dim):
             raise UserError("latent attention needs qk_nope_head_dim, qk_rope_head_dim and v_head_dim")
 
@@ -193,6 +213,19 @@ class ModelConfig:
 
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types[layer] == "sliding_attention"
+
+    def is_linear(self, layer: int) -> bool:
+        return self.layer_types[layer] == "linear_attention"
+
+    @property
+    def rotary_dims(self) -> int:
+        """Features per head RoPE turns (all but a Qwen3-Next-style partial rotary)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def trims(self) -> bool:
+        """Whether every layer's cache can forget its last positions (no sliding ring, no recurrent state)."""
+        return not any(self.is_sliding(i) or self.is_linear(i) for i in range(self.num_hidden_layers))
 
     def is_moe(self, layer: int) -> bool:
         return (self.num_experts > 0 and layer not in self.mlp_only_layers
@@ -254,11 +287,14 @@ class ModelConfig:
                 values["rope_scaling"] = params
         if family == "gemma3_text":
             _gemma3_layers(values, config)
+        elif family.startswith(("qwen3_next", "qwen3_5")):
+            _linear_layers(values, config, where)
         elif config.get("sliding_window") and family in ("mistral", "mixtral"):
             values["layer_types"] = ["sliding_attention"] * values.get("num_hidden_layers", 0)
         elif family in ("qwen2", "qwen2_moe") and not config.get("use_sliding_window"):
             values["sliding_window"] = None
-        elif family in ("llama", "qwen3", "qwen3_moe", "olmoe", "dots1", "deepseek_v2", "deepseek_v3", "smollm3"):
+        elif family in ("llama", "qwen3", "qwen3_moe", "olmoe", "dots1", "deepseek_v2", "deepseek_v3", "smollm3",
+                        "qwen3_next", "qwen3_5", "qwen3_5_moe"):
             values.pop("sliding_window", None)
         if family == "smollm3" and config.get("no_rope_layers") is None:  # every interval-th layer has none
             interval = config.get("no_rope_layer_interval", 4)
@@ -292,6 +328,20 @@ def _deepseek_routing(values: dict[str, Any], config: dict[str, Any]) -> None:
         raise UserError(f"moe_layer_freq {config['moe_layer_freq']} is not supported (only 1)")
 
 
+def _linear_layers(values: dict[str, Any], config: dict[str, Any], where: str) -> None:
+    """Qwen3-Next / Qwen3.5: every ``full_attention_interval``-th layer is full attention, the rest
+    linear (unless ``layer_types`` lists them); Qwen3.5 keeps its partial rotary in ``rope_parameters``."""
+    params = config.get("rope_parameters")
+    if isinstance(params, Mapping) and "partial_rotary_factor" in params and "partial_rotary_factor" not in config:
+        values["partial_rotary_factor"] = params["partial_rotary_factor"]
+    if "layer_types" not in config:
+        interval = config.get("full_attention_interval", 4)
+        if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
+            raise UserError(f"{where}: full_attention_interval must be a positive integer, got {interval!r}")
+        values["layer_types"] = ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
+                                 for i in range(values.get("num_hidden_layers", 0))]
+
+
 def _gemma3_layers(values: dict[str, Any], config: dict[str, Any]) -> None:
     """Gemma 3: every Nth layer is global, the rest use a sliding window with their own RoPE base."""
     values.setdefault("query_pre_attn_scalar", config.get("query_pre_attn_scalar", 256))
@@ -320,10 +370,11 @@ _SIZES = {
     "topk_group": (0, 2**16), "first_k_dense_replace": (0, 2**20), "decoder_sparse_step": (1, 2**20),
     "moe_layer_freq": (1, 2**20), "num_nextn_predict_layers": (0, 2**20), "kv_lora_rank": (0, 2**24),
     "q_lora_rank": (0, 2**24), "qk_nope_head_dim": (0, 2**16), "qk_rope_head_dim": (0, 2**16),
-    "v_head_dim": (0, 2**16),
+    "v_head_dim": (0, 2**16), "linear_num_key_heads": (0, 2**16), "linear_num_value_heads": (0, 2**16),
+    "linear_key_head_dim": (0, 2**16), "linear_value_head_dim": (0, 2**16), "linear_conv_kernel_dim": (1, 2**10),
 }  # fmt: skip
 # Floats that must be finite and above a bound (a RoPE base of 1 or less has no wavelengths).
-_ABOVE = {"rms_norm_eps": 0, "rope_theta": 1, "rope_local_base_freq": 1, "query_pre_attn_scalar": 0,
+_ABOVE = {"rms_norm_eps": 0, "partial_rotary_factor": 0, "rope_theta": 1, "rope_local_base_freq": 1, "query_pre_attn_scalar": 0,
           "routed_scaling_factor": 0}  # fmt: skip
 _BOOLS = {f.name for f in fields(ModelConfig) if f.type == "bool"}
 # What MLX loads, per quantization mode: (group sizes, bits); ``quantize.MODES`` is what convert offers of it.
@@ -389,9 +440,9 @@ def check_config(values: Mapping[str, Any], where: str | None = None, names: Map
                 not isinstance(value, str)):
             fail(key, f"is {value!r}, not a name")
     layer_types, dense = values.get("layer_types"), values.get("mlp_only_layers")
-    kinds = ("sliding_attention", "full_attention")
+    kinds = ("sliding_attention", "full_attention", "linear_attention")
     if layer_types is not None and not (isinstance(layer_types, list) and all(t in kinds for t in layer_types)):
-        fail("layer_types", "is not a list of 'sliding_attention' / 'full_attention'")
+        fail("layer_types", "is not a list of 'sliding_attention' / 'full_attention' / 'linear_attention'")
     if dense is not None:
         if not isinstance(dense, list):
             fail("mlp_only_layers", f"is {dense!r}, not a list of layer numbers")

@@ -9,9 +9,10 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import KVCache, KVSettings, QuantizedKVCache, RotatingKVCache, causal_mask
+from .cache import KVCache, KVSettings, QuantizedKVCache, RecurrentCache, RotatingKVCache, causal_mask
 from .cache.batch import FusedStep
 from .config import ModelConfig
+from .gated_delta import GatedDeltaNet
 from .mla import LatentAttention
 from .moe import MoE
 from .rope import NoRoPE, make_rope
@@ -36,7 +37,8 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale = cfg.attention_scale
         bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.gated = cfg.attn_output_gate  # q_proj yields [query, gate] per head (Qwen3-Next)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim * (2 if self.gated else 1), bias=bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
@@ -51,11 +53,14 @@ class Attention(nn.Module):
         elif sliding and cfg.rope_local_base_freq is not None:  # Gemma 3 local layers: own base, no scaling
             self.rope = make_rope(self.head_dim, cfg.rope_local_base_freq, None)
         else:
-            self.rope = make_rope(self.head_dim, cfg.rope_theta, cfg.rope_scaling)
+            self.rope = make_rope(cfg.rotary_dims, cfg.rope_theta, cfg.rope_scaling)
 
     def __call__(self, x: mx.array, mask, cache) -> mx.array:
         B, L, _ = x.shape
         q, k = self.q_proj(x), self.k_proj(x)
+        if self.gated:
+            q, gate = mx.split(q.reshape(B, L, self.n_heads, 2 * self.head_dim), 2, axis=-1)
+            q = q.reshape(B, L, -1)
         norm = "q_norm" in self
         if norm and not self.qk_norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -69,7 +74,8 @@ class Attention(nn.Module):
             out = cache.split((q, k, v), self._attend)
         else:
             out = self._attend(q, k, v, mask, cache)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
+        return self.o_proj(out * mx.sigmoid(gate.reshape(B, L, -1)) if self.gated else out)
 
     def _attend(self, q: mx.array, k: mx.array, v: mx.array, mask, cache) -> mx.array:
         """Positions, the cache update and attention for ``q, k, v [B, heads, L, head_dim]``."""
@@ -103,7 +109,10 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_plus_one)  # noqa: E731
-        self.self_attn = LatentAttention(cfg) if cfg.kv_lora_rank else Attention(cfg, layer)
+        if cfg.is_linear(layer):
+            self.linear_attn = GatedDeltaNet(cfg)
+        else:
+            self.self_attn = LatentAttention(cfg) if cfg.kv_lora_rank else Attention(cfg, layer)
         self.ffn_name = cfg.ffn_name
         ffn = MoE(cfg, _activation(cfg), lambda hidden: MLP(cfg, hidden)) if cfg.is_moe(layer) else MLP(cfg)
         setattr(self, cfg.ffn_name, ffn)
@@ -115,7 +124,7 @@ class Block(nn.Module):
             self.post_feedforward_layernorm = norm()
 
     def __call__(self, x: mx.array, mask, cache) -> mx.array:
-        r = self.self_attn(self.input_layernorm(x), mask, cache)
+        r = (self.linear_attn if "linear_attn" in self else self.self_attn)(self.input_layernorm(x), mask, cache)
         ffn = self[self.ffn_name]
         if self.sandwich:
             h = x + self.post_attention_layernorm(r)
@@ -150,14 +159,20 @@ class Model(nn.Module):
 
     def make_cache(self, kv: KVSettings | None = None) -> list:
         """One cache per layer: the global layers' K/V stored as ``kv`` says (float without it; user
-        settings are checked first with ``KVSettings.checked``), sliding-window layers in a float ring."""
+        settings are checked first with ``KVSettings.checked``), sliding-window layers in a float ring,
+        linear-attention layers a recurrent state."""
         cfg = self.config
         kv = kv or KVSettings()
 
         def full() -> KVCache:
             return QuantizedKVCache(kv.bits, kv.group_size, kv.start, kv.float_prefix) if kv.quantized else KVCache()
 
-        return [RotatingKVCache(cfg.sliding_window) if cfg.is_sliding(i) else full() for i in range(cfg.num_hidden_layers)]
+        def of(i: int) -> KVCache | RotatingKVCache | RecurrentCache:
+            if cfg.is_linear(i):
+                return RecurrentCache()
+            return RotatingKVCache(cfg.sliding_window) if cfg.is_sliding(i) else full()
+
+        return [of(i) for i in range(cfg.num_hidden_layers)]
 
     def embed(self, inputs: mx.array) -> mx.array:
         h = self.model.embed_tokens(inputs)
@@ -170,12 +185,12 @@ class Model(nn.Module):
         h = self.embed(inputs)
         L = h.shape[1]
         caches = cache if cache is not None else [None] * len(self.layers)
-        masks: dict[bool, object] = {}
+        masks: dict[str, object] = {}  # one per layer kind
         for i, (layer, c) in enumerate(zip(self.layers, caches)):
-            sliding = self.config.is_sliding(i)
-            if sliding not in masks:
-                masks[sliding] = _mask(c, L, self.config.sliding_window if sliding else None)
-            h = layer(h, masks[sliding], c)
+            kind = self.config.layer_types[i]
+            if kind not in masks:
+                masks[kind] = _mask(c, L, self.config.sliding_window if kind == "sliding_attention" else None)
+            h = layer(h, masks[kind], c)
         return self.model.norm(h)
 
     def head(self, h: mx.array) -> mx.array:
