@@ -56,6 +56,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from ..errors import UserError
 from ..gguf_file import GGUFFile, GGUFTensor, read_gguf
 from ..model.config import ModelConfig, family_of
+from . import hybrid
 from .weights import Quantized, REQUANT_GROUP, Tensor, TensorSpec, finish
 
 T = GGMLQuantizationType
@@ -89,7 +90,8 @@ _LAYER_NAMES = {
 }
 # llama.cpp's default renormalisation of the top-k expert weights per architecture (norm_w in its
 # graph); a file may say otherwise with `<arch>.expert_weights_norm`.
-_MOE_NORM = {"llama": True, "qwen2moe": False, "qwen3moe": True, "olmoe": False, "dots1": False}
+_MOE_NORM = {"llama": True, "qwen2moe": False, "qwen3moe": True, "olmoe": False, "dots1": False, "qwen3next": True,
+             "qwen35moe": True}
 # Gemma's sandwich norms: llama.cpp's ffn_norm is the norm *before* the MLP there.
 _GEMMA_LAYER_NAMES = {
     **_LAYER_NAMES,
@@ -178,6 +180,8 @@ def config_from_gguf(meta: Mapping[str, Any], shapes: Mapping[str, tuple[int, ..
                           first_k_dense_replace=get("leading_dense_block_count", 0),
                           routed_scaling_factor=get("expert_weights_scale", 1.0),
                           n_group=get("expert_group_count", 1), topk_group=get("expert_group_used_count", 1))
+    if family in hybrid.FAMILIES:
+        config.update(hybrid.gguf_config(get, config["head_dim"], config["hidden_size"], config["num_attention_heads"]))
     sliding = None
     if family == "gemma3_text":
         sliding = get("attention.sliding_window", None)
@@ -196,7 +200,7 @@ def config_from_gguf(meta: Mapping[str, Any], shapes: Mapping[str, tuple[int, ..
                               weights=lambda: {hf_name(name, final): shape for name, shape in shapes.items()})
     if get("attention.value_length", cfg.head_dim) != cfg.head_dim:
         raise UserError("GGUF models with different key and value head sizes are not supported")
-    if get("rope.dimension_count", cfg.head_dim) != cfg.head_dim:
+    if get("rope.dimension_count", cfg.head_dim) != cfg.rotary_dims:
         raise UserError("GGUF models with partial rotary embeddings are not supported")
     if family == "gemma3_text":  # llama.cpp's attention scale; its sliding window when the file has one
         wide = cfg.num_hidden_layers == 62  # the 27B
@@ -211,6 +215,10 @@ def hf_name(name: str, family: str) -> str:
     if parts[0] in _TOP_NAMES:
         return ".".join([_TOP_NAMES[parts[0]], *parts[1:]])
     table = _GEMMA_LAYER_NAMES if family == "gemma3_text" else _LAYER_NAMES
+    if family in hybrid.FAMILIES and parts[0] == "blk" and len(parts) >= 3:
+        ours = hybrid.gguf_name(parts[1], parts[2], parts[3:])
+        if ours is not None:
+            return ours
     if parts[0] == "blk" and len(parts) >= 4 and parts[2] in table:
         module = table[parts[2]]
         if family == "mixtral" and module.startswith("mlp.") and parts[2].endswith(("_inp", "_exps")):
@@ -296,16 +304,22 @@ class GGUFSource:
     def tensors(self, target: str, kquant: str) -> Iterator[tuple[str, Tensor]]:
         """Decode, fix up and convert tensor by tensor, evaluating each before the next."""
         requant_bits = None if target == "float32" or kquant == "float" else int(kquant[1:])
+        family, held = self.config.model_type, {}
         for t in self._tensors:
-            name = hf_name(t.name, self.config.model_type)
+            name = hf_name(t.name, family)
             value = self._decode(t, self.raw(t))
+            if family in hybrid.FAMILIES and t.name.startswith("blk."):
+                value = hybrid.fix_gguf(t.name.split(".")[2], value, self.config, self.arch)
             if requant_bits and isinstance(value, mx.array) and t.qtype not in _FLOAT_BITS:
                 exact, value = value, Quantized.of(value, REQUANT_GROUP, requant_bits)
                 error = mx.linalg.norm(value.dequantize() - exact) / mx.linalg.norm(exact)
                 self.requant_errors.setdefault(t.qtype.name, []).append(error.item())
             value = finish(value, target, self.native_dtype)
             mx.eval(value if isinstance(value, mx.array) else list(value.arrays.values()))
-            yield name, value
+            if family == "qwen3_next":  # attn_qkv + attn_gate -> in_proj_qkvz
+                yield from hybrid.merge_qkvz(held, name, value, self.config)
+            else:
+                yield name, value
 
     def raw(self, t: GGUFTensor) -> np.ndarray:
         """The tensor's stored bytes, one row per output row (memory-mapped, not read yet)."""
