@@ -18,7 +18,7 @@ from gguf import GGUFWriter
 from gguf.quants import dequantize, quantize
 from mlx.utils import tree_unflatten
 
-from mlxllm.formats.loader import load_model
+from mlxllm.formats.loader import describe_model, load_model
 from mlxllm.model.config import ModelConfig
 from mlxllm.model.decoder import Model
 from test_load_gguf import LAYER, TOKENS, random_weights
@@ -188,6 +188,9 @@ def test_gguf_in_llama_cpp_layout_round_trips(family, tmp_path):
     assert model.config.layer_types == ["linear_attention", "full_attention"] * 2
     assert model.config.rotary_dims == int(cfg["head_dim"] * (cfg.get("partial_rotary_factor") or 0.25))
     np.testing.assert_allclose(np.array(model(mx.array(TOKENS))), _logits(cfg, exact), atol=1e-4)
+    facts = describe_model(path)
+    assert facts["layer_pattern"] == "LFLF" and facts["linear_attention"].startswith("2 layers, 2 key heads x 16")
+    assert f"RoPE on {model.config.rotary_dims} of 16 features" in facts["full_attention"]
 
 
 @pytest.mark.parametrize("family", list(ARCH))

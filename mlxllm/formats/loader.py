@@ -177,6 +177,14 @@ def describe_model(path: str | Path | None = None, *, kquant: str = "q8") -> dic
                      "active_parameters": total - routed + routed * cfg.num_experts_per_tok // cfg.num_experts}
     if cfg.no_rope_layers is not None:
         specifics["layers_without_rope"] = [i for i in range(cfg.num_hidden_layers) if not cfg.uses_rope(i)]
+    linear = [i for i in range(cfg.num_hidden_layers) if cfg.is_linear(i)]
+    if linear:  # Gated DeltaNet layers: a recurrent state each, the others gated full attention
+        specifics["layer_pattern"] = "".join("L" if cfg.is_linear(i) else "F" for i in range(cfg.num_hidden_layers))
+        specifics["linear_attention"] = (f"{len(linear)} layers, {cfg.linear_num_key_heads} key heads x "
+                                         f"{cfg.linear_key_head_dim}, {cfg.linear_num_value_heads} value heads x "
+                                         f"{cfg.linear_value_head_dim}, conv kernel {cfg.linear_conv_kernel_dim}")
+        specifics["full_attention"] = (f"{cfg.num_hidden_layers - len(linear)} layers, output-gated, RoPE on "
+                                       f"{cfg.rotary_dims} of {cfg.head_dim} features per head")
     return {
         "path": str(source.path),
         "format": source.format,

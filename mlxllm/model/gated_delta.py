@@ -35,6 +35,22 @@ def l2_normalize(x: mx.array, eps: float = 1e-6) -> mx.array:
     return mx.fast.rms_norm(x, None, eps / d) * (d**-0.5)
 
 
+@mx.custom_function
+def solve_lower(a: mx.array, b: mx.array) -> mx.array:
+    """``a^-1 b`` for lower-triangular ``a`` (MLX's triangular solve runs on the CPU stream), with a
+    gradient (MLX has none for it): ``db = a^-T g``, ``da = -tril(db x^T)``."""
+    return mx.linalg.solve_triangular(a, b, upper=False, stream=mx.cpu)
+
+
+@solve_lower.vjp
+def _solve_lower_vjp(primals, cotangent, output):
+    a, _ = primals
+    g = cotangent[0] if isinstance(cotangent, (list, tuple)) else cotangent
+    x = output[0] if isinstance(output, (list, tuple)) else output
+    db = mx.linalg.solve_triangular(a.swapaxes(-1, -2), g, upper=True, stream=mx.cpu)
+    return mx.tril(-(db @ x.swapaxes(-1, -2))), db
+
+
 def delta_recurrent(q: mx.array, k: mx.array, v: mx.array, log_g: mx.array, beta: mx.array, state: mx.array,
                     record_from: int | None = None) -> tuple[mx.array, mx.array, list[tuple[int, mx.array]]]:
     """The recurrence token by token. ``q, k [B, L, H, Dk]``, ``v [B, L, H, Dv]``, ``log_g, beta [B, L, H]``
@@ -74,7 +90,7 @@ def delta_chunked(q: mx.array, k: mx.array, v: mx.array, log_g: mx.array, beta: 
     kb = k * beta[..., None]
     lower = mx.where(mx.tril(causal, -1), (kb @ kt) * decay, 0.0) + mx.eye(size)
     rhs = mx.concatenate([v * beta[..., None], kb * mx.exp(G)[..., None]], axis=-1)
-    solved = mx.linalg.solve_triangular(lower, rhs, upper=False, stream=mx.cpu)
+    solved = solve_lower(lower, rhs)
     written, through_state = solved[..., :Dv], solved[..., Dv:]  # U = written - through_state @ S
     inner = (q @ kt) * decay
     q_decayed = q * mx.exp(G)[..., None]
