@@ -21,7 +21,7 @@ def _requests(tok, stop_early: bool = False) -> list[Request]:
     return [Request(tok.encode(p), SamplingParams(max_tokens=n, ignore_eos=not stop_early)) for p, n in zip(PROMPTS, limits)]
 
 
-@pytest.mark.parametrize("family", ["llama", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["llama", "deepseek_v3", "qwen3_5"])
 @pytest.mark.parametrize("draft_kind", ["other", "same"])
 def test_batched_drafts_keep_the_targets_greedy_output(family, draft_kind, tokenizer):
     target = _random_model(FAMILIES[family], vocab=tokenizer.vocab_size)

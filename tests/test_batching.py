@@ -15,6 +15,7 @@ from mlxllm.engine.stream import stream_generate
 from mlxllm.errors import UserError
 from mlxllm.model.cache import KVCache, KVSettings, QuantizedKVCache, RotatingKVCache
 from mlxllm.model.cache.batch import BatchChunkedCache, BatchKVCache, BatchRingCache, BatchRowsCache, batch_cache
+from mlxllm.model.cache.recurrent import BatchRecurrentCache
 from mlxllm.model.cache.snapshot import load_caches, save_caches
 from mlxllm.model.config import ModelConfig
 from mlxllm.model.decoder import Model
@@ -55,7 +56,7 @@ def test_batched_decode_logits_equal_each_row_alone(family, kv):
     next_ids = [int(mx.argmax(model(mx.array([p]))[0, -1])) for p in prompts]
     batch = [batch_cache(c) for c in rows[0]]
     kinds = {type(b) for b in batch}
-    assert kinds <= {BatchKVCache, BatchRingCache, BatchRowsCache, BatchChunkedCache}
+    assert kinds <= {BatchKVCache, BatchRingCache, BatchRowsCache, BatchChunkedCache, BatchRecurrentCache}
     if kv is not None:
         assert BatchRowsCache in kinds
     for layer, b in enumerate(batch):
@@ -132,7 +133,7 @@ def _tokens(events: list) -> list[int]:
     return [t for e in events for t in e.tokens]
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen3_moe", "deepseek_v3", "qwen3_next"])
 def test_engine_output_alone_equals_output_in_a_mixed_batch(family, tokenizer):
     """Greedy and seeded-sampled requests of mixed prompt lengths, some arriving while others run,
     some with logprobs and penalties: every one produces the tokens it produces alone."""
@@ -314,6 +315,32 @@ def test_a_wrapped_sliding_window_is_reused_only_from_an_exact_boundary(tokenize
     engine = BatchEngine(model, tokenizer, prefix_cache=pc, max_step_tokens=64)
     assert not engine.trims
     _run(engine, [Request(first_turn + [7, 8], SamplingParams(max_tokens=3, ignore_eos=True), (boundary,))])
+    r = Request(second, SamplingParams(max_tokens=6, ignore_eos=True), (boundary,))
+    events = _run(engine, [r])[r.id]
+    assert events[0].cached_tokens == boundary
+    plain = _run(BatchEngine(model, tokenizer), [Request(second, r.params)])
+    assert _tokens(events) == _tokens(next(iter(plain.values())))
+
+
+def test_recurrent_state_is_reused_only_from_an_exact_boundary(tokenizer):
+    """Linear-attention layers cannot trim: a longer entry does not serve a shorter prefix, the engine
+    snapshots at message boundaries, and the second turn resumed from one produces what it does cold,
+    with the same logits as a cold prefill of its prompt."""
+    model = _random_model(FAMILIES["qwen3_5"], vocab=tokenizer.vocab_size)
+    pc = PrefixCache(1 << 30)
+    pc.insert(list(range(1, 21)), _filled(model, list(range(1, 21))))
+    assert pc.lookup(list(range(1, 15)) + [99]) == (None, 0)
+    first_turn = tokenizer.encode("System: be kind. User: hi there, how are you today?")
+    boundary = len(first_turn)
+    second = first_turn + tokenizer.encode(" Assistant: fine. User: and now?")
+    engine = BatchEngine(model, tokenizer, prefix_cache=pc, max_step_tokens=64)
+    assert not engine.trims
+    _run(engine, [Request(first_turn + [7, 8], SamplingParams(max_tokens=3, ignore_eos=True), (boundary,))])
+    caches, n = pc.lookup(second)
+    assert n == boundary
+    warm = model(mx.array([second[n:]]), caches)
+    cold = model(mx.array([second]))[:, n:]
+    assert mx.allclose(warm, cold, atol=1e-4).item(), float(mx.abs(warm - cold).max())
     r = Request(second, SamplingParams(max_tokens=6, ignore_eos=True), (boundary,))
     events = _run(engine, [r])[r.id]
     assert events[0].cached_tokens == boundary

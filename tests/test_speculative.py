@@ -87,6 +87,25 @@ def test_greedy_with_processors_quantized_cache_and_small_prefill(pair):
     assert out == alone
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_greedy_with_recurrent_target_and_draft(k):
+    """Qwen3.5-style hybrids on both sides: rejected drafts are rolled back through the recurrent
+    layers' kept steps, and a prompt longer than a prefill step goes through the chunked path first."""
+    from test_batching import _random_model
+    from test_parity_mlx_lm import FAMILIES
+
+    target = _random_model(FAMILIES["qwen3_5"])
+    draft = _random_model(dict(FAMILIES["qwen3_5"], num_hidden_layers=2))
+    draft.update({"model": {"embed_tokens": {"weight": target.model.embed_tokens.weight}}})
+    prompt = mx.array(list(range(1, 80)), dtype=mx.int32)
+    alone = [t for t, _ in generate_step(prompt, target, max_tokens=20, prefill_step_size=32)]
+    stats = {}
+    out = list(speculative_generate_step(prompt, target, draft, num_draft_tokens=k, max_tokens=20,
+                                         prefill_step_size=32, stats=stats))
+    assert [t for t, _, _ in out] == alone
+    assert 0 < stats["accepted"] < stats["proposed"]
+
+
 def test_draft_with_another_vocabulary_size(pair):
     """Draft and target embedding tables padded to different sizes (same tokenizer)."""
     target, _ = pair

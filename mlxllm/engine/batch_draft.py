@@ -20,6 +20,7 @@ import mlx.core as mx
 
 from ..errors import UserError
 from ..model.cache.batch import BatchKVCache, batch_cache
+from ..model.cache.recurrent import BatchRecurrentCache, keep_steps
 from .speculative import fit_vocab, accept
 from .steps import prefill
 
@@ -49,6 +50,7 @@ class BatchDraft:
             caches.append(cache)
         if self._batch is None:
             self._batch = [batch_cache(c) for c in caches[0]]
+            keep_steps(self._batch, self.k + 1)
         for layer, c in enumerate(self._batch):
             c.extend([cache[layer] for cache in caches])
         mx.eval([c.state for c in self._batch])
@@ -74,6 +76,7 @@ class BatchDraft:
     def round(self, target: Any, target_batch: list, last: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """One greedy round for every row from its last token ``last [rows, 1]``: returns ``(drafted
         [rows, k], kept [rows], next [rows])`` (queued), both models' rows ``k + 1`` positions further."""
+        keep_steps(target_batch, self.k + 1)  # recurrent rows roll back through their kept steps
         step_in, drafted = last, []
         for i in range(self.k + 1):
             h = self.model.hidden(step_in, self._batch)
@@ -110,5 +113,5 @@ class BatchDraft:
 
     @staticmethod
     def supports(batch: list | None) -> bool:
-        """Whether the target's batched caches can verify and roll back (float and latent KV)."""
-        return batch is not None and all(isinstance(c, BatchKVCache) for c in batch)
+        """Whether the target's batched caches can verify and roll back (float and latent KV, recurrent)."""
+        return batch is not None and all(isinstance(c, (BatchKVCache, BatchRecurrentCache)) for c in batch)

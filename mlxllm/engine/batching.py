@@ -59,7 +59,7 @@ class BatchEngine:
         self.context = model.config.max_position_embeddings
         self.max_memory, self.weights_bytes = max_memory, weights_bytes
         self._dtype = activation_dtype(model)
-        self.trims = not any(model.config.is_sliding(i) for i in range(model.config.num_hidden_layers))
+        self.trims = model.config.trims  # else the prefix cache keeps snapshots at message boundaries
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Sequence
 import mlx.core as mx
 
 from ..errors import UserError
+from ..model.cache.recurrent import keep_steps
 from .steps import DEFAULT_PREFILL_STEP, prefill
 from .sample import LogitsProcessor, apply_processors
 
@@ -148,6 +149,7 @@ def speculative_generate_step(
     # positions of ``seq`` each cache holds (everything before is in it, nothing after)
     held = len(seq) - prefill(model, prompt[None], cache, prefill_step_size).shape[1]
     draft_held = len(seq) - prefill(draft_model, prompt[None], draft_cache, prefill_step_size).shape[1]
+    keep_steps(cache + draft_cache, num_draft_tokens + 1)  # recurrent states roll back through kept steps
     stats = stats if stats is not None else {}
     stats.setdefault("proposed", 0)
     stats.setdefault("accepted", 0)

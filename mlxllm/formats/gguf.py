@@ -57,6 +57,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from ..errors import UserError
 from ..gguf_file import GGUFFile, GGUFTensor, read_gguf
 from ..model.config import ModelConfig, family_of
+from . import hybrid
 from .gguf_names import DEEPSEEK_ROUTED, hf_name
 from .weights import Quantized, REQUANT_GROUP, Tensor, TensorSpec, finish
 
@@ -70,7 +71,7 @@ _PERMUTED_ARCHS = {"llama", "smollm3", "mistral3"}
 # llama.cpp's default renormalisation of the top-k expert weights per architecture (norm_w in its
 # graph); a file may say otherwise with `<arch>.expert_weights_norm`.
 _MOE_NORM = {"llama": True, "qwen2moe": False, "qwen3moe": True, "olmoe": False, "dots1": False, "glm4moe": True,
-             "gpt-oss": False}
+             "gpt-oss": False, "qwen3next": True, "qwen35moe": True}
 
 
 # Our (Hugging Face) field -> the GGUF metadata key it is read from (under ``<arch>.``), so a wrong value
@@ -153,6 +154,8 @@ def config_from_gguf(meta: Mapping[str, Any], shapes: Mapping[str, tuple[int, ..
                           routed_scaling_factor=get("expert_weights_scale", 1.0),
                           n_group=get("expert_group_count", 1), topk_group=get("expert_group_used_count", 1))
     _family_metadata(family, get, config, shapes)
+    if family in hybrid.FAMILIES:
+        config.update(hybrid.gguf_config(get, config["head_dim"], config["hidden_size"], config["num_attention_heads"]))
     sliding = None
     if family == "gemma3_text":
         sliding = get("attention.sliding_window", None)
@@ -305,16 +308,22 @@ class GGUFSource:
     def tensors(self, target: str, kquant: str) -> Iterator[tuple[str, Tensor]]:
         """Decode, fix up and convert tensor by tensor, evaluating each before the next."""
         requant_bits = None if target == "float32" or kquant == "float" else int(kquant[1:])
+        family, held = self.config.model_type, {}
         for t in self._tensors:
-            name = hf_name(t.name, self.config.model_type)
+            name = hf_name(t.name, family)
             value = self._decode(t, self.raw(t))
+            if family in hybrid.FAMILIES and t.name.startswith("blk."):
+                value = hybrid.fix_gguf(t.name.split(".")[2], value, self.config, self.arch)
             if requant_bits and isinstance(value, mx.array) and t.qtype not in _FLOAT_BITS:
                 exact, value = value, Quantized.of(value, REQUANT_GROUP, requant_bits)
                 error = mx.linalg.norm(value.dequantize() - exact) / mx.linalg.norm(exact)
                 self.requant_errors.setdefault(t.qtype.name, []).append(error.item())
             value = finish(value, target, self.native_dtype)
             mx.eval(value if isinstance(value, mx.array) else list(value.arrays.values()))
-            yield name, value
+            if family == "qwen3_next":  # attn_qkv + attn_gate -> in_proj_qkvz
+                yield from hybrid.merge_qkvz(held, name, value, self.config)
+            else:
+                yield name, value
 
     def raw(self, t: GGUFTensor) -> np.ndarray:
         """The tensor's stored bytes, one row per output row (memory-mapped, not read yet)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from . import hybrid
+
 # DeepSeek-V3-style routing (sigmoid scores, groups, scaled weights, leading dense layers, shared_experts).
 DEEPSEEK_ROUTED = ("dots1", "glm4_moe")
 
@@ -58,6 +60,10 @@ def hf_name(name: str, family: str) -> str:
     table = {"gemma3_text": _GEMMA_LAYER_NAMES, "gpt_oss": _GPT_OSS_LAYER_NAMES}.get(family, _LAYER_NAMES)
     if family == "gpt_oss" and parts[0] == "blk" and parts[2:] == ["attn_sinks", "weight"]:
         return f"model.layers.{parts[1]}.self_attn.sinks"
+    if family in hybrid.FAMILIES and parts[0] == "blk" and len(parts) >= 3:
+        ours = hybrid.gguf_name(parts[1], parts[2], parts[3:])
+        if ours is not None:
+            return ours
     if parts[0] == "blk" and len(parts) >= 4 and parts[2] in table:
         module = table[parts[2]]
         if family == "mixtral" and module.startswith("mlp.") and parts[2].endswith(("_inp", "_exps")):

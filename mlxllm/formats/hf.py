@@ -22,13 +22,14 @@ import mlx.core as mx
 
 from ..errors import UserError
 from ..model.config import ModelConfig, check_quantization_block, layer_index
+from . import hybrid
 from .weights import Quantized, Tensor, TensorSpec, finish
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
                 "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
 # Checkpoint parts the text decoder does not use (multimodal towers, buffers some exporters save).
 _UNUSED_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.",
-                    "vision_model.", "model.vision_model.")
+                    "vision_model.", "model.vision_model.", *hybrid.UNUSED_PREFIXES)
 _UNUSED_SUFFIXES = ("rotary_emb.inv_freq",)
 # Multimodal wrappers (e.g. Gemma3ForConditionalGeneration) nest the text model.
 _RENAMES = (("language_model.model.", "model."), ("model.language_model.", "model."), ("language_model.", ""))
@@ -244,6 +245,9 @@ class HFSource:
             self.index[ours] = entry
         self.quant = self._quantized_modules(raw)
         self.stacks = expert_stacks(list(self.index), self.config.expert_stack_name)
+        self.hybrid = self.config.model_type in hybrid.FAMILIES
+        self.original = self.hybrid and hybrid.original_layout({n: tuple(e[2]["shape"]) for n, e in self.index.items()})
+        self.fused_experts = self.config.model_type in ("gpt_oss", "llama4_text")
 
     def _quantized_modules(self, raw: dict[str, Any]) -> dict[str, tuple[int, int, str]]:
         """Module path -> (group_size, bits, mode) for every module stored with ``.scales``."""
@@ -327,13 +331,14 @@ class HFSource:
             return mx.stack([array(m) for m in members]) if members else array(name)
 
         in_stacks = {m for members in self.stacks.values() for m in members}
-        fused = {m.group(1, 2) for m in map(_FUSED_EXPERTS.match, self.index) if m}
+        fused = {m.group(1, 2) for m in map(_FUSED_EXPERTS.match, self.index) if m} if self.fused_experts else set()
         for prefix, proj in sorted(fused):
             yield from ((n, finish(t, target, self.native_dtype)) for n, t in _fused_experts(
                 prefix, proj, lambda suffix: array(f"{prefix}.{proj}{suffix}") if f"{prefix}.{proj}{suffix}" in self.index
                 else None, self.config.model_type == "gpt_oss"))
         latent_maps: dict[str, Tensor] = {}
-        for name in [n for n in self.index if n not in in_stacks and not _FUSED_EXPERTS.match(n)] + list(self.stacks):
+        for name in [n for n in self.index if n not in in_stacks and not (self.fused_experts and _FUSED_EXPERTS.match(n))
+                     ] + list(self.stacks):
             prefix, _, leaf = name.rpartition(".")
             quant = self.quant.get(self.stacks[name][0].rpartition(".")[0] if name in self.stacks else prefix)
             if quant and leaf in ("scales", "biases"):
@@ -350,4 +355,5 @@ class HFSource:
                 latent_maps[name] = value
                 yield from _fold_latent_maps(latent_maps, name, self.config, target, self.native_dtype)
                 continue
-            yield name, finish(value, target, self.native_dtype)
+            for ours, v in hybrid.from_hf(name, value, self.original) if self.hybrid else [(name, value)]:
+                yield ours, finish(v, target, self.native_dtype)

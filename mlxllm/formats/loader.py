@@ -184,6 +184,14 @@ def _specifics(cfg: ModelConfig, specs: list, total: int) -> dict[str, Any]:
         where = " on layers without RoPE" if cfg.query_scale_nope_only else ""
         out["query_scale"] = (f"1 + {cfg.query_scale_beta:.6g} * log(1 + floor({position} / "
                               f"{cfg.query_scale_length})){where}")
+    linear = [i for i in layers if cfg.is_linear(i)]
+    if linear:  # Gated DeltaNet layers: a recurrent state each, the others gated full attention
+        out["layer_pattern"] = "".join("L" if cfg.is_linear(i) else "F" for i in layers)
+        out["linear_attention"] = (f"{len(linear)} layers, {cfg.linear_num_key_heads} key heads x "
+                                   f"{cfg.linear_key_head_dim}, {cfg.linear_num_value_heads} value heads x "
+                                   f"{cfg.linear_value_head_dim}, conv kernel {cfg.linear_conv_kernel_dim}")
+        out["full_attention"] = (f"{len(layers) - len(linear)} layers, output-gated, RoPE on "
+                                 f"{cfg.rope_dims} of {cfg.head_dim} features per head")
     fused = [name for name, on in (("qkv_proj", cfg.fused_qkv), ("gate_up_proj", cfg.fused_gate_up)) if on]
     if fused:
         out["fused_projections"] = fused

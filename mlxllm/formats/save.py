@@ -30,9 +30,12 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", 
                   "dots1": "Dots1ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
                   "deepseek_v3": "DeepseekV3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "phi3": "Phi3ForCausalLM",
                   "glm4_moe": "Glm4MoeForCausalLM", "ministral3": "Ministral3ForCausalLM", "gpt_oss": "GptOssForCausalLM",
-                  "llama4_text": "Llama4ForCausalLM"}
+                  "llama4_text": "Llama4ForCausalLM", "qwen3_next": "Qwen3NextForCausalLM",
+                  "qwen3_5": "Qwen3_5ForCausalLM", "qwen3_5_moe": "Qwen3_5MoeForCausalLM"}
 _MOE = ("num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size", "norm_topk_prob",
         "decoder_sparse_step", "mlp_only_layers")
+_LINEAR = ("layer_types", "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+           "linear_value_head_dim", "linear_conv_kernel_dim", "partial_rotary_factor")
 _LATENT = ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 _COMMON = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
            "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "rope_theta", "rope_scaling",
@@ -58,6 +61,15 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
         out["no_rope_layers"] = cfg.no_rope_layers
     if cfg.partial_rotary_factor != 1.0:
         out["partial_rotary_factor"] = cfg.partial_rotary_factor
+    if cfg.linear_num_key_heads:  # mlx-lm takes Qwen3.5's RoPE from rope_parameters only
+        out.update({k: getattr(cfg, k) for k in _LINEAR})
+        interval = cfg.layer_types.index("full_attention") + 1 if "full_attention" in cfg.layer_types else 0
+        if interval and all(t == ("linear_attention" if (i + 1) % interval else "full_attention")
+                            for i, t in enumerate(cfg.layer_types)):
+            out["full_attention_interval"] = interval  # what mlx-lm reads
+        if cfg.model_type != "qwen3_next":
+            out["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.rope_theta,
+                                      "partial_rotary_factor": cfg.partial_rotary_factor, **(cfg.rope_scaling or {})}
     if cfg.num_experts and (cfg.router == "sigmoid_group" or cfg.model_type.startswith("deepseek")):
         sigmoid = cfg.router == "sigmoid_group"  # DeepSeek-style names
         out.update(n_routed_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,

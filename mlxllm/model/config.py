@@ -66,11 +66,17 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "llama4_text": {"ffn_name": "feed_forward", "router": "sigmoid_input", "router_name": "router",
                     "expert_stack_name": "experts", "shared_expert_gate": False, "shared_expert_name": "shared_expert",
                     "rope_traditional": True, "query_scale_nope_only": True, "query_scale_shift": 1},
+    # Qwen3-Next / Qwen3.5: Gated DeltaNet linear-attention layers between gated full-attention ones
+    # (gated_delta.py); Qwen3-Next fuses the linear layers' projections (in_proj_qkvz, in_proj_ba).
+    "qwen3_next": {"qk_norm": True, "attn_output_gate": True, "partial_rotary_factor": 0.25, "norm_topk_prob": True},
+    "qwen3_5": {"qk_norm": True, "attn_output_gate": True, "partial_rotary_factor": 0.25},
+    "qwen3_5_moe": {"qk_norm": True, "attn_output_gate": True, "partial_rotary_factor": 0.25, "norm_topk_prob": True},
 }
 # Names under which the same families appear elsewhere (HF multimodal wrappers, GGUF).
 ALIASES = {"gemma3": "gemma3_text", "smollm2": "llama", "smollm": "llama", "qwen2moe": "qwen2_moe",
            "glm4moe": "glm4_moe", "mistral3": "ministral3", "gpt-oss": "gpt_oss", "llama4": "llama4_text",
-           "qwen3moe": "qwen3_moe"}
+           "qwen3moe": "qwen3_moe", "qwen3_5_text": "qwen3_5", "qwen3_5_moe_text": "qwen3_5_moe",
+           "qwen3next": "qwen3_next", "qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe"}
 
 
 class UnsupportedArchitecture(UserError):
@@ -167,6 +173,13 @@ class ModelConfig:
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
+    # Gated DeltaNet ("linear_attention" layers, gated_delta.py) and the gated full attention beside it.
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel_dim: int = 4
+    attn_output_gate: bool = False  # q_proj also yields a sigmoid gate per output feature (Qwen3-Next)
     # mlx-community quantization block ({"group_size", "bits", per-layer overrides}).
     quantization: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -216,6 +229,12 @@ class ModelConfig:
         if self.sliding_window is None or self.sliding_window < 1:
             if any(t == "sliding_attention" for t in self.layer_types):
                 raise UserError(f"sliding_window is {self.sliding_window} but the config has sliding-window layers")
+        if any(self.is_linear(i) for i in range(self.num_hidden_layers)) and not (
+                self.linear_num_key_heads and self.linear_key_head_dim and self.linear_value_head_dim
+                and self.linear_num_value_heads % self.linear_num_key_heads == 0 and self.linear_conv_kernel_dim > 1):
+            raise UserError("linear_attention layers need linear_num_key_heads, linear_key_head_dim, "
+                            "linear_value_head_dim, linear_num_value_heads (a multiple of the key heads) and "
+                            "linear_conv_kernel_dim > 1")
         if self.kv_lora_rank and not (self.qk_rope_head_dim and self.qk_nope_head_dim and self.v_head_dim):
             raise UserError("latent attention needs qk_nope_head_dim, qk_rope_head_dim and v_head_dim")
 
@@ -243,6 +262,14 @@ class ModelConfig:
 
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types[layer] == "sliding_attention"
+
+    def is_linear(self, layer: int) -> bool:
+        return self.layer_types[layer] == "linear_attention"
+
+    @property
+    def trims(self) -> bool:
+        """Whether every layer's cache can forget its last positions (no sliding ring, no recurrent state)."""
+        return not any(self.is_sliding(i) or self.is_linear(i) for i in range(self.num_hidden_layers))
 
     def is_moe(self, layer: int) -> bool:
         return (self.num_experts > 0 and layer not in self.mlp_only_layers
@@ -318,12 +345,14 @@ class ModelConfig:
                                      for i in range(values.get("num_hidden_layers", 0))]
         if family == "gemma3_text":
             _gemma3_layers(values, config)
+        elif family.startswith(("qwen3_next", "qwen3_5")):
+            _linear_layers(values, config, where)
         elif config.get("sliding_window") and family in ("mistral", "mixtral", "phi3"):
             values["layer_types"] = ["sliding_attention"] * values.get("num_hidden_layers", 0)
         elif family in ("qwen2", "qwen2_moe") and not config.get("use_sliding_window"):
             values["sliding_window"] = None
         elif family in ("llama", "qwen3", "qwen3_moe", "olmoe", "dots1", "deepseek_v2", "deepseek_v3", "smollm3",
-                        "glm4_moe", "llama4_text"):
+                        "glm4_moe", "llama4_text", "qwen3_next", "qwen3_5", "qwen3_5_moe"):
             values.pop("sliding_window", None)
         if family == "llama4_text":
             _llama4(values, config)
@@ -394,6 +423,20 @@ def _query_scale(values: dict[str, Any], rope: Mapping[str, Any]) -> None:
         values["query_scale_length"] = rope.get("original_max_position_embeddings", 8192)
 
 
+def _linear_layers(values: dict[str, Any], config: dict[str, Any], where: str) -> None:
+    """Qwen3-Next / Qwen3.5: every ``full_attention_interval``-th layer is full attention, the rest
+    linear (unless ``layer_types`` lists them); Qwen3.5 keeps its partial rotary in ``rope_parameters``."""
+    params = config.get("rope_parameters")
+    if isinstance(params, Mapping) and "partial_rotary_factor" in params and "partial_rotary_factor" not in config:
+        values["partial_rotary_factor"] = params["partial_rotary_factor"]
+    if "layer_types" not in config:
+        interval = config.get("full_attention_interval", 4)
+        if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
+            raise UserError(f"{where}: full_attention_interval must be a positive integer, got {interval!r}")
+        values["layer_types"] = ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
+                                 for i in range(values.get("num_hidden_layers", 0))]
+
+
 def _gemma3_layers(values: dict[str, Any], config: dict[str, Any]) -> None:
     """Gemma 3: every Nth layer is global, the rest use a sliding window with their own RoPE base."""
     values.setdefault("query_pre_attn_scalar", config.get("query_pre_attn_scalar", 256))
@@ -424,6 +467,8 @@ _SIZES = {
     "q_lora_rank": (0, 2**24), "qk_nope_head_dim": (0, 2**16), "qk_rope_head_dim": (0, 2**16),
     "v_head_dim": (0, 2**16), "query_scale_length": (1, 2**26), "attention_chunk_size": (1, 2**26),
     "interleave_moe_layer_step": (1, 2**20), "intermediate_size_mlp": (1, 2**24), "query_scale_shift": (0, 1),
+    "linear_num_key_heads": (0, 2**16), "linear_num_value_heads": (0, 2**16), "linear_key_head_dim": (0, 2**16),
+    "linear_value_head_dim": (0, 2**16), "linear_conv_kernel_dim": (1, 2**10),
 }  # fmt: skip
 # Floats that must be finite and above a bound (a RoPE base of 1 or less has no wavelengths).
 _ABOVE = {"rms_norm_eps": 0, "rope_theta": 1, "rope_local_base_freq": 1, "query_pre_attn_scalar": 0,
@@ -493,9 +538,9 @@ def check_config(values: Mapping[str, Any], where: str | None = None, names: Map
                 not isinstance(value, str)):
             fail(key, f"is {value!r}, not a name")
     layer_types, dense = values.get("layer_types"), values.get("mlp_only_layers")
-    kinds = ("sliding_attention", "full_attention", "chunked_attention")
+    kinds = ("sliding_attention", "full_attention", "chunked_attention", "linear_attention")
     if layer_types is not None and not (isinstance(layer_types, list) and all(t in kinds for t in layer_types)):
-        fail("layer_types", "is not a list of 'sliding_attention' / 'full_attention' / 'chunked_attention'")
+        fail("layer_types", f"is not a list of {' / '.join(repr(k) for k in kinds)}")
     if dense is not None:
         if not isinstance(dense, list):
             fail("mlp_only_layers", f"is {dense!r}, not a list of layer numbers")

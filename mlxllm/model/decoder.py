@@ -9,10 +9,11 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import ChunkedKVCache, KVCache, KVSettings, QuantizedKVCache, RotatingKVCache, causal_mask
+from .cache import ChunkedKVCache, KVCache, KVSettings, QuantizedKVCache, RecurrentCache, RotatingKVCache, causal_mask
 from .cache.batch import FusedStep
 from ..errors import UserError
 from .config import ModelConfig
+from .gated_delta import GatedDeltaNet
 from .mla import LatentAttention
 from .moe import MoE
 from .rope import NoRoPE, make_rope
@@ -37,7 +38,8 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale = cfg.attention_scale
         bias = cfg.attention_bias
-        self.widths = [self.n_heads * self.head_dim] + [self.n_kv_heads * self.head_dim] * 2
+        self.gated = cfg.attn_output_gate  # q_proj yields [query, gate] per head (Qwen3-Next)
+        self.widths = [self.n_heads * self.head_dim * (2 if self.gated else 1)] + [self.n_kv_heads * self.head_dim] * 2
         if cfg.fused_qkv:
             self.qkv_proj = nn.Linear(cfg.hidden_size, sum(self.widths), bias=bias)
         else:
@@ -69,6 +71,9 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array, mask, cache) -> mx.array:
         B, L, _ = x.shape
         q, k, v = self._project(x)
+        if self.gated:
+            q, gate = mx.split(q.reshape(B, L, self.n_heads, 2 * self.head_dim), 2, axis=-1)
+            q = q.reshape(B, L, -1)
         norm = "q_norm" in self
         if norm and not self.qk_norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -82,7 +87,8 @@ class Attention(nn.Module):
             out = cache.split((q, k, v), self._attend)
         else:
             out = self._attend(q, k, v, mask, cache)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
+        return self.o_proj(out * mx.sigmoid(gate.reshape(B, L, -1)) if self.gated else out)
 
     def _attend(self, q: mx.array, k: mx.array, v: mx.array, mask, cache) -> mx.array:
         """Positions, the cache update and attention for ``q, k, v [B, heads, L, head_dim]``."""
@@ -149,7 +155,10 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_plus_one)  # noqa: E731
-        self.self_attn = LatentAttention(cfg) if cfg.kv_lora_rank else Attention(cfg, layer)
+        if cfg.is_linear(layer):
+            self.linear_attn = GatedDeltaNet(cfg)
+        else:
+            self.self_attn = LatentAttention(cfg) if cfg.kv_lora_rank else Attention(cfg, layer)
         self.ffn_name = cfg.ffn_name
         ffn = MoE(cfg, _activation(cfg), lambda hidden: MLP(cfg, hidden)) if cfg.is_moe(layer) else MLP(cfg)
         setattr(self, cfg.ffn_name, ffn)
@@ -161,7 +170,7 @@ class Block(nn.Module):
             self.post_feedforward_layernorm = norm()
 
     def __call__(self, x: mx.array, mask, cache) -> mx.array:
-        r = self.self_attn(self.input_layernorm(x), mask, cache)
+        r = (self.linear_attn if "linear_attn" in self else self.self_attn)(self.input_layernorm(x), mask, cache)
         ffn = self[self.ffn_name]
         if self.sandwich:
             h = x + self.post_attention_layernorm(r)
@@ -196,13 +205,16 @@ class Model(nn.Module):
 
     def make_cache(self, kv: KVSettings | None = None) -> list:
         """One cache per layer: the global layers' K/V stored as ``kv`` says (float without it; user
-        settings are checked first with ``KVSettings.checked``), sliding-window layers in a float ring."""
+        settings are checked first with ``KVSettings.checked``), sliding-window layers in a float ring,
+        chunked ones in a chunk-masked float cache, linear-attention layers a recurrent state."""
         cfg = self.config
         kv = kv or KVSettings()
         if kv.quantized and cfg.attention_sinks:
             raise UserError("a quantized KV cache cannot be used with attention sinks (gpt-oss): drop --kv-bits")
 
-        def layer(i: int) -> KVCache | RotatingKVCache:
+        def layer(i: int) -> KVCache | RotatingKVCache | RecurrentCache:
+            if cfg.is_linear(i):
+                return RecurrentCache()
             if cfg.is_sliding(i):
                 return RotatingKVCache(cfg.sliding_window)
             if cfg.is_chunked(i):

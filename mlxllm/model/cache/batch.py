@@ -20,6 +20,7 @@ import mlx.core as mx
 from .chunked import ChunkedKVCache
 from .kv import KVCache, Mask
 from .quantized import QuantizedKVCache
+from .recurrent import BatchRecurrentCache, RecurrentCache
 from .rotating import RotatingKVCache
 
 
@@ -280,7 +281,7 @@ class BatchChunkedCache(BatchKVCache):
         return ((keys <= queries) & (keys // self.chunk == queries // self.chunk))[:, None]
 
 
-BatchCache = BatchKVCache | BatchRingCache | BatchRowsCache
+BatchCache = BatchKVCache | BatchRingCache | BatchRowsCache | BatchRecurrentCache
 
 
 class FusedStep:
@@ -288,7 +289,7 @@ class FusedStep:
     chunk through the model together, laid out as one row ``[1, rows + chunk]``: the linear layers
     read their weights once for both, and attention is split, each part over its own cache."""
 
-    def __init__(self, batch: BatchCache, chunk: KVCache | RotatingKVCache, rows: int) -> None:
+    def __init__(self, batch: BatchCache, chunk: KVCache | RotatingKVCache | RecurrentCache, rows: int) -> None:
         self.batch, self.chunk, self.rows = batch, chunk, rows
 
     def mask(self, n_queries: int) -> Mask:
@@ -305,8 +306,10 @@ class FusedStep:
         return mx.concatenate([out_decode.transpose(2, 1, 0, 3), out_chunk], axis=2)
 
 
-def batch_cache(cache: KVCache | RotatingKVCache) -> BatchCache:
+def batch_cache(cache: KVCache | RotatingKVCache | RecurrentCache) -> BatchCache:
     """An empty batched cache for rows shaped like ``cache``."""
+    if isinstance(cache, RecurrentCache):
+        return BatchRecurrentCache()
     if isinstance(cache, QuantizedKVCache):
         return BatchRowsCache()
     if isinstance(cache, ChunkedKVCache):

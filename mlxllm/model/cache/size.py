@@ -6,6 +6,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from .recurrent import recurrent_bytes
 from .settings import KVSettings
 
 
@@ -19,7 +20,8 @@ def kv_bytes(model: Any, context: int, batch: int = 1, dtype: mx.Dtype | None = 
     """Bytes of K and V a cache of ``context`` positions holds, which a decode step reads (sliding
     layers hold their window in ``dtype``, default the model's activation dtype; with a quantized
     ``kv`` the global layers hold packed values plus a scale and bias per group, past the float
-    prefix; everything is float until ``kv.start`` is crossed)."""
+    prefix; everything is float until ``kv.start`` is crossed; a linear-attention layer's recurrent
+    state has one size whatever the context)."""
     kv = kv or KVSettings()
     cfg = model.config
     dtype = dtype or activation_dtype(model)
@@ -29,7 +31,9 @@ def kv_bytes(model: Any, context: int, batch: int = 1, dtype: mx.Dtype | None = 
     quantized = numbers * kv.bits // 8 + 2 * (numbers // kv.group_size) * dtype.size if kv.quantized else per_token
     total = 0
     for i in range(cfg.num_hidden_layers):
-        if cfg.is_sliding(i):
+        if cfg.is_linear(i):
+            total += recurrent_bytes(cfg, dtype)
+        elif cfg.is_sliding(i):
             total += min(context, cfg.sliding_window) * per_token
         else:
             held_float = (context if context <= kv.start else min(context, kv.float_prefix)) if kv.quantized else 0

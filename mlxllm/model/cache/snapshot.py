@@ -14,6 +14,7 @@ import mlx.core as mx
 from .chunked import ChunkedKVCache
 from .kv import KVCache
 from .quantized import QuantizedKVCache
+from .recurrent import RecurrentCache
 from .rotating import RotatingKVCache
 
 
@@ -40,6 +41,8 @@ def _layer(cache) -> tuple[dict[str, mx.array], dict]:
         held = cache.copy()
         info = {"kind": "rotating", "offset": cache.offset, "window": cache.window}
         return ({} if held.keys is None else {"keys": held.keys, "values": held.values}), info
+    if isinstance(cache, RecurrentCache):
+        return dict(zip(("conv", "delta"), cache.state)), {"kind": "recurrent", "offset": cache.offset}
     if isinstance(cache, ChunkedKVCache):
         held = {} if cache.keys is None else {"keys": cache.keys, "values": cache.values}
         return held, {"kind": "chunked", "offset": cache.offset, "chunk": cache.chunk}
@@ -78,8 +81,23 @@ def _checked(cache, arrays: dict[str, mx.array]):
     return cache
 
 
+def _recurrent(info: dict, arrays: dict[str, mx.array]) -> RecurrentCache:
+    """A recurrent state: a convolution window ``[1, kernel - 1, C]`` and a delta state ``[1, H, Dk, Dv]``
+    (both, once a position is in)."""
+    cache = RecurrentCache()
+    cache.offset = _int(info, "offset")
+    conv, delta = arrays.get("conv"), arrays.get("delta")
+    if set(arrays) - {"conv", "delta"} or (conv is None) != (delta is None) or (conv is None) != (cache.offset == 0) or (
+            conv is not None and (conv.ndim != 3 or delta.ndim != 4 or conv.shape[0] != delta.shape[0])):
+        raise ValueError(f"a recurrent layer holds {sorted(arrays)} for offset {cache.offset}")
+    cache.conv_state, cache.delta_state = conv, delta
+    return cache
+
+
 def _rebuild(info: dict, arrays: dict[str, mx.array]):
     kind = info.get("kind")
+    if kind == "recurrent":
+        return _recurrent(info, arrays)
     if kind == "kv":
         cache = KVCache()
     elif kind == "rotating":
