@@ -20,6 +20,7 @@ import pytest
 from mlxllm.errors import UserError
 from mlxllm.tokenize import Tokenizer, read_gguf_tokenizer_metadata
 from mlxllm.tokenize import bpe as bpe_mod
+from mlxllm.tokenize.gguf_pre import gguf_pre_tokenizer
 
 GOLDEN = json.loads((Path(__file__).parent / "fixtures" / "tokenizer_golden.json").read_text(encoding="utf-8"))
 CORPUS: list[str] = GOLDEN["corpus"]
@@ -299,7 +300,7 @@ def test_smollm_uses_tiktoken_and_pure_python_agrees(smollm_meta, smollm):
     pure-Python BPE must give the same ids on the whole corpus."""
     vocab = {t: i for i, t in enumerate(smollm_meta["tokenizer.ggml.tokens"])}
     merges = [tuple(m.split(" ", 1)) for m in smollm_meta["tokenizer.ggml.merges"]]
-    stages = bpe_mod.gguf_pre_tokenizer("smollm").stages
+    stages = gguf_pre_tokenizer("smollm").stages
     fast = bpe_mod.BytePairEncoder(vocab, merges, stages)
     slow = bpe_mod.BytePairEncoder(vocab, merges, stages, allow_tiktoken=False)
     assert fast.tiktoken_problem is None and fast.uses_tiktoken

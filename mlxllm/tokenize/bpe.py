@@ -64,47 +64,11 @@ def byte_level_to_bytes(token: str) -> bytes | None:
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 # llama.cpp spells the case-insensitive contractions as explicit classes; `(?i:'s)` would also
 # match "'ſ" under Unicode case folding.
-_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
 LLAMA3_PATTERN = (
-    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-QWEN2_PATTERN = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-
-
-class GGUFPreTokenizer(NamedTuple):
-    stages: list[str]  # regexes applied one after the other, each splitting the previous pieces
-    ignore_merges: bool  # a pre-token that is itself a token is not merged from bytes
-    add_bos: bool  # BOS is added when the file has no tokenizer.ggml.add_bos_token
-
-
-_GGUF_PRE: dict[str, GGUFPreTokenizer] = {}
-for _names, _pre in [
-    (
-        ["default"],
-        GGUFPreTokenizer([r"[\p{P}\$\+<=>\^~\|]+", GPT2_PATTERN, r"\p{N}+", r"[0-9][0-9][0-9]"], False, False),
-    ),
-    (
-        ["gpt-2", "phi-2", "jina-es", "jina-de", "mpt", "olmo", "mellum", "exaone4"],
-        GGUFPreTokenizer([GPT2_PATTERN], False, False),
-    ),
-    (
-        ["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"],
-        GGUFPreTokenizer([r"\p{N}", GPT2_PATTERN], False, False),
-    ),
-    (["llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral"], GGUFPreTokenizer([LLAMA3_PATTERN], True, True)),
-    (["dbrx", "smaug-bpe"], GGUFPreTokenizer([LLAMA3_PATTERN], False, False)),
-    (["qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"], GGUFPreTokenizer([QWEN2_PATTERN], False, False)),
-]:
-    for _name in _names:
-        _GGUF_PRE[_name] = _pre
-
-
-def gguf_pre_tokenizer(name: str | None) -> GGUFPreTokenizer:
-    """Pre-tokenizer for a GGUF `tokenizer.ggml.pre` name, as llama.cpp maps the names."""
-    key = name or "default"
-    if key not in _GGUF_PRE:
-        raise ValueError(f"unsupported GGUF pre-tokenizer {key!r}; supported: {sorted(_GGUF_PRE)}")
-    return _GGUF_PRE[key]
+QWEN2_PATTERN = CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
 
 def hf_pre_tokenizer(spec: Mapping | None) -> list[str]:
@@ -276,7 +240,8 @@ def _boundary_merge_possible(
 
 
 class BytePairEncoder:
-    """Encodes raw text (no special tokens) to ids with byte-level BPE."""
+    """Encodes raw text (no special tokens) to ids with byte-level BPE, or BPE over the characters
+    themselves (`byte_level=False`, SentencePiece-style vocabularies with `<0xNN>` byte tokens)."""
 
     def __init__(
         self,
@@ -288,28 +253,36 @@ class BytePairEncoder:
         normalize: Callable[[str], str] | None = None,
         drop_untokenized_bytes: bool = False,
         allow_tiktoken: bool = True,
+        byte_level: bool = True,
+        whole_newline_runs: bool = False,
         source: str = "the vocabulary",
     ) -> None:
         """`drop_untokenized_bytes` picks what happens to a byte with no token (rare, but SmolLM2
         has none for 0x04): HF `tokenizers` drops it before merging, so its neighbours can merge
         with each other; llama.cpp keeps it as a symbol nothing merges with, then drops it.
-        `source` (a file name) is what errors name; the caller has checked the ids (`checks.py`)."""
+        Without `byte_level`, a symbol that is no token becomes the `<0xNN>` tokens of its UTF-8
+        bytes (those that exist), as in llama.cpp; `whole_newline_runs` takes a piece of newlines
+        whole when it is a token (llama.cpp's Gemma 4 rule). `source` (a file name) is what errors
+        name; the caller has checked the ids (`checks.py`)."""
         self._source = source
         self._vocab = dict(vocab)
         self._ranks: dict[tuple[str, str], int] = {}
         for rank, pair in enumerate(merges):
             self._ranks.setdefault(pair, rank)
         self._ignore_merges = ignore_merges
+        self._byte_level = byte_level
+        self._whole_newline_runs = whole_newline_runs
         self._normalize = normalize
         self._stages = [regex.compile(_isolating(p)) for p in patterns]
         self._cache: dict[str, list[int]] = {}
-        self.tiktoken_problem = (
-            tiktoken_exactness_problem(self._vocab, self._ranks, ignore_merges)
-            if allow_tiktoken
-            else "disabled by caller"
-        )
+        if not byte_level:
+            self.tiktoken_problem: str | None = "not byte-level BPE"
+        elif allow_tiktoken:
+            self.tiktoken_problem = tiktoken_exactness_problem(self._vocab, self._ranks, ignore_merges)
+        else:
+            self.tiktoken_problem = "disabled by caller"
         self._tiktoken = self._make_tiktoken(patterns) if self.tiktoken_problem is None else None
-        missing = bytes(b for b, c in enumerate(BYTE_CHARS) if c not in self._vocab)
+        missing = bytes(b for b, c in enumerate(BYTE_CHARS) if byte_level and c not in self._vocab)
         self._untokenized_byte = regex.compile(b"[" + regex.escape(missing) + b"]") if missing else None
         self._drop_table = {ord(BYTE_CHARS[b]): None for b in missing} if drop_untokenized_bytes else None
 
@@ -351,7 +324,7 @@ class BytePairEncoder:
         ids: list[int] = []
         cache = self._cache
         for piece in pieces:
-            word = to_byte_level(piece)
+            word = to_byte_level(piece) if self._byte_level else piece
             hit = cache.get(word)
             if hit is None:
                 hit = cache[word] = self._encode_word(word)
@@ -364,13 +337,15 @@ class BytePairEncoder:
         vocab = self._vocab
         if self._drop_table:
             word = word.translate(self._drop_table)
-        if self._ignore_merges and word in vocab:
+        if (self._ignore_merges or self._whole_newline_runs and not word.strip("\n")) and word in vocab:
             return [vocab[word]]
         ids: list[int] = []
         for sym in merge_word(word, self._ranks):
             tid = vocab.get(sym)
             if tid is not None:
                 ids.append(tid)
-            else:  # a merge whose result is not a token: fall back to its characters
+            elif self._byte_level:  # a merge whose result is not a token: fall back to its characters
                 ids.extend(vocab[c] for c in sym if c in vocab)
+            else:
+                ids.extend(vocab[t] for b in sym.encode("utf-8") if (t := f"<0x{b:02X}>") in vocab)
         return ids

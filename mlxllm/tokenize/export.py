@@ -11,18 +11,22 @@ already builds from the GGUF vocabulary. Special tokens, BOS/EOS and the chat te
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
-from . import bpe, spm
+from . import spm
+from .gguf_pre import GGUFPreTokenizer, gguf_pre_tokenizer
 from .gguf_vocab import check_tokenizer_metadata
 
 
 def _isolated(pattern: str) -> dict[str, Any]:
+    # Oniguruma, which `tokenizers` uses, has no \U escape: characters past U+FFFF go in as themselves.
+    pattern = re.sub(r"\\U([0-9a-fA-F]{8})", lambda m: chr(int(m[1], 16)), pattern)
     return {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False}
 
 
-def _bpe_json(meta: dict[str, Any], pre: bpe.GGUFPreTokenizer, add_bos: bool, bos: str | None) -> dict[str, Any]:
+def _bpe_json(meta: dict[str, Any], pre: GGUFPreTokenizer, add_bos: bool, bos: str | None) -> dict[str, Any]:
     tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type") or []
     added = [
         {"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
@@ -71,7 +75,10 @@ def write_hf_tokenizer(meta: dict[str, Any], out: Path) -> None:
     config: dict[str, Any] = {"bos_token": bos, "eos_token": text("eos_token_id"), "pad_token": text("padding_token_id"),
                               "unk_token": text("unknown_token_id")}  # fmt: skip
     if kind == "gpt2":
-        pre = bpe.gguf_pre_tokenizer(meta.get("tokenizer.ggml.pre"))
+        pre = gguf_pre_tokenizer(meta.get("tokenizer.ggml.pre"))
+        if not pre.byte_level:
+            raise ValueError(f"exporting the GGUF pre-tokenizer {meta.get('tokenizer.ggml.pre')!r} (BPE over raw "
+                             "UTF-8 characters, not byte-level) is not supported")
         add_bos = meta.get("tokenizer.ggml.add_bos_token", pre.add_bos)
         (out / "tokenizer.json").write_text(json.dumps(_bpe_json(meta, pre, add_bos, bos), ensure_ascii=False))
         config["tokenizer_class"] = "PreTrainedTokenizerFast"

@@ -61,7 +61,7 @@ def check_tokenizer_metadata(meta: dict[str, Any]) -> str:
             continue
         if not isinstance(values, list) or len(values) != n or not all(isinstance(v, kinds) for v in values):
             raise fail(f"tokenizer.ggml.{key} must be an array of {n} numbers, one per token")
-    if meta.get("tokenizer.ggml.model") == "gpt2":
+    if meta.get("tokenizer.ggml.model") in ("gpt2", "gemma4"):
         merges = meta.get("tokenizer.ggml.merges")
         if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
             raise fail("tokenizer.ggml.merges must be an array of strings")

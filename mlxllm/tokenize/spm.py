@@ -52,7 +52,7 @@ class SentencePieceEncoder:
         return out
 
 
-_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def _check_pieces(proto: sp_pb.ModelProto, source: str) -> None:
@@ -61,7 +61,7 @@ def _check_pieces(proto: sp_pb.ModelProto, source: str) -> None:
         raise TokenizerFileError(f"{source}: the model has no pieces")
     check_one_id_per_text(source, "piece", (p.piece for p in proto.pieces))
     for i, p in enumerate(proto.pieces):
-        if p.type == BYTE and not _BYTE_PIECE.fullmatch(p.piece):
+        if p.type == BYTE and not BYTE_PIECE.fullmatch(p.piece):
             raise TokenizerFileError(f"{source}: byte piece {i} is {p.piece!r:.60}, not <0xNN>")
 
 

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 from . import bpe, spm
+from .gguf_pre import GGUFPreTokenizer, gguf_pre_tokenizer
 from .chat import ChatTemplate, ChatTemplateError
 from .checks import TokenizerFileError, building
 from .detokenize import StreamingDetokenizer
@@ -122,18 +123,19 @@ class Tokenizer:
         specials = {tok: i for i, (tok, t) in enumerate(zip(tokens, types)) if t in _MATCHED_WHOLE}
         skip = [i for i, t in enumerate(types) if t in (spm.CONTROL, spm.UNKNOWN)]
         unk = meta.get("tokenizer.ggml.unknown_token_id")
-        if kind == "gpt2":
-            pre = bpe.gguf_pre_tokenizer(meta.get("tokenizer.ggml.pre"))
+        add_bos = meta.get("tokenizer.ggml.add_bos_token")
+        if kind in ("gpt2", "gemma4"):
+            # llama.cpp reads a `gemma4` vocabulary as BPE with the gemma4 pre-tokenizer, whatever the file says.
+            pre = gguf_pre_tokenizer("gemma4" if kind == "gemma4" else meta.get("tokenizer.ggml.pre"))
             merges = [_split_merge(m) for m in meta["tokenizer.ggml.merges"]]
             encoder: _TextEncoder = bpe.BytePairEncoder(
                 {tok: i for i, tok in enumerate(tokens)}, merges, pre.stages, ignore_merges=pre.ignore_merges,
-                source=source,
+                normalize=_escape_spaces if pre.escape_spaces else None, byte_level=pre.byte_level,
+                whole_newline_runs=pre.whole_newline_runs, source=source,
             )
-            pieces = [
-                tok.encode("utf-8") if t in _MATCHED_WHOLE else (bpe.byte_level_to_bytes(tok) or tok.encode("utf-8"))
-                for tok, t in zip(tokens, types)
-            ]
-            default_add_bos, strip_first_space = pre.add_bos, False
+            pieces = [_bpe_piece_bytes(tok, t, pre) for tok, t in zip(tokens, types)]
+            add_bos = (pre.add_bos if add_bos is None else add_bos) or pre.always_bos
+            strip_first_space = False
         elif kind == "llama":
             sp = spm.from_gguf_vocab(
                 tokens,
@@ -144,9 +146,12 @@ class Tokenizer:
                 source=source,
             )
             encoder, pieces = sp, sp.piece_bytes()
-            default_add_bos, strip_first_space = True, sp.add_dummy_prefix
+            add_bos = True if add_bos is None else add_bos
+            strip_first_space = sp.add_dummy_prefix
         else:
-            raise TokenizerFileError(f"{source}: unsupported tokenizer model {kind!r} (supported: 'gpt2', 'llama')")
+            raise TokenizerFileError(
+                f"{source}: unsupported tokenizer model {kind!r} (supported: 'gpt2', 'gemma4', 'llama')"
+            )
         eos = [
             meta[key]
             for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
@@ -159,7 +164,7 @@ class Tokenizer:
             skip_ids=skip,
             longest_first_specials=True,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-            add_bos=meta.get("tokenizer.ggml.add_bos_token", default_add_bos),
+            add_bos=add_bos,
             eos_token_ids=eos,
             pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
             chat_template=meta.get("tokenizer.chat_template"),
@@ -371,3 +376,18 @@ def _split_merge(merge: str) -> tuple[str, str]:
     # As llama.cpp does: the separator is the first space after the first character.
     at = merge.find(" ", 1)
     return (merge[:at], merge[at + 1 :]) if at >= 0 else (merge, "")
+
+
+def _escape_spaces(text: str) -> str:
+    return text.replace(" ", "\u2581")
+
+
+def _bpe_piece_bytes(token: str, kind: int, pre: GGUFPreTokenizer) -> bytes:
+    """What a BPE token decodes to, as llama.cpp decodes it."""
+    if kind in _MATCHED_WHOLE:
+        return token.encode("utf-8")
+    if not pre.byte_level and kind == spm.BYTE and spm.BYTE_PIECE.fullmatch(token):
+        return bytes([int(token[3:5], 16)])
+    if pre.escape_spaces:
+        return token.replace("\u2581", " ").encode("utf-8")
+    return bpe.byte_level_to_bytes(token) or token.encode("utf-8")
