@@ -105,6 +105,9 @@ OSS_LAYER = dict(LAYER, post_attention_layernorm="post_attention_norm", **{
     "mlp.experts.down_proj": "ffn_down_exps"})  # fmt: skip
 
 
+GLM_LAYER = dict(LAYER, post_attention_layernorm="post_attention_norm")
+
+
 def gguf_name(name: str, arch: str) -> str:
     if name in TOP:
         return TOP[name]
@@ -118,7 +121,8 @@ def gguf_name(name: str, arch: str) -> str:
     if name.endswith(".gate.e_score_correction_bias"):
         return f"blk.{name.split('.')[2]}.exp_probs_b.bias"
     layer, module, leaf = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name).groups()
-    return f"blk.{layer}.{(GEMMA_LAYER if arch == 'gemma3' else LAYER)[module]}.{leaf}"
+    table = {"gemma3": GEMMA_LAYER, "glm4moe": GLM_LAYER}.get(arch, LAYER)
+    return f"blk.{layer}.{table[module]}.{leaf}"
 
 
 def converter_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -188,8 +192,9 @@ def write_gguf(path, cfg: dict, arch: str, weights: dict[str, np.ndarray]) -> di
         w.add_rope_scaling_factor(scaling["factor"])
     if scaling.get("rope_type") == "llama3":
         w.add_tensor("rope_freqs.weight", llama3_factors(cfg))
-    if arch == "gpt-oss":  # GptOssModel: the window, YaRN
+    if arch == "gpt-oss":  # GptOssModel: the window, the experts' width, YaRN
         w.add_sliding_window(cfg["sliding_window"])
+        w.add_expert_feed_forward_length(cfg["intermediate_size"])
         w.add_rope_scaling_type(RopeScalingType.YARN)
         w.add_rope_scaling_factor(scaling["factor"])
         w.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
@@ -206,11 +211,16 @@ def write_gguf(path, cfg: dict, arch: str, weights: dict[str, np.ndarray]) -> di
         w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
         w.add_rope_scaling_yarn_log_mul(rope["mscale_all_dim"])
         w.add_attn_temperature_scale(rope["llama_4_scaling_beta"])
-    if cfg.get("num_nextn_predict_layers"):  # GLM-4.5's MTP layer: tensors the decoder must not load
-        w.add_nextn_predict_layers(cfg["num_nextn_predict_layers"])
-        extra = f"blk.{cfg['num_hidden_layers']}."
-        w.add_tensor(extra + "attn_norm.weight", np.ones(cfg["hidden_size"], np.float32))
-        w.add_tensor(extra + "nextn.eh_proj.weight", np.zeros((cfg["hidden_size"], 2 * cfg["hidden_size"]), np.float32))
+    if cfg.get("num_nextn_predict_layers"):  # GLM-4.5's MTP layer: a whole layer (the last one's tensors
+        w.add_nextn_predict_layers(cfg["num_nextn_predict_layers"])  # here) plus its own; not the decoder's
+        last, extra = f"model.layers.{cfg['num_hidden_layers'] - 1}.", f"blk.{cfg['num_hidden_layers']}."
+        for name, value in weights.items():
+            if name.startswith(last):
+                w.add_tensor(extra + gguf_name(name, arch).split(".", 2)[2], value)
+        hidden = cfg["hidden_size"]
+        w.add_tensor(extra + "nextn.eh_proj.weight", np.zeros((hidden, 2 * hidden), np.float32))
+        for norm in ("enorm", "hnorm", "shared_head_norm"):
+            w.add_tensor(f"{extra}nextn.{norm}.weight", np.ones(hidden, np.float32))
     exact = {}
     for i, (name, value) in enumerate(weights.items()):
         stored = value + 1 if arch == "gemma3" and "norm" in name else value  # Gemma: norms stored +1
