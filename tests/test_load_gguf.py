@@ -78,6 +78,21 @@ FAMILIES = {
                      sliding_window=4, rope_scaling=dict(rope_type="yarn", factor=4.0, beta_fast=32.0, beta_slow=1.0,
                                                          original_max_position_embeddings=4, truncate=False)),
                 "gpt-oss"),
+    # DeepSeek-V2 / V3 as llama.cpp's converter writes them (arch deepseek2): one-head MQA metadata with the
+    # per-head sizes under *_mla, kv_b_proj split into attn_k_b (transposed) and attn_v_b, YaRN's multiplier
+    # as 0.1 x mscale_all_dim, the gating function telling V3's sigmoid routing from V2's softmax.
+    "deepseek2-v2": (dict(BASE, model_type="deepseek_v2", num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+                          moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=1.5,
+                          topk_method="greedy", kv_lora_rank=64, q_lora_rank=None, qk_rope_head_dim=16,
+                          qk_nope_head_dim=32, v_head_dim=32,
+                          rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=64, beta_fast=32,
+                                            beta_slow=1, mscale=0.707, mscale_all_dim=0.707)), "deepseek2"),
+    "deepseek2-v3": (dict(BASE, model_type="deepseek_v3", num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+                          moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5,
+                          n_group=4, topk_group=2, norm_topk_prob=True, kv_lora_rank=64, q_lora_rank=32,
+                          qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, topk_method="noaux_tc",
+                          rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=64, beta_fast=32,
+                                            beta_slow=1, mscale=1.0, mscale_all_dim=1.0)), "deepseek2"),
     "dots1": (dict(BASE, model_type="dots1", head_dim=32, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
                    moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1, norm_topk_prob=True,
                    routed_scaling_factor=2.0), "dots1"),
@@ -86,7 +101,10 @@ TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.F16, T.BF16, T.Q5_1]
 TOKENS = [[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43]]
 
 # llama.cpp's tensor names (gguf-py's tensor map), written out here independently of the loader.
-LAYER = {"self_attn.q_proj": "attn_q", "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+LAYER = {"self_attn.q_proj": "attn_q", "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",
+         "self_attn.q_a_proj": "attn_q_a", "self_attn.q_a_layernorm": "attn_q_a_norm", "self_attn.q_b_proj": "attn_q_b",
+         "self_attn.kv_a_proj_with_mqa": "attn_kv_a_mqa", "self_attn.kv_a_layernorm": "attn_kv_a_norm",
+         "self_attn.k_b_proj": "attn_k_b", "self_attn.v_b_proj": "attn_v_b", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
          "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
          "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
          "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
@@ -123,6 +141,48 @@ def gguf_name(name: str, arch: str) -> str:
     layer, module, leaf = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name).groups()
     table = {"gemma3": GEMMA_LAYER, "glm4moe": GLM_LAYER}.get(arch, LAYER)
     return f"blk.{layer}.{table[module]}.{leaf}"
+
+
+def _latent_metadata(w: GGUFWriter, cfg: dict) -> None:
+    """DeepseekV2Model's keys: MQA with one head of kv_lora_rank + rope features, the real sizes as *_mla."""
+    rank, rope, nope = cfg["kv_lora_rank"], cfg["qk_rope_head_dim"], cfg["qk_nope_head_dim"]
+    w.add_head_count_kv(1)
+    w.add_key_length(rank + rope)
+    w.add_value_length(rank)
+    w.add_key_length_mla(nope + rope)
+    w.add_value_length_mla(cfg["v_head_dim"])
+    w.add_kv_lora_rank(rank)
+    if cfg.get("q_lora_rank"):
+        w.add_q_lora_rank(cfg["q_lora_rank"])
+    w.add_rope_dimension_count(rope)
+    w.add_expert_group_count(cfg.get("n_group", 1))
+    w.add_expert_group_used_count(cfg.get("topk_group", 1))
+    s = cfg["rope_scaling"]
+    w.add_rope_scaling_type(RopeScalingType.YARN)
+    w.add_rope_scaling_factor(s["factor"])
+    w.add_rope_scaling_orig_ctx_len(s["original_max_position_embeddings"])
+    w.add_rope_scaling_yarn_log_mul(0.1 * s["mscale_all_dim"])
+
+
+def _split_kv_b(weights: dict[str, np.ndarray], cfg: dict) -> dict[str, np.ndarray]:
+    """The converter's split of each kv_b_proj into k_b ``[heads, rank, nope]`` (transposed) and v_b."""
+    out, nope, heads = {}, cfg["qk_nope_head_dim"], cfg["num_attention_heads"]
+    for name, value in weights.items():
+        if name.endswith("kv_b_proj.weight"):
+            per_head = value.reshape(heads, -1, value.shape[-1])
+            out[name.replace("kv_b_proj", "k_b_proj")] = np.ascontiguousarray(per_head[:, :nope].swapaxes(1, 2))
+            out[name.replace("kv_b_proj", "v_b_proj")] = np.ascontiguousarray(per_head[:, nope:])
+        else:
+            out[name] = value
+    return out
+
+
+def _join_kv_b(exact: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Back to kv_b_proj from the values the file holds for k_b and v_b."""
+    for name in [n for n in exact if n.endswith("k_b_proj.weight")]:
+        k, v = exact.pop(name), exact.pop(name.replace("k_b_proj", "v_b_proj"))
+        exact[name.replace("k_b_proj", "kv_b_proj")] = np.concatenate([k.swapaxes(1, 2), v], axis=1).reshape(-1, k.shape[1])
+    return exact
 
 
 def converter_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -163,10 +223,13 @@ def write_gguf(path, cfg: dict, arch: str, weights: dict[str, np.ndarray]) -> di
     w.add_embedding_length(cfg["hidden_size"])
     w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_head_count(heads)
-    w.add_head_count_kv(kv_heads)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    w.add_rope_dimension_count(int(head_dim * cfg.get("partial_rotary_factor", 1.0)))
+    if arch == "deepseek2":
+        _latent_metadata(w, cfg)
+    else:
+        w.add_head_count_kv(kv_heads)
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_rope_dimension_count(int(head_dim * cfg.get("partial_rotary_factor", 1.0)))
     w.add_rope_freq_base(rope["rope_theta"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_vocab_size(cfg["vocab_size"])
@@ -180,12 +243,13 @@ def write_gguf(path, cfg: dict, arch: str, weights: dict[str, np.ndarray]) -> di
             w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
         if "shared_expert_intermediate_size" in cfg:
             w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
-        if arch in ("dots1", "glm4moe"):  # DeepSeek-V3-style metadata
+        if arch in ("dots1", "glm4moe", "deepseek2"):  # DeepSeek-V3-style metadata
             w.add_expert_shared_count(cfg["n_shared_experts"])
             w.add_leading_dense_block_count(cfg["first_k_dense_replace"])
             w.add_expert_weights_scale(cfg["routed_scaling_factor"])
-            w.add_expert_weights_norm(cfg["norm_topk_prob"])
-            w.add_expert_gating_func(ExpertGatingFuncType.SIGMOID)
+            w.add_expert_weights_norm(cfg.get("norm_topk_prob", False))
+            softmax = cfg["model_type"] == "deepseek_v2"
+            w.add_expert_gating_func(ExpertGatingFuncType.SOFTMAX if softmax else ExpertGatingFuncType.SIGMOID)
     scaling = cfg.get("rope_scaling") or {}
     if scaling.get("rope_type") == "linear":
         w.add_rope_scaling_type(RopeScalingType.LINEAR)
@@ -222,6 +286,8 @@ def write_gguf(path, cfg: dict, arch: str, weights: dict[str, np.ndarray]) -> di
         for norm in ("enorm", "hnorm", "shared_head_norm"):
             w.add_tensor(f"{extra}nextn.{norm}.weight", np.ones(hidden, np.float32))
     exact = {}
+    if arch == "deepseek2":
+        weights = _split_kv_b(weights, cfg)
     for i, (name, value) in enumerate(weights.items()):
         stored = value + 1 if arch == "gemma3" and "norm" in name else value  # Gemma: norms stored +1
         qtype = TYPES[i % len(TYPES)] if value.ndim >= 2 and value.shape[-1] % 32 == 0 else T.F32
@@ -238,7 +304,7 @@ def write_gguf(path, cfg: dict, arch: str, weights: dict[str, np.ndarray]) -> di
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return exact
+    return _join_kv_b(exact) if arch == "deepseek2" else exact
 
 
 def random_weights(cfg: dict) -> dict[str, np.ndarray]:

@@ -59,7 +59,7 @@ from ..gguf_file import GGUFFile, GGUFTensor, read_gguf
 from ..model.config import ModelConfig, family_of
 from . import hybrid
 from .gguf_names import DEEPSEEK_ROUTED, hf_name
-from .weights import Quantized, REQUANT_GROUP, Tensor, TensorSpec, finish
+from .weights import Quantized, REQUANT_GROUP, Tensor, TensorSpec, finish, fold_latent_maps
 
 T = GGMLQuantizationType
 _FLOAT_BITS = {T.F32: 32, T.F16: 16, T.BF16: 16}
@@ -71,7 +71,7 @@ _PERMUTED_ARCHS = {"llama", "smollm3", "mistral3"}
 # llama.cpp's default renormalisation of the top-k expert weights per architecture (norm_w in its
 # graph); a file may say otherwise with `<arch>.expert_weights_norm`.
 _MOE_NORM = {"llama": True, "qwen2moe": False, "qwen3moe": True, "olmoe": False, "dots1": False, "glm4moe": True,
-             "gpt-oss": False, "qwen3next": True, "qwen35moe": True}
+             "gpt-oss": False, "qwen3next": True, "qwen35moe": True, "deepseek2": False}
 
 
 # Our (Hugging Face) field -> the GGUF metadata key it is read from (under ``<arch>.``), so a wrong value
@@ -172,10 +172,10 @@ def config_from_gguf(meta: Mapping[str, Any], shapes: Mapping[str, tuple[int, ..
     final = family_of(config["model_type"])
     cfg = ModelConfig.from_hf({k: v for k, v in config.items() if v is not None}, where=where, names=names,
                               weights=lambda: {hf_name(name, final): shape for name, shape in shapes.items()})
-    if get("attention.value_length", cfg.head_dim) != cfg.head_dim:
+    if not cfg.kv_lora_rank and get("attention.value_length", cfg.head_dim) != cfg.head_dim:
         raise UserError("GGUF models with different key and value head sizes are not supported")
     rope_dims = get("rope.dimension_count", cfg.head_dim)
-    if rope_dims != cfg.rope_dims:  # partial rotary embeddings (Phi-4-mini, GLM-4.5)
+    if rope_dims != cfg.rope_dims and not cfg.kv_lora_rank:  # partial rotary embeddings (Phi-4-mini, GLM-4.5)
         if not isinstance(rope_dims, int) or isinstance(rope_dims, bool) or not 0 < rope_dims <= cfg.head_dim or rope_dims % 2:
             raise UserError(f"{where}: {arch}.rope.dimension_count is {rope_dims!r}, not an even number of "
                             f"features up to the head size {cfg.head_dim}")
@@ -187,10 +187,31 @@ def config_from_gguf(meta: Mapping[str, Any], shapes: Mapping[str, tuple[int, ..
     return cfg
 
 
+def _latent_metadata(get, config: dict[str, Any]) -> None:
+    """DeepSeek-V2/V3 as llama.cpp's converter writes them (``deepseek2``): latent attention stored as
+    one-head MQA (key_length = kv_lora_rank + rope dims) with the per-head sizes under ``*_mla``; sigmoid
+    gating means V3's routing; the YaRN multiplier written as 0.1 x mscale_all_dim (HF's mscale equals it
+    in every DeepSeek release)."""
+    rope = get("rope.dimension_count")
+    config.update(num_key_value_heads=None, head_dim=get("attention.key_length_mla"),
+                  kv_lora_rank=get("attention.kv_lora_rank"), q_lora_rank=get("attention.q_lora_rank", None),
+                  qk_rope_head_dim=rope, qk_nope_head_dim=get("attention.key_length_mla") - rope,
+                  v_head_dim=get("attention.value_length_mla"))
+    sigmoid = get("expert_gating_func", 1) == 2
+    config["model_type"] = "deepseek_v3" if sigmoid else "deepseek_v2"
+    groups = config.get("n_group", 1) > 1
+    config["topk_method"] = "noaux_tc" if sigmoid else "group_limited_greedy" if groups else "greedy"
+    if "rope_scaling" in config and get("rope.scaling.yarn_log_multiplier", None) is not None:
+        config["rope_scaling"]["mscale"] = config["rope_scaling"]["mscale_all_dim"] = get(
+            "rope.scaling.yarn_log_multiplier") / 0.1
+
+
 def _family_metadata(family: str, get, config: dict[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> None:
     """Metadata only some architectures carry: GLM-4.5's q/k norms (present or not) and multi-token-
     prediction layers (counted in block_count, not part of the decoder), Phi-3's window (0: none), Ministral 3's query scale and YaRN
     multiplier (llama.cpp keeps one: HF's mscale and mscale_all_dim alike)."""
+    if family == "deepseek_v2":
+        _latent_metadata(get, config)
     if family == "glm4_moe":
         config["use_qk_norm"] = "blk.0.attn_q_norm.weight" in shapes
     if family == "glm4_moe" and get("nextn_predict_layers", 0):
@@ -320,7 +341,10 @@ class GGUFSource:
                 self.requant_errors.setdefault(t.qtype.name, []).append(error.item())
             value = finish(value, target, self.native_dtype)
             mx.eval(value if isinstance(value, mx.array) else list(value.arrays.values()))
-            if family == "qwen3_next":  # attn_qkv + attn_gate -> in_proj_qkvz
+            if ".self_attn.embed_q." in name or ".self_attn.unembed_out." in name:  # DeepSeek's attn_k_b/v_b
+                held[name] = value
+                yield from fold_latent_maps(held, name, self.config, target, self.native_dtype)
+            elif family == "qwen3_next":  # attn_qkv + attn_gate -> in_proj_qkvz
                 yield from hybrid.merge_qkvz(held, name, value, self.config)
             else:
                 yield name, value

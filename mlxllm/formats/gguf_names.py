@@ -5,7 +5,7 @@ from __future__ import annotations
 from . import hybrid
 
 # DeepSeek-V3-style routing (sigmoid scores, groups, scaled weights, leading dense layers, shared_experts).
-DEEPSEEK_ROUTED = ("dots1", "glm4_moe")
+DEEPSEEK_ROUTED = ("dots1", "glm4_moe", "deepseek_v2", "deepseek_v3")
 
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER_NAMES = {
@@ -15,6 +15,15 @@ _LAYER_NAMES = {
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
     "attn_q_norm": "self_attn.q_norm",
+    # DeepSeek's latent attention; kv_b_proj comes split (k_b transposed) as mlx-lm also stores it.
+    "attn_q_a": "self_attn.q_a_proj",
+    "attn_q_a_norm": "self_attn.q_a_layernorm",
+    "attn_q_b": "self_attn.q_b_proj",
+    "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa",
+    "attn_kv_a_norm": "self_attn.kv_a_layernorm",
+    "attn_kv_b": "self_attn.kv_b_proj",
+    "attn_k_b": "self_attn.embed_q",
+    "attn_v_b": "self_attn.unembed_out",
     "attn_k_norm": "self_attn.k_norm",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",

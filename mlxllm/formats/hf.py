@@ -23,7 +23,7 @@ import mlx.core as mx
 from ..errors import UserError
 from ..model.config import ModelConfig, check_quantization_block, layer_index
 from . import hybrid
-from .weights import Quantized, Tensor, TensorSpec, finish
+from .weights import Quantized, Tensor, TensorSpec, finish, fold_latent_maps
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
                 "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
@@ -88,27 +88,6 @@ def _fused_experts(prefix: str, proj: str, part: Callable[[str], mx.array | None
         yield f"{prefix}.{name}.weight", rows(r)
         if bias is not None:
             yield f"{prefix}.{name}.bias", mx.contiguous(bias[..., r])
-
-
-def _fold_latent_maps(held: dict[str, Tensor], name: str, cfg: ModelConfig, target: str,
-                      dtype: mx.Dtype | None) -> Iterator[tuple[str, Tensor]]:
-    """mlx-lm saves DeepSeek-V3's ``kv_b_proj`` split per head into ``embed_q`` ``[H, rank, nope]``
-    (transposed) and ``unembed_out`` ``[H, v, rank]``; once both of a layer are read, yield the
-    ``kv_b_proj`` they came from. A quantized ``embed_q`` is quantized along the other axis, so it is
-    dequantized, transposed and re-quantized like ``unembed_out`` (one more rounding, as mlx-lm's own
-    conversion does the other way)."""
-    prefix = name.rsplit(".", 2)[0]
-    k_name, v_name = f"{prefix}.embed_q.weight", f"{prefix}.unembed_out.weight"
-    if k_name not in held or v_name not in held:
-        return
-    k, v = held.pop(k_name), held.pop(v_name)
-
-    def dense(t: Tensor) -> mx.array:
-        return t.dequantize() if isinstance(t, Quantized) else t
-
-    w = mx.concatenate([dense(k).swapaxes(-1, -2), dense(v)], axis=1).reshape(-1, cfg.kv_lora_rank)
-    value: Tensor = Quantized.of(w, v.group_size, v.bits, v.mode) if isinstance(v, Quantized) else w.astype(v.dtype)
-    yield f"{prefix}.kv_b_proj.weight", finish(value, target, dtype)
 
 
 def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
@@ -353,7 +332,7 @@ class HFSource:
                 value = stacked(name)
             if ".self_attn.embed_q." in name or ".self_attn.unembed_out." in name:
                 latent_maps[name] = value
-                yield from _fold_latent_maps(latent_maps, name, self.config, target, self.native_dtype)
+                yield from fold_latent_maps(latent_maps, name, self.config, target, self.native_dtype)
                 continue
             for ours, v in hybrid.from_hf(name, value, self.original) if self.hybrid else [(name, value)]:
                 yield ours, finish(v, target, self.native_dtype)

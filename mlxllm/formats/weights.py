@@ -18,7 +18,7 @@ Targets:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -223,3 +223,24 @@ def _check_match(expected: dict[str, mx.array], found: dict[str, mx.array], cfg:
     for name in found:
         if name not in expected:
             raise UserError(f"weights do not match the config: unexpected tensor '{name}' (not used by {what})")
+
+
+def fold_latent_maps(held: dict[str, Tensor], name: str, cfg: ModelConfig, target: str,
+                      dtype: mx.Dtype | None) -> Iterator[tuple[str, Tensor]]:
+    """mlx-lm saves DeepSeek-V3's ``kv_b_proj`` split per head into ``embed_q`` ``[H, rank, nope]``
+    (transposed) and ``unembed_out`` ``[H, v, rank]``, llama.cpp as ``attn_k_b`` / ``attn_v_b`` of the same
+    shapes; once both of a layer are read, yield the ``kv_b_proj`` they came from. A quantized
+    ``embed_q`` is quantized along the other axis, so it is dequantized, transposed and re-quantized like
+    ``unembed_out`` (one more rounding, as mlx-lm's own conversion does the other way)."""
+    prefix = name.rsplit(".", 2)[0]
+    k_name, v_name = f"{prefix}.embed_q.weight", f"{prefix}.unembed_out.weight"
+    if k_name not in held or v_name not in held:
+        return
+    k, v = held.pop(k_name), held.pop(v_name)
+
+    def dense(t: Tensor) -> mx.array:
+        return t.dequantize() if isinstance(t, Quantized) else t
+
+    w = mx.concatenate([dense(k).swapaxes(-1, -2), dense(v)], axis=1).reshape(-1, cfg.kv_lora_rank)
+    value: Tensor = Quantized.of(w, v.group_size, v.bits, v.mode) if isinstance(v, Quantized) else w.astype(v.dtype)
+    yield f"{prefix}.kv_b_proj.weight", finish(value, target, dtype)

@@ -75,6 +75,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
 # Names under which the same families appear elsewhere (HF multimodal wrappers, GGUF).
 ALIASES = {"gemma3": "gemma3_text", "smollm2": "llama", "smollm": "llama", "qwen2moe": "qwen2_moe",
            "glm4moe": "glm4_moe", "mistral3": "ministral3", "gpt-oss": "gpt_oss", "llama4": "llama4_text",
+           "deepseek2": "deepseek_v2",
            "qwen3moe": "qwen3_moe", "qwen3_5_text": "qwen3_5", "qwen3_5_moe_text": "qwen3_5_moe",
            "qwen3next": "qwen3_next", "qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe"}
 
