@@ -82,3 +82,32 @@ def test_anthropic_thinking_blocks(server):
         final = stream.get_final_message()
     assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in final.content] == \
         [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in short.content]
+
+
+def test_harmony_channels_split_and_the_budget_closes_the_analysis(smollm2_path):
+    """gpt-oss's harmony format: the analysis channel is the thought and the final channel the answer;
+    a budget forces the end of the analysis message and the final channel's header, token by token."""
+    from mlxllm.engine.reasoning import HARMONY, reasoning_for
+    from mlxllm.server.replies import ReplySplitter
+    from mlxllm.tokenize import Tokenizer
+
+    tok = Tokenizer.from_gguf(smollm2_path)
+    tok.set_chat_template((Path(__file__).parent / "fixtures" / "harmony.jinja").read_text(), "harmony.jinja")
+    prompt = tok.apply_chat_template(ASK, add_generation_prompt=True)
+    spec = reasoning_for(tok, prompt, budget=3)
+    assert (spec.start, spec.end, spec.open) == (*HARMONY, True)
+    budget, forced = ThinkingBudget(spec), []
+    for token in tok.encode(" two plus two", add_special_tokens=False)[:3]:
+        budget.push(token)
+    while budget.forced() is not None:
+        forced.append(budget.forced())
+        budget.push(forced[-1])
+    assert tok.decode(forced) == HARMONY[1] and not budget.inside
+    reply = " two plus two<|end|><|start|>assistant<|channel|>final<|message|>Four."
+    splitter, parts = ReplySplitter(spec, None), []
+    for i in range(0, len(reply), 3):
+        parts.append(splitter.push(reply[i:i + 3], last=i + 3 >= len(reply)))
+    assert "".join(p[0] for p in parts) == " two plus two" and "".join(p[1] for p in parts) == "Four."
+    think = Tokenizer.from_gguf(smollm2_path)
+    think.set_chat_template((Path(__file__).parent / "fixtures" / "think.jinja").read_text(), "think.jinja")
+    assert reasoning_for(think, "x", None).end == "</think>"

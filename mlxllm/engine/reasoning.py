@@ -1,9 +1,11 @@
-"""Reasoning models (``<think>...</think>``): their thinking told apart from their answer, in text
-for the APIs (``ReasoningParser``) and in tokens for the engine (``ThinkingBudget``), which ends a
-thought that has used its budget by writing the closing marker itself.
+"""Reasoning models (``<think>...</think>``, or gpt-oss's harmony channels): their thinking told apart
+from their answer, in text for the APIs (``ReasoningParser``) and in tokens for the engine
+(``ThinkingBudget``), which ends a thought that has used its budget by writing the closing marker itself.
 
 Many templates open the thought in the prompt (DeepSeek-R1 and some Qwen3 templates end the
 generation prompt with ``<think>``); then the reply starts inside it and has no opening marker.
+Harmony (gpt-oss) thinks in its ``analysis`` channel and answers in its ``final`` one: the thought's
+closing marker is the end of that message plus the final channel's header.
 """
 
 from __future__ import annotations
@@ -14,6 +16,14 @@ from typing import Any
 from .stream import held_tail
 
 START, END = "<think>", "</think>"
+HARMONY = ("<|channel|>analysis<|message|>", "<|end|><|start|>assistant<|channel|>final<|message|>")
+
+
+def markers_of(template: str) -> tuple[str, str] | None:
+    """A template's (opening, closing) thought markers: harmony's channels, ``<think>``, or None."""
+    if HARMONY[0] in template or "<|channel|>" in template and "analysis" in template:
+        return HARMONY
+    return (START, END) if START in template else None
 
 
 @dataclass(frozen=True)
@@ -25,14 +35,17 @@ class Reasoning:
     end_ids: tuple[int, ...]
     open: bool = False
     budget: int | None = None
+    start: str = START
+    end: str = END
 
 
 def reasoning_for(tokenizer: Any, prompt_text: str, budget: int | None) -> Reasoning | None:
     """The ``Reasoning`` of a chat prompt, when the model's template writes thinking markers."""
-    if START not in (tokenizer.chat_template or ""):
+    markers = markers_of(tokenizer.chat_template or "")
+    if markers is None:
         return None
-    ids = [tuple(tokenizer.encode(m, add_special_tokens=False)) for m in (START, END)]
-    return Reasoning(ids[0], ids[1], prompt_text.rstrip().endswith(START), budget)
+    ids = [tuple(tokenizer.encode(m, add_special_tokens=False)) for m in markers]
+    return Reasoning(ids[0], ids[1], prompt_text.rstrip().endswith(markers[0]), budget, *markers)
 
 
 class ThinkingBudget:
@@ -72,15 +85,15 @@ class ReasoningParser:
     """Generated text in, ``(reasoning, answer)`` text out, piece by piece; a possible marker is held
     back until it is clear."""
 
-    def __init__(self, inside: bool) -> None:
-        self.inside, self._held = inside, ""
+    def __init__(self, inside: bool, markers: tuple[str, str] = (START, END)) -> None:
+        self.inside, self._held, self.markers = inside, "", markers
         self._after = False  # just past a thought: the newlines templates put there are dropped
 
     def push(self, text: str) -> tuple[str, str]:
         self._held += text
         thought, answer = "", ""
         while True:
-            marker = END if self.inside else START
+            marker = self.markers[1] if self.inside else self.markers[0]
             at = self._held.find(marker)
             if at < 0:
                 keep = held_tail(self._held, (marker,))

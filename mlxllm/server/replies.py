@@ -1,4 +1,5 @@
-"""A reply's parts as both APIs report them: the model's thought (``<think>...</think>``), its answer
+"""A reply's parts as both APIs report them: the model's thought (``<think>...</think>`` or harmony's
+analysis channel), its answer
 text, and the tool calls in that answer, separated piece by piece as the text streams in."""
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ class ReplySplitter:
     without tools the answer holds no calls."""
 
     def __init__(self, reasoning: Reasoning | None, tools: ToolCallParser | None) -> None:
-        self.thoughts = ReasoningParser(reasoning.open) if reasoning is not None else None
+        self.thoughts = ReasoningParser(reasoning.open, (reasoning.start, reasoning.end)) if reasoning is not None else None
         self.tools = tools
 
     @property
