@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .cache.batch import FusedStep
+from ..errors import UserError
 from .config import ModelConfig
 from .rope import make_rope, yarn_mscale
 
@@ -49,6 +50,10 @@ class LatentAttention(nn.Module):
         """``x`` times one head-split half of ``kv_b_proj``: ``part`` 'k' (``[heads, nope, rank]``) or
         'v' (``[heads, v, rank]``); the weight is sliced by rows, so quantized groups stay whole."""
         m = self.kv_b_proj
+        if "lora_a" in m:  # a LoRA adapter on it (training, or loaded): its merged map (input dropout aside)
+            m = m.fused(dequantize=True)
+        elif "linear" in m:
+            raise UserError("per-request adapters cannot adapt latent attention's kv_b_proj (target 'v')")
         rows = slice(0, self.nope) if part == "k" else slice(self.nope, None)
 
         def split(a: mx.array) -> mx.array:

@@ -142,10 +142,10 @@ def route(logits: mx.array, cfg: ModelConfig, bias: mx.array | None = None) -> t
     ``routed_scaling_factor``."""
     k = cfg.num_experts_per_tok
     if cfg.router == "sigmoid_input":
-        ids = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]
+        ids = mx.stop_gradient(mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k])
         return mx.sigmoid(mx.take_along_axis(logits, ids, axis=-1).astype(mx.float32)).astype(logits.dtype), ids
     if cfg.router == "topk_softmax":
-        ids = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]
+        ids = mx.stop_gradient(mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k])
         return mx.softmax(mx.take_along_axis(logits, ids, axis=-1), axis=-1, precise=True), ids
     if cfg.router == "sigmoid_group":
         probs = mx.sigmoid(logits.astype(mx.float32))
@@ -159,9 +159,9 @@ def route(logits: mx.array, cfg: ModelConfig, bias: mx.array | None = None) -> t
             group_score = mx.topk(groups, 2, axis=-1).sum(axis=-1, keepdims=True)
         else:
             group_score = groups.max(axis=-1, keepdims=True)
-        worst = mx.argpartition(group_score, kth=dropped - 1, axis=-2)[..., :dropped, :]
+        worst = mx.stop_gradient(mx.argpartition(group_score, kth=dropped - 1, axis=-2)[..., :dropped, :])
         choice = mx.flatten(mx.put_along_axis(groups, worst, mx.array(0.0, choice.dtype), axis=-2), -2, -1)
-    ids = mx.argpartition(-choice, kth=k - 1, axis=-1)[..., :k]
+    ids = mx.stop_gradient(mx.argpartition(-choice, kth=k - 1, axis=-1)[..., :k])
     weights = mx.take_along_axis(probs, ids, axis=-1)
     if cfg.norm_topk_prob and k > 1:
         weights = weights / weights.sum(axis=-1, keepdims=True)

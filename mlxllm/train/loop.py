@@ -24,8 +24,10 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from .. import backend
 from ..errors import UserError
 from ..files import write_atomic
+from ..model.moe import ExpertMLPs
 from .data import Batch
 
 STATE_FILE = "training_state.safetensors"
@@ -165,12 +167,13 @@ class Trainer:
         grad = nn.value_and_grad(model, loss)
         state = [model.state, mx.random.state]
 
-        @partial(mx.compile, inputs=state, outputs=state)
         def micro(tokens: mx.array, scored: mx.array, *extra: mx.array) -> tuple[mx.array, mx.array, Any]:
             (value, n), grads = grad(model, tokens, scored, *extra)
             return value, n, tree_map(lambda g: g * n, grads)  # summed over tokens, for exact accumulation
 
-        self._micro = micro
+        # On the CPU backend experts run per expert, grouped on the host, which a compiled step cannot do.
+        host_grouped = backend.device_name() == "cpu" and any(isinstance(m, ExpertMLPs) for _, m in model.named_modules())
+        self._micro = micro if host_grouped else partial(mx.compile, inputs=state, outputs=state)(micro)
 
     def _update(self, batches: list[Batch]) -> tuple[float, int]:
         """One optimizer step over ``batches`` (gradient accumulation): token-weighted mean loss and tokens."""
