@@ -307,3 +307,24 @@ def test_bench_kv_bits(tiny_dir, tmp_path, capsys, monkeypatch):
     assert_one_line_error(code, err, "--kv-group-size must be 32, 64 or 128 and at most the head size 32, got 64")
     code, _, err = run(["bench", "-m", str(tiny_dir), "--kv-bits", "7"], capsys, monkeypatch)
     assert_one_line_error(code, err, "--kv-bits takes 2, 3, 4, 5, 6 or 8, not 7")
+
+
+@pytest.mark.parametrize("family", ["phi3", "gpt_oss", "llama4", "glm4_moe", "qwen3_5"])
+def test_bench_runs_on_the_newer_families(family, tmp_path):
+    """``bench`` loads, times and prices (bytes per decode step, FLOPs per prefill) each family's tiny model."""
+    pytest.importorskip("mlx_lm")
+    from test_parity_mlx_lm import FAMILIES
+
+    config = FAMILIES[family]
+    text = dict(config.get("text_config", config), vocab_size=260)
+    model = random_model(dict(config, text_config=text) if "text_config" in config else text, mx.float32)
+    path = save_model(model, tmp_path / family)
+    _write_tokenizer(path)
+    out = tmp_path / "r.json"
+    res = _bench(["-m", str(path), "-p", "16", "-g", "4", "-n", "1", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    (result,) = report["results"]
+    assert result["prompt_tokens"] == 16 and all(t["generated_tokens"] == 4 for t in result["trials"])
+    assert result["weight_bytes_per_step"] == report["model"]["decode_weight_bytes"] > 0
+    assert result["decode_gbps"] > 0 and result["prefill_gflops"] > 0
