@@ -112,8 +112,18 @@ FAMILIES.update({
     "qwen3_5": dict(BASE, model_type="qwen3_5", **LINEAR, rope_parameters=QWEN35_ROPE),
     "qwen3_5_moe": dict(BASE, model_type="qwen3_5_moe", **LINEAR, num_experts=4, num_experts_per_tok=2,
                         shared_expert_intermediate_size=48, moe_intermediate_size=32, rope_parameters=QWEN35_ROPE),
+    # Mistral 4 (inside Mistral 3's wrapper): latent attention, YaRN and the Llama 4 query scale on the whole
+    # query, softmax routing over groups scored by their two best experts.
+    "mistral4": dict(model_type="mistral3", text_config=dict(
+        {k: v for k, v in BASE.items() if k != "rope_theta"}, model_type="mistral4", num_key_value_heads=4,
+        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+        first_k_dense_replace=1, routed_scaling_factor=1.5, n_group=4, topk_group=2, norm_topk_prob=True,
+        kv_lora_rank=64, q_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
+        rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0, original_max_position_embeddings=8,
+                             beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.1))),
 })
-MOE_FAMILIES = ["llama4", "gpt_oss", "glm4_moe", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "dots1", "deepseek_v2", "deepseek_v3", "qwen3_next", "qwen3_5_moe"]
+MOE_FAMILIES = ["mistral4", "llama4", "gpt_oss", "glm4_moe", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "dots1",
+                "deepseek_v2", "deepseek_v3", "qwen3_next", "qwen3_5_moe"]
 HYBRID_FAMILIES = ["qwen3_next", "qwen3_5", "qwen3_5_moe"]
 
 
@@ -169,7 +179,8 @@ def test_moe_prefill_sorted_by_expert_matches_mlx_lm(family):
     assert mx.allclose(a, b, atol=1e-4, rtol=1e-4).item(), float(mx.abs(a - b).max())
 
 
-@pytest.mark.parametrize("family", ["phi3", "phi3-plain", "ministral3", "glm4_moe", "smollm3", "gpt_oss", "llama4"])
+@pytest.mark.parametrize("family", ["phi3", "phi3-plain", "ministral3", "glm4_moe", "smollm3", "gpt_oss", "llama4",
+                                    "mistral4"])
 def test_saved_checkpoint_reads_back_in_mlxllm_and_mlx_lm(family, tmp_path):
     """``convert``'s writer spells each family's settings as its config.json does (Phi-3's LongRoPE,
     Ministral 3's rope_parameters and query scale, GLM's use_qk_norm, partial rotary factors)."""

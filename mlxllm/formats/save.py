@@ -30,7 +30,7 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", 
                   "dots1": "Dots1ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
                   "deepseek_v3": "DeepseekV3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "phi3": "Phi3ForCausalLM",
                   "glm4_moe": "Glm4MoeForCausalLM", "ministral3": "Ministral3ForCausalLM", "gpt_oss": "GptOssForCausalLM",
-                  "llama4_text": "Llama4ForCausalLM", "qwen3_next": "Qwen3NextForCausalLM",
+                  "llama4_text": "Llama4ForCausalLM", "mistral4": "Mistral4ForCausalLM", "qwen3_next": "Qwen3NextForCausalLM",
                   "qwen3_5": "Qwen3_5ForCausalLM", "qwen3_5_moe": "Qwen3_5MoeForCausalLM"}
 _MOE = ("num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size", "norm_topk_prob",
         "decoder_sparse_step", "mlp_only_layers")
@@ -70,7 +70,8 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
         if cfg.model_type != "qwen3_next":
             out["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.rope_theta,
                                       "partial_rotary_factor": cfg.partial_rotary_factor, **(cfg.rope_scaling or {})}
-    if cfg.num_experts and (cfg.router == "sigmoid_group" or cfg.model_type.startswith("deepseek")):
+    if cfg.num_experts and (cfg.router == "sigmoid_group" or cfg.model_type.startswith("deepseek")
+                            or cfg.model_type == "mistral4"):
         sigmoid = cfg.router == "sigmoid_group"  # DeepSeek-style names
         out.update(n_routed_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
                    moe_intermediate_size=cfg.moe_intermediate_size, norm_topk_prob=cfg.norm_topk_prob,
@@ -114,13 +115,13 @@ def _family_fields(cfg: ModelConfig, out: dict[str, Any]) -> None:
                     floor_scale=cfg.query_scale_length, attn_scale=cfg.query_scale_beta or 0.1)
         out.clear()
         out.update(architectures=["Llama4ForConditionalGeneration"], model_type="llama4", text_config=text)
-    elif cfg.model_type == "ministral3":
+    elif cfg.model_type in ("ministral3", "mistral4"):
         params = {"rope_type": "default", **scaling, "rope_theta": out.pop("rope_theta")}
         if cfg.query_scale_beta is not None:
             params.update(llama_4_scaling_beta=cfg.query_scale_beta,
                           original_max_position_embeddings=cfg.query_scale_length)
         out.pop("rope_scaling")
-        out.update(rope_parameters=params, layer_types=cfg.layer_types)
+        out.update(rope_parameters=params, **({} if cfg.kv_lora_rank else {"layer_types": cfg.layer_types}))
         out.pop("use_sliding_window", None)
 
 

@@ -66,6 +66,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "llama4_text": {"ffn_name": "feed_forward", "router": "sigmoid_input", "router_name": "router",
                     "expert_stack_name": "experts", "shared_expert_gate": False, "shared_expert_name": "shared_expert",
                     "rope_traditional": True, "query_scale_nope_only": True, "query_scale_shift": 1},
+    # Mistral 4: DeepSeek-V3's latent attention with Llama 4's query scale (in rope_parameters), softmax
+    # routing limited to the groups whose two best experts score highest, ungated shared experts.
+    "mistral4": {"shared_expert_gate": False, "group_by_top2": True},
     # Qwen3-Next / Qwen3.5: Gated DeltaNet linear-attention layers between gated full-attention ones
     # (gated_delta.py); Qwen3-Next fuses the linear layers' projections (in_proj_qkvz, in_proj_ba).
     "qwen3_next": {"qk_norm": True, "attn_output_gate": True, "partial_rotary_factor": 0.25, "norm_topk_prob": True},
@@ -157,6 +160,7 @@ class ModelConfig:
     router: str = "softmax_topk"  # or "topk_softmax" (Mixtral), "sigmoid_group" (DeepSeek-V3), "sigmoid_input" (Llama 4)
     n_group: int = 1  # experts fall in n_group groups; only the topk_group best groups are eligible
     topk_group: int = 1
+    group_by_top2: bool = False  # a group scores its two best experts' sum (DeepSeek-V3, Mistral 4), not its best
     routed_scaling_factor: float = 1.0
     expert_stack_name: str = "switch_mlp"  # parameter name of the stacked experts
     router_name: str = "gate"  # parameter name of the router
@@ -339,7 +343,7 @@ class ModelConfig:
             _phi3_rope(values, config)
         elif family == "glm4_moe":
             values["qk_norm"] = bool(config.get("use_qk_norm", False))
-        elif family == "ministral3":
+        elif family in ("ministral3", "mistral4"):
             _query_scale(values, config.get("rope_parameters") or config.get("rope_scaling") or {})
         if family == "gpt_oss" and "layer_types" not in config:  # window first, then every other layer full
             values["layer_types"] = [("sliding_attention", "full_attention")[i % 2]
@@ -353,7 +357,7 @@ class ModelConfig:
         elif family in ("qwen2", "qwen2_moe") and not config.get("use_sliding_window"):
             values["sliding_window"] = None
         elif family in ("llama", "qwen3", "qwen3_moe", "olmoe", "dots1", "deepseek_v2", "deepseek_v3", "smollm3",
-                        "glm4_moe", "llama4_text", "qwen3_next", "qwen3_5", "qwen3_5_moe"):
+                        "glm4_moe", "llama4_text", "qwen3_next", "qwen3_5", "qwen3_5_moe", "mistral4"):
             values.pop("sliding_window", None)
         if family == "llama4_text":
             _llama4(values, config)

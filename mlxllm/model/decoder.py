@@ -16,7 +16,7 @@ from .config import ModelConfig
 from .gated_delta import GatedDeltaNet
 from .mla import LatentAttention
 from .moe import MoE
-from .rope import NoRoPE, make_rope
+from .rope import NoRoPE, make_rope, query_scale
 
 
 class RMSNorm(nn.Module):
@@ -105,14 +105,6 @@ class Attention(nn.Module):
             return cache.attend(q, k, v, self.scale, mask)
         sinks = self["sinks"].astype(q.dtype) if "sinks" in self else None
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask, sinks=sinks)
-
-
-def query_scale(n: int, offset: int | mx.array, beta: float, length: int) -> mx.array:
-    """Llama 4's per-position query scale ``1 + beta * log(1 + floor(p / length))`` for positions
-    ``offset + [0, n)``, shaped to multiply queries ``[B, heads, n, dims]`` (``offset``: one per row)."""
-    positions = mx.arange(n) + (offset[:, None] if isinstance(offset, mx.array) and offset.ndim else offset)
-    scale = 1 + beta * mx.log(1 + mx.floor(positions / length))
-    return scale[:, None, :, None] if scale.ndim == 2 else scale[:, None]
 
 
 def _swiglu_oai(gate: mx.array, up: mx.array) -> mx.array:

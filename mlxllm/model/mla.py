@@ -19,7 +19,7 @@ import mlx.nn as nn
 from .cache.batch import FusedStep
 from ..errors import UserError
 from .config import ModelConfig
-from .rope import make_rope, yarn_mscale
+from .rope import make_rope, query_scale, yarn_mscale
 
 
 class LatentAttention(nn.Module):
@@ -45,6 +45,7 @@ class LatentAttention(nn.Module):
         if scaling.get("mscale_all_dim"):  # YaRN's temperature, applied to the whole score
             self.scale *= yarn_mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
         self.rope = make_rope(self.rope_dims, cfg.rope_theta, cfg.rope_scaling, traditional=True)
+        self.query_scale = None if cfg.query_scale_beta is None else (cfg.query_scale_beta, cfg.query_scale_length)
 
     def _kv_map(self, part: str, x: mx.array, transpose: bool = True) -> mx.array:
         """``x`` times one head-split half of ``kv_b_proj``: ``part`` 'k' (``[heads, nope, rank]``) or
@@ -85,6 +86,9 @@ class LatentAttention(nn.Module):
         B, L = q_nope.shape[0], q_nope.shape[2]
         offset = 0 if cache is None else cache.offset
         q_pe, k_pe = self.rope(q_pe, offset=offset), self.rope(k_pe, offset=offset)
+        if self.query_scale is not None:  # Mistral 4: Llama 4's position scale on the whole query
+            scale = query_scale(L, offset, *self.query_scale).astype(q_pe.dtype)
+            q_nope, q_pe = q_nope * scale, q_pe * scale
         if cache is not None:
             latent, k_pe = cache.update_and_fetch(latent, k_pe)
         if self._absorb(L, latent.shape[2]):

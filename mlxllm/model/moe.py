@@ -155,7 +155,7 @@ def route(logits: mx.array, cfg: ModelConfig, bias: mx.array | None = None) -> t
     dropped = cfg.n_group - cfg.topk_group
     if dropped:
         groups = mx.unflatten(choice, -1, (cfg.n_group, -1))
-        if cfg.router == "sigmoid_group":
+        if cfg.router == "sigmoid_group" or cfg.group_by_top2:
             group_score = mx.topk(groups, 2, axis=-1).sum(axis=-1, keepdims=True)
         else:
             group_score = groups.max(axis=-1, keepdims=True)

@@ -121,3 +121,11 @@ def make_rope(dims: int, base: float, scaling: dict[str, Any] | None, traditiona
     else:
         raise UserError(f"unsupported rope_scaling type '{kind}' (supported: default, linear, llama3, yarn, longrope, freq_factors)")
     return RoPE(dims, base, traditional=traditional, **kw)
+
+
+def query_scale(n: int, offset: int | mx.array, beta: float, length: int) -> mx.array:
+    """Llama 4's per-position query scale ``1 + beta * log(1 + floor(p / length))`` for positions
+    ``offset + [0, n)``, shaped to multiply queries ``[B, heads, n, dims]`` (``offset``: one per row)."""
+    positions = mx.arange(n) + (offset[:, None] if isinstance(offset, mx.array) and offset.ndim else offset)
+    scale = 1 + beta * mx.log(1 + mx.floor(positions / length))
+    return scale[:, None, :, None] if scale.ndim == 2 else scale[:, None]
