@@ -93,6 +93,14 @@ FAMILIES = {
                           qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, topk_method="noaux_tc",
                           rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=64, beta_fast=32,
                                             beta_slow=1, mscale=1.0, mscale_all_dim=1.0)), "deepseek2"),
+    # Llama 4 as llama.cpp stores it: unpermuted interleaved-RoPE Q/K, llama3 RoPE as rope_freqs, experts and
+    # shared expert under feed_forward; llama.cpp fixes the chunks (8192), the NoPE step (4) and the
+    # temperature (0.1 over 8192) itself.
+    "llama4": (dict(BASE, model_type="llama4_text", num_hidden_layers=4, head_dim=16, num_local_experts=4,
+                    num_experts_per_tok=1, interleave_moe_layer_step=2, intermediate_size_mlp=96, attention_chunk_size=8192,
+                    use_qk_norm=True, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                        high_freq_factor=4.0, original_max_position_embeddings=16)),
+               "llama4"),
     "dots1": (dict(BASE, model_type="dots1", head_dim=32, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
                    moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1, norm_topk_prob=True,
                    routed_scaling_factor=2.0), "dots1"),
@@ -126,6 +134,11 @@ OSS_LAYER = dict(LAYER, post_attention_layernorm="post_attention_norm", **{
 GLM_LAYER = dict(LAYER, post_attention_layernorm="post_attention_norm")
 
 
+LLAMA4_LAYER = dict(LAYER, **{f"feed_forward.{k.split('.', 1)[1]}": v for k, v in LAYER.items() if k.startswith("mlp.")},
+                    **{"feed_forward.router": "ffn_gate_inp", "feed_forward.experts.gate_proj": "ffn_gate_exps",
+                       "feed_forward.experts.up_proj": "ffn_up_exps", "feed_forward.experts.down_proj": "ffn_down_exps"})
+
+
 def gguf_name(name: str, arch: str) -> str:
     if name in TOP:
         return TOP[name]
@@ -139,7 +152,7 @@ def gguf_name(name: str, arch: str) -> str:
     if name.endswith(".gate.e_score_correction_bias"):
         return f"blk.{name.split('.')[2]}.exp_probs_b.bias"
     layer, module, leaf = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name).groups()
-    table = {"gemma3": GEMMA_LAYER, "glm4moe": GLM_LAYER}.get(arch, LAYER)
+    table = {"gemma3": GEMMA_LAYER, "glm4moe": GLM_LAYER, "llama4": LLAMA4_LAYER}.get(arch, LAYER)
     return f"blk.{layer}.{table[module]}.{leaf}"
 
 
@@ -221,7 +234,7 @@ def write_gguf(path, cfg: dict, arch: str, weights: dict[str, np.ndarray]) -> di
     w.add_block_count(cfg["num_hidden_layers"] + cfg.get("num_nextn_predict_layers", 0))
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_feed_forward_length(cfg.get("intermediate_size_mlp", cfg["intermediate_size"]))
     w.add_head_count(heads)
     if arch == "deepseek2":
         _latent_metadata(w, cfg)
@@ -262,6 +275,9 @@ def write_gguf(path, cfg: dict, arch: str, weights: dict[str, np.ndarray]) -> di
         w.add_rope_scaling_type(RopeScalingType.YARN)
         w.add_rope_scaling_factor(scaling["factor"])
         w.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+    if arch == "llama4":  # Llama4Model: the widths under HF's names swapped back, the MoE step
+        w.add_expert_feed_forward_length(cfg["intermediate_size"])
+        w.add_interleave_moe_layer_step(cfg["interleave_moe_layer_step"])
     if arch == "phi3":  # Phi3MiniModel's extra tensors and keys
         w.add_sliding_window(0)
         w.add_rope_scaling_orig_ctx_len(cfg["original_max_position_embeddings"])

@@ -71,7 +71,7 @@ _PERMUTED_ARCHS = {"llama", "smollm3", "mistral3"}
 # llama.cpp's default renormalisation of the top-k expert weights per architecture (norm_w in its
 # graph); a file may say otherwise with `<arch>.expert_weights_norm`.
 _MOE_NORM = {"llama": True, "qwen2moe": False, "qwen3moe": True, "olmoe": False, "dots1": False, "glm4moe": True,
-             "gpt-oss": False, "qwen3next": True, "qwen35moe": True, "deepseek2": False}
+             "gpt-oss": False, "qwen3next": True, "qwen35moe": True, "deepseek2": False, "llama4": False}
 
 
 # Our (Hugging Face) field -> the GGUF metadata key it is read from (under ``<arch>.``), so a wrong value
@@ -206,12 +206,30 @@ def _latent_metadata(get, config: dict[str, Any]) -> None:
             "rope.scaling.yarn_log_multiplier") / 0.1
 
 
+def _llama4_metadata(get, config: dict[str, Any]) -> None:
+    """Llama 4 as llama.cpp reads it: Hugging Face's names for the widths (``feed_forward_length`` is the
+    dense layers', the experts' and shared expert's is ``expert_feed_forward_length``), chunks of 8192 on
+    3 of every 4 layers unless the file sets a window of 0 (then every layer takes RoPE, attends fully),
+    and the q/k norms on every model but the 128-expert one (Maverick), as llama.cpp decides."""
+    if config.get("num_experts"):
+        config.update(num_local_experts=config.pop("num_experts"), intermediate_size_mlp=config["intermediate_size"],
+                      intermediate_size=get("expert_feed_forward_length"),
+                      interleave_moe_layer_step=get("interleave_moe_layer_step", 1))
+    config["use_qk_norm"] = config.get("num_local_experts") != 128
+    if get("attention.sliding_window", None) == 0:
+        config["no_rope_layers"] = [1] * config["num_hidden_layers"]
+    else:
+        config["attention_chunk_size"] = 8192
+
+
 def _family_metadata(family: str, get, config: dict[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> None:
     """Metadata only some architectures carry: GLM-4.5's q/k norms (present or not) and multi-token-
     prediction layers (counted in block_count, not part of the decoder), Phi-3's window (0: none), Ministral 3's query scale and YaRN
     multiplier (llama.cpp keeps one: HF's mscale and mscale_all_dim alike)."""
     if family == "deepseek_v2":
         _latent_metadata(get, config)
+    if family == "llama4_text":
+        _llama4_metadata(get, config)
     if family == "glm4_moe":
         config["use_qk_norm"] = "blk.0.attn_q_norm.weight" in shapes
     if family == "glm4_moe" and get("nextn_predict_layers", 0):

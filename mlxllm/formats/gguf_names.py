@@ -62,12 +62,30 @@ _GPT_OSS_LAYER_NAMES = {
 }
 
 
+# Llama 4: the feed-forward is named feed_forward, its router router, its experts experts.
+_LLAMA4_LAYER_NAMES = {
+    **_LAYER_NAMES,
+    "ffn_gate": "feed_forward.gate_proj",
+    "ffn_up": "feed_forward.up_proj",
+    "ffn_down": "feed_forward.down_proj",
+    "ffn_gate_inp": "feed_forward.router",
+    "ffn_gate_exps": "feed_forward.experts.gate_proj",
+    "ffn_up_exps": "feed_forward.experts.up_proj",
+    "ffn_down_exps": "feed_forward.experts.down_proj",
+    "ffn_gate_shexp": "feed_forward.shared_expert.gate_proj",
+    "ffn_up_shexp": "feed_forward.shared_expert.up_proj",
+    "ffn_down_shexp": "feed_forward.shared_expert.down_proj",
+}
+
+
 def hf_name(name: str, family: str) -> str:
     """GGUF tensor name -> our (Hugging Face) parameter name; unknown names pass through unchanged."""
     parts = name.split(".")
     if parts[0] in _TOP_NAMES:
         return ".".join([_TOP_NAMES[parts[0]], *parts[1:]])
     table = {"gemma3_text": _GEMMA_LAYER_NAMES, "gpt_oss": _GPT_OSS_LAYER_NAMES}.get(family, _LAYER_NAMES)
+    if family == "llama4_text":
+        table = _LLAMA4_LAYER_NAMES
     if family == "gpt_oss" and parts[0] == "blk" and parts[2:] == ["attn_sinks", "weight"]:
         return f"model.layers.{parts[1]}.self_attn.sinks"
     if family in hybrid.FAMILIES and parts[0] == "blk" and len(parts) >= 3:
