@@ -186,10 +186,12 @@ def test_moe_prefill_sorted_by_expert_matches_mlx_lm(family):
     assert mx.allclose(a, b, atol=1e-4, rtol=1e-4).item(), float(mx.abs(a - b).max())
 
 
-@pytest.mark.parametrize("family", ["phi3", "phi3-plain", "ministral3", "glm4_moe", "smollm3", "gpt_oss", "llama4"])
+@pytest.mark.parametrize("family", ["phi3", "phi3-plain", "ministral3", "glm4_moe", "smollm3", "gpt_oss", "llama4",
+                                    "gemma4", "gemma4-moe"])
 def test_saved_checkpoint_reads_back_in_mlxllm_and_mlx_lm(family, tmp_path):
     """``convert``'s writer spells each family's settings as its config.json does (Phi-3's LongRoPE,
-    Ministral 3's rope_parameters and query scale, GLM's use_qk_norm, partial rotary factors)."""
+    Ministral 3's rope_parameters and query scale, GLM's use_qk_norm, partial rotary factors, Gemma 4's
+    per-kind RoPE and the fields whose defaults differ between transformers and mlx-lm)."""
     from mlxllm.formats.loader import load_model
     from mlxllm.formats.save import save_model
 
