@@ -57,7 +57,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from ..errors import UserError
 from ..gguf_file import GGUFFile, GGUFTensor, read_gguf
 from ..model.config import ModelConfig, family_of
-from . import hybrid
+from . import gemma4, hybrid
 from .gguf_names import DEEPSEEK_ROUTED, hf_name
 from .weights import Quantized, REQUANT_GROUP, Tensor, TensorSpec, finish
 
@@ -103,6 +103,9 @@ def config_from_gguf(meta: Mapping[str, Any], shapes: Mapping[str, tuple[int, ..
     if arch is None:
         raise UserError(f"{where}: GGUF metadata has no general.architecture")
     family = family_of(arch)
+    extra: dict[str, Any] = {}
+    if family == "gemma4_text":  # per-layer arrays and kinds (see gemma4.py)
+        meta, extra = gemma4.gguf_metadata(meta, arch, shapes)
 
     def get(key: str, default: Any = KeyError) -> Any:
         value = meta.get(f"{arch}.{key}", default)
@@ -116,7 +119,7 @@ def config_from_gguf(meta: Mapping[str, Any], shapes: Mapping[str, tuple[int, ..
             value = value[0]
         return value
 
-    if get("final_logit_softcapping", 0.0) or get("attn_logit_softcapping", 0.0):
+    if (get("final_logit_softcapping", 0.0) and not extra) or get("attn_logit_softcapping", 0.0):
         raise UserError("GGUF models with logit soft-capping are not supported")
     config: dict[str, Any] = {
         "model_type": arch,
@@ -154,6 +157,9 @@ def config_from_gguf(meta: Mapping[str, Any], shapes: Mapping[str, tuple[int, ..
                           routed_scaling_factor=get("expert_weights_scale", 1.0),
                           n_group=get("expert_group_count", 1), topk_group=get("expert_group_used_count", 1))
     _family_metadata(family, get, config, shapes)
+    if extra:
+        config.pop("rope_theta")  # Gemma 4's is per layer kind, in rope_parameters
+        config.update(extra)
     if family in hybrid.FAMILIES:
         config.update(hybrid.gguf_config(get, config["head_dim"], config["hidden_size"], config["num_attention_heads"]))
     sliding = None
@@ -265,9 +271,14 @@ class GGUFSource:
         for t in [t for t in by_name.values() if t.name.startswith("blk.")]:
             if int(t.name.split(".")[1]) >= self.config.num_hidden_layers:  # GLM-4.5's multi-token prediction
                 del by_name[t.name]
+            elif self.config.model_type == "gemma4_text" and gemma4.unused(t.name, self.config):
+                del by_name[t.name]
         factors = {name: self._rope_factors(by_name.pop(f"{name}.weight")) for name in
                    ("rope_freqs", "rope_factors_long", "rope_factors_short") if f"{name}.weight" in by_name}
-        if "rope_freqs" in factors:  # Llama 3.x long-context RoPE, stored as computed divisors
+        if "rope_freqs" in factors and self.config.model_type == "gemma4_text":
+            self.config.rope_scaling = gemma4.proportional_rope(factors["rope_freqs"], self.config) or {
+                "rope_type": "freq_factors", "factors": factors["rope_freqs"]}
+        elif "rope_freqs" in factors:  # Llama 3.x long-context RoPE, stored as computed divisors
             self.config.rope_scaling = {"rope_type": "freq_factors", "factors": factors["rope_freqs"]}
         elif "rope_factors_long" in factors:  # Phi-3's LongRoPE
             self.config.rope_scaling = {
@@ -279,12 +290,12 @@ class GGUFSource:
         self._tensors = list(by_name.values())
         self.requant_errors: dict[str, list[float]] = {}  # block type -> relative RMS error per tensor
         # 16-bit type of the 'native' path: Gemma 3's residual stream overflows float16.
-        self.native_dtype = mx.bfloat16 if self.config.model_type == "gemma3_text" else mx.float16
+        self.native_dtype = mx.bfloat16 if self.config.model_type in ("gemma3_text", "gemma4_text") else mx.float16
 
     def _rope_factors(self, t: GGUFTensor) -> list[float]:
         with np.errstate(all="ignore"):
             factors = self._floats(t, self.raw(t)).reshape(-1)
-        dims = self.config.rope_dims
+        dims = int((self.config.global_head_dim or self.config.head_dim) * self.config.partial_rotary_factor)
         if factors.size != dims // 2 or not np.all(np.isfinite(factors) & (factors > 0)):
             raise UserError(f"{self.path.name}: tensor '{t.name}' holds {factors.size} values, not "
                             f"{dims // 2} positive finite RoPE frequency factors")
@@ -322,6 +333,8 @@ class GGUFSource:
             mx.eval(value if isinstance(value, mx.array) else list(value.arrays.values()))
             if family == "qwen3_next":  # attn_qkv + attn_gate -> in_proj_qkvz
                 yield from hybrid.merge_qkvz(held, name, value, self.config)
+            elif family == "gemma4_text":
+                yield from gemma4.split_gate_up(name, value)
             else:
                 yield name, value
 
