@@ -27,7 +27,9 @@ QUANTIZED = KVSettings(8, 32, 0, 4)  # a small float prefix, so decoding crosses
 def _random_model(config: dict, vocab: int | None = None) -> Model:
     mx.random.seed(0)
     config = config.get("text_config", config)  # a multimodal wrapper's text model
-    model = Model(ModelConfig.from_hf(dict(config, vocab_size=vocab or config["vocab_size"])))
+    vocab = vocab or config["vocab_size"]
+    per_layer = {"vocab_size_per_layer_input": vocab} if "vocab_size_per_layer_input" in config else {}  # Gemma 4
+    model = Model(ModelConfig.from_hf(dict(config, vocab_size=vocab, **per_layer)))
     weights = [(k, mx.random.normal(v.shape) * 0.2) for k, v in tree_flatten(model.parameters())]
     model.update(tree_unflatten(weights))
     mx.eval(model.parameters())
@@ -35,7 +37,7 @@ def _random_model(config: dict, vocab: int | None = None) -> Model:
 
 
 CASES = [pytest.param(f, None, id=f) for f in FAMILIES] + [
-    pytest.param(f, QUANTIZED, id=f"{f}-kv8") for f in ("llama", "gemma3_text")]
+    pytest.param(f, QUANTIZED, id=f"{f}-kv8") for f in ("llama", "gemma3_text", "gemma4")]
 
 
 @pytest.mark.parametrize("family, kv", CASES)
@@ -133,7 +135,7 @@ def _tokens(events: list) -> list[int]:
     return [t for e in events for t in e.tokens]
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen3_moe", "deepseek_v3", "qwen3_next"])
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen3_moe", "deepseek_v3", "qwen3_next", "gemma4"])
 def test_engine_output_alone_equals_output_in_a_mixed_batch(family, tokenizer):
     """Greedy and seeded-sampled requests of mixed prompt lengths, some arriving while others run,
     some with logprobs and penalties: every one produces the tokens it produces alone."""
@@ -301,11 +303,13 @@ def test_prefix_cache_keeps_to_its_byte_budget_lru_first():
     assert pc.release(one) >= one and len(pc) == 1
 
 
-def test_a_wrapped_sliding_window_is_reused_only_from_an_exact_boundary(tokenizer):
-    """Gemma-style layers with a window of 5: an entry that would need trimming past the window is
-    not usable, a boundary snapshot is; the engine snapshots at message boundaries for such models,
-    so a second turn reuses the first turn's prefix and produces what it produces uncached."""
-    model = _random_model(FAMILIES["gemma3_text"], vocab=tokenizer.vocab_size)
+@pytest.mark.parametrize("family", ["gemma3_text", "gemma4"])
+def test_a_wrapped_sliding_window_is_reused_only_from_an_exact_boundary(family, tokenizer):
+    """Gemma-style layers with a window of 5 (Gemma 4's with KV-sharing layers, which hold no cache):
+    an entry that would need trimming past the window is not usable, a boundary snapshot is; the engine
+    snapshots at message boundaries for such models, so a second turn reuses the first turn's prefix
+    and produces what it produces uncached."""
+    model = _random_model(FAMILIES[family], vocab=tokenizer.vocab_size)
     pc = PrefixCache(1 << 30)
     pc.insert(list(range(1, 21)), _filled(model, list(range(1, 21))))
     assert pc.lookup(list(range(1, 15)) + [99]) == (None, 0)  # 20 -> 14 would need the overwritten slots
@@ -349,7 +353,7 @@ def test_recurrent_state_is_reused_only_from_an_exact_boundary(tokenizer):
 
 
 @pytest.mark.parametrize("kv", [None, QUANTIZED], ids=["float", "quantized"])
-@pytest.mark.parametrize("family", ["llama", "gemma3_text", "deepseek_v2"])
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "deepseek_v2", "gemma4"])
 def test_cache_files_round_trip_and_damaged_files_are_refused(family, kv, tmp_path):
     if kv is not None and family == "deepseek_v2":
         pytest.skip("latent attention has no quantized cache")

@@ -97,6 +97,23 @@ def test_kv_bytes_match_the_cache(context):
     assert bm.kv_bytes(model, context, batch=2) == sum(c.nbytes for c in cache)
 
 
+@pytest.mark.parametrize("context", [4, 30])
+def test_kv_bytes_of_gemma4_count_only_the_layers_that_hold_keys_and_values(context):
+    """Sliding layers: 16-wide heads, 2 K/V heads, a window of 5; full layers 32-wide with one K/V head
+    (keys double as values, stored twice as the cache holds them); the last two layers hold nothing."""
+    from test_parity_mlx_lm import FAMILIES
+
+    config = dict(FAMILIES["gemma4-moe"]["text_config"], num_kv_shared_layers=2)
+    model = random_model(config, mx.float32)
+    cache = model.make_cache()
+    assert len(cache) == 4
+    model.hidden(mx.zeros((1, context), mx.int32), cache)
+    mx.eval([c.state for c in cache])
+    sliding, full = 2 * 2 * 16 * 4, 2 * 1 * 32 * 4  # bytes per position
+    assert bm.kv_bytes(model, context) == 3 * sliding * min(context, 5) + full * context  # layers 0, 1, 3 and 2
+    assert bm.kv_bytes(model, context) == sum(c.nbytes for c in cache)
+
+
 def test_prefill_flops_hand_computed():
     model = random_model(CONFIG, mx.float32)
     matmul_macs = H * HEADS * D + 2 * H * KV * D + HEADS * D * H + 3 * H * I

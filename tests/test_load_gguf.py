@@ -474,3 +474,108 @@ def test_phi3_longrope_comes_from_the_factor_tensors(tmp_path):
     with pytest.raises(UserError, match=r"rope_factors_long.weight' holds 5 values, not 6 positive"):
         write_gguf(path, bad, arch, random_weights(cfg))
         load_model(path)
+
+
+# Gemma 4 as llama.cpp's Gemma4Model converter writes it: per-layer width and K/V-head arrays, the layer kinds as
+# flags, the full layers' head size as key_length (the sliding ones' as key_length_swa), proportional RoPE as a
+# rope_freqs tensor, norms as stored, one gate|up expert stack, the router's scales as .scale tensors, and the
+# KV-sharing layers' key maps still in the file.
+GEMMA4_LAYER = dict(GEMMA_LAYER, **{
+    "pre_feedforward_layernorm_2": "pre_ffw_norm_2", "post_feedforward_layernorm_1": "post_ffw_norm_1",
+    "post_feedforward_layernorm_2": "post_ffw_norm_2", "router.proj": "ffn_gate_inp",
+    "experts.switch_glu.down_proj": "ffn_down_exps", "per_layer_input_gate": "inp_gate",
+    "per_layer_projection": "proj", "post_per_layer_input_norm": "post_norm"})  # fmt: skip
+GEMMA4_TOP = dict(TOP, **{"model.embed_tokens_per_layer.weight": "per_layer_token_embd.weight",
+                          "model.per_layer_model_projection.weight": "per_layer_model_proj.weight",
+                          "model.per_layer_projection_norm.weight": "per_layer_proj_norm.weight"})
+GEMMA4_SCALES = {"router.scale": "ffn_gate_inp.scale", "router.per_expert_scale": "ffn_down_exps.scale",
+                 "layer_scalar": "layer_output_scale.weight"}
+
+
+def gemma4_gguf_name(name: str) -> str:
+    if name in GEMMA4_TOP:
+        return GEMMA4_TOP[name]
+    layer, rest = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name).groups()
+    if rest in GEMMA4_SCALES:
+        return f"blk.{layer}.{GEMMA4_SCALES[rest]}"
+    module, leaf = rest.rsplit(".", 1)
+    return f"blk.{layer}.{GEMMA4_LAYER[module]}.{leaf}"
+
+
+def write_gemma4_gguf(path, text: dict, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    n, shared = text["num_hidden_layers"], text.get("num_kv_shared_layers", 0)
+    swa = [t == "sliding_attention" for t in text["layer_types"]]
+    width, dims, full_dims = text["intermediate_size"], text["head_dim"], text["global_head_dim"]
+    w = GGUFWriter(str(path), "gemma4")
+    w.add_tokenizer_model("none")
+    w.add_block_count(n)
+    w.add_context_length(text["max_position_embeddings"])
+    w.add_embedding_length(text["hidden_size"])
+    w.add_feed_forward_length([2 * width if text.get("use_double_wide_mlp") and i >= n - shared else width
+                               for i in range(n)])
+    w.add_head_count(text["num_attention_heads"])
+    if text.get("num_global_key_value_heads"):
+        w.add_head_count_kv([text["num_key_value_heads"] if s else text["num_global_key_value_heads"] for s in swa])
+    else:
+        w.add_head_count_kv(text["num_key_value_heads"])
+    w.add_key_length(full_dims)
+    w.add_value_length(full_dims)
+    w.add_key_length_swa(dims)
+    w.add_value_length_swa(dims)
+    w.add_rope_dimension_count(full_dims)
+    w.add_rope_dimension_count_swa(dims)
+    rope = text["rope_parameters"]
+    w.add_rope_freq_base(rope["full_attention"]["rope_theta"])
+    w.add_rope_freq_base_swa(rope["sliding_attention"]["rope_theta"])
+    w.add_layer_norm_rms_eps(text["rms_norm_eps"])
+    w.add_vocab_size(text["vocab_size"])
+    w.add_sliding_window(text["sliding_window"])
+    w.add_sliding_window_pattern(swa)
+    w.add_shared_kv_layers(shared)
+    w.add_embedding_length_per_layer_input(text.get("hidden_size_per_layer_input") or 0)
+    w.add_final_logit_softcapping(text["final_logit_softcapping"])
+    if text.get("enable_moe_block"):
+        w.add_expert_count(text["num_experts"])
+        w.add_expert_used_count(text["top_k_experts"])
+        w.add_expert_feed_forward_length(text["moe_intermediate_size"])
+    turned = int(full_dims * rope["full_attention"]["partial_rotary_factor"] / 2)
+    w.add_tensor("rope_freqs.weight", np.array([1.0] * turned + [1e30] * (full_dims // 2 - turned), np.float32))
+    exact = {}
+    stored = dict(weights)
+    for i in range(n - shared, n):  # transformers checkpoints keep them; the converter maps them too
+        stored[f"model.layers.{i}.self_attn.k_proj.weight"] = np.zeros((text["num_key_value_heads"] * dims, 64),
+                                                                       np.float32)
+    for i, (name, value) in enumerate(stored.items()):
+        if ".switch_glu.up_proj." in name:
+            continue
+        qtype = TYPES[i % len(TYPES)] if value.ndim >= 2 and value.shape[-1] % 32 == 0 else T.F32
+        if ".switch_glu.gate_proj." in name:
+            up = name.replace(".gate_proj.", ".up_proj.")
+            data = quantize(np.concatenate([value, stored[up]], axis=1), qtype)
+            back = dequantize(data, qtype).reshape(value.shape[0], -1, value.shape[2])
+            exact[name], exact[up] = back[:, : value.shape[1]], back[:, value.shape[1]:]
+            gguf = f"blk.{name.split('.')[2]}.ffn_gate_up_exps.weight"
+        else:
+            data = quantize(value, qtype)
+            exact[name] = dequantize(data, qtype).reshape(value.shape)
+            gguf = gemma4_gguf_name(name)
+        w.add_tensor(gguf, data, raw_dtype=None if qtype == T.F32 else qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return {k: v for k, v in exact.items() if k in weights}
+
+
+@pytest.mark.parametrize("family", ["gemma4", "gemma4-moe"])
+def test_gemma4_file_in_llama_cpp_layout_matches_the_hf_weights(family, tmp_path):
+    from test_parity_mlx_lm import FAMILIES as PARITY
+
+    text = dict(PARITY[family].get("text_config", PARITY[family]), model_type="gemma4_text")
+    exact = write_gemma4_gguf(tmp_path / "g4.gguf", text, random_weights(text))
+    model = load_model(tmp_path / "g4.gguf", compute="float32")
+    cfg = model.config
+    assert cfg.model_type == "gemma4_text" and cfg.layer_types == text["layer_types"]
+    assert cfg.rope_scaling == {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6}
+    assert (cfg.rope_local_base_freq, cfg.global_head_dim, cfg.head_dim) == (10000.0, 32, 16)
+    np.testing.assert_allclose(np.array(model(mx.array(TOKENS))), reference_logits(text, exact), atol=1e-4)

@@ -132,7 +132,7 @@ def test_missing_path():
 
 def test_unknown_architecture(tmp_path):
     path = write_dir(tmp_path / "foo", dict(CONFIG, model_type="foo"), {"x": mx.zeros((1,))})
-    with pytest.raises(UserError, match=r"unsupported architecture 'foo' \(supported: deepseek_v2, deepseek_v3, dots1, gemma3_text, glm4_moe, gpt_oss, llama"):
+    with pytest.raises(UserError, match=r"unsupported architecture 'foo' \(supported: deepseek_v2, deepseek_v3, dots1, gemma3_text, gemma4_text, glm4_moe, gpt_oss, llama"):
         load_model(path)
 
 
@@ -298,3 +298,44 @@ def test_llama4_checkpoint_as_meta_ships_it(tmp_path):
     facts = describe_model(path)
     assert facts["chunked_attention"] == "5 tokens, on 3 of 4 layers" and facts["layers_without_rope"] == [3]
     assert facts["query_scale"] == "1 + 0.1 * log(1 + floor((position + 1) / 4)) on layers without RoPE"
+
+
+@pytest.mark.parametrize("family", ["gemma4", "gemma4-moe"])
+def test_gemma4_checkpoint_as_transformers_writes_it(family, tmp_path):
+    """Gemma4ForConditionalGeneration's layout: the text model under model.language_model beside vision
+    and audio towers, experts as ``gate_up_proj`` ``[experts, 2 x width, hidden]`` and ``down_proj``, and
+    key/value maps still stored in the KV-sharing layers (unused, as transformers ignores them)."""
+    from test_parity_mlx_lm import FAMILIES
+
+    text = FAMILIES[family].get("text_config", FAMILIES[family])
+    model = random_model(text, mx.float32)
+    weights = {f"model.language_model.{k[len('model.'):]}": v for k, v in tree_flatten(model.parameters())
+               if ".switch_glu." not in k}
+    for i, layer in enumerate(model.layers):
+        p = f"model.language_model.layers.{i}."
+        if "experts" in layer:
+            e = layer.experts.switch_glu
+            weights[p + "experts.gate_up_proj"] = mx.concatenate([e.gate_proj.weight, e.up_proj.weight], axis=1)
+            weights[p + "experts.down_proj"] = e.down_proj.weight
+        if layer.self_attn.shared:
+            weights[p + "self_attn.k_proj.weight"] = mx.zeros((2 * 16, 64))
+            weights[p + "self_attn.k_norm.weight"] = mx.zeros((16,))
+    weights["model.vision_tower.encoder.layers.0.mlp.up_proj.linear.weight"] = mx.zeros((4, 4))
+    weights["model.audio_tower.layers.0.input_max"] = mx.zeros((1,))
+    weights["model.embed_vision.embedding_projection.weight"] = mx.zeros((4, 4))
+    config = {"model_type": "gemma4", "text_config": dict(text, model_type="gemma4_text"), "vision_config": {}}
+    path = write_dir(tmp_path / family, config, weights)
+    loaded = load_model(path, compute="float32")
+    assert mx.allclose(loaded(TOKENS), model(TOKENS), atol=1e-5).item()
+    facts = describe_model(path)
+    assert facts["family"] == "gemma4_text" and facts["final_logit_softcapping"] == 30.0
+    assert facts["head_dim"] == "16, 32 on full-attention layers"
+    assert facts["sliding_window"] == "5 tokens, on 4 of 6 layers"
+    assert facts["rope_features_per_head"] == "8 of 32 on full-attention layers"
+    if family == "gemma4":
+        assert facts["kv_shared_layers"] == "2 (layer <- the layer whose keys and values it attends over: 4 <- 3, 5 <- 2)"
+        assert facts["per_layer_inputs"] == "8 features per layer and token"
+    else:
+        assert facts["keys_as_values"] == "on full-attention layers (1 key/value heads)"
+        assert facts["experts"] == "4 (2 active per token) beside each layer's dense MLP"
+        assert 0 < facts["active_parameters"] < facts["parameters"]

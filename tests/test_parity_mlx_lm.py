@@ -122,8 +122,25 @@ FAMILIES.update({
         rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0, original_max_position_embeddings=8,
                              beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.1))),
 })
-MOE_FAMILIES = ["mistral4", "llama4", "gpt_oss", "glm4_moe", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "dots1",
-                "deepseek_v2", "deepseek_v3", "qwen3_next", "qwen3_5_moe"]
+# Gemma 4: sliding/full layers with their own head sizes and RoPE (proportional over a quarter of the full
+# layers' heads); E2B's shape: the last two layers share the K/V of layers 3 and 2 with double-wide MLPs, per-layer
+# input embeddings; 26B's: keys double as values on full layers (one global K/V head), experts beside the MLP.
+GEMMA4 = dict({k: v for k, v in BASE.items() if k != "rope_theta"}, model_type="gemma4_text", head_dim=16,
+              global_head_dim=32, num_hidden_layers=6, sliding_window=5, rms_norm_eps=1e-6, tie_word_embeddings=True,
+              layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+              final_logit_softcapping=30.0, rope_parameters={
+                  "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                  "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6}})
+FAMILIES.update({
+    "gemma4": dict(GEMMA4, num_kv_shared_layers=2, use_double_wide_mlp=True, hidden_size_per_layer_input=8,
+                   vocab_size_per_layer_input=97),
+    "gemma4-moe": dict(model_type="gemma4", vocab_size=97, text_config=dict(
+        GEMMA4, attention_k_eq_v=True, num_global_key_value_heads=1, hidden_size_per_layer_input=0,
+        num_kv_shared_layers=0, use_double_wide_mlp=False, enable_moe_block=True, num_experts=4, top_k_experts=2,
+        moe_intermediate_size=32)),
+})
+MOE_FAMILIES = ["gemma4-moe", "mistral4", "llama4", "gpt_oss", "glm4_moe", "mixtral", "qwen2_moe", "qwen3_moe",
+                "olmoe", "dots1", "deepseek_v2", "deepseek_v3", "qwen3_next", "qwen3_5_moe"]
 HYBRID_FAMILIES = ["qwen3_next", "qwen3_5", "qwen3_5_moe"]
 
 
@@ -180,10 +197,11 @@ def test_moe_prefill_sorted_by_expert_matches_mlx_lm(family):
 
 
 @pytest.mark.parametrize("family", ["phi3", "phi3-plain", "ministral3", "glm4_moe", "smollm3", "gpt_oss", "llama4",
-                                    "mistral4"])
+                                    "mistral4", "gemma4", "gemma4-moe"])
 def test_saved_checkpoint_reads_back_in_mlxllm_and_mlx_lm(family, tmp_path):
     """``convert``'s writer spells each family's settings as its config.json does (Phi-3's LongRoPE,
-    Ministral 3's rope_parameters and query scale, GLM's use_qk_norm, partial rotary factors)."""
+    Ministral 3's rope_parameters and query scale, GLM's use_qk_norm, partial rotary factors, Gemma 4's
+    per-kind RoPE and the fields whose defaults differ between transformers and mlx-lm)."""
     from mlxllm.formats.loader import load_model
     from mlxllm.formats.save import save_model
 

@@ -106,6 +106,30 @@ def test_greedy_with_recurrent_target_and_draft(k):
     assert 0 < stats["accepted"] < stats["proposed"]
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_greedy_with_a_kv_sharing_target(k):
+    """Gemma 4 with KV-sharing layers (and a window longer than the generation): rejected drafts are
+    trimmed from the layers that hold keys and values, which the sharing layers then see as well."""
+    from test_batching import _random_model
+    from test_parity_mlx_lm import FAMILIES
+
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    config = dict(FAMILIES["gemma4"], sliding_window=64)
+    target, draft = _random_model(config), _random_model(config)
+    draft.update(tree_unflatten([(k, v + 0.05 * mx.random.normal(v.shape, key=mx.random.key(7)))
+                                 for k, v in tree_flatten(draft.parameters())]))  # agrees often, not always
+    for m in (target, draft):  # sharper than random logits, so greedy paths have clear winners
+        m.update({"model": {"embed_tokens": {"weight": m.model.embed_tokens.weight * 4}}})
+    prompt = mx.array(list(range(1, 30)), dtype=mx.int32)
+    alone = [t for t, _ in generate_step(prompt, target, max_tokens=20, prefill_step_size=8)]
+    stats = {}
+    out = list(speculative_generate_step(prompt, target, draft, num_draft_tokens=k, max_tokens=20,
+                                         prefill_step_size=8, stats=stats))
+    assert [t for t, _, _ in out] == alone
+    assert 0 < stats["accepted"] < stats["proposed"]
+
+
 def test_draft_with_another_vocabulary_size(pair):
     """Draft and target embedding tables padded to different sizes (same tokenizer)."""
     target, _ = pair

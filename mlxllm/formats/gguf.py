@@ -57,7 +57,8 @@ from gguf.quants import dequantize as gguf_dequantize
 from ..errors import UserError
 from ..gguf_file import GGUFFile, GGUFTensor, read_gguf
 from ..model.config import ModelConfig, family_of
-from . import hybrid
+from . import gemma4, hybrid
+from .gguf_families import family_metadata
 from .gguf_names import DEEPSEEK_ROUTED, hf_name
 from .weights import Quantized, REQUANT_GROUP, Tensor, TensorSpec, finish, fold_latent_maps
 
@@ -103,6 +104,9 @@ def config_from_gguf(meta: Mapping[str, Any], shapes: Mapping[str, tuple[int, ..
     if arch is None:
         raise UserError(f"{where}: GGUF metadata has no general.architecture")
     family = family_of(arch)
+    extra: dict[str, Any] = {}
+    if family == "gemma4_text":  # per-layer arrays and kinds (see gemma4.py)
+        meta, extra = gemma4.gguf_metadata(meta, arch, shapes)
 
     def get(key: str, default: Any = KeyError) -> Any:
         value = meta.get(f"{arch}.{key}", default)
@@ -116,7 +120,7 @@ def config_from_gguf(meta: Mapping[str, Any], shapes: Mapping[str, tuple[int, ..
             value = value[0]
         return value
 
-    if get("final_logit_softcapping", 0.0) or get("attn_logit_softcapping", 0.0):
+    if (get("final_logit_softcapping", 0.0) and not extra) or get("attn_logit_softcapping", 0.0):
         raise UserError("GGUF models with logit soft-capping are not supported")
     config: dict[str, Any] = {
         "model_type": arch,
@@ -153,7 +157,10 @@ def config_from_gguf(meta: Mapping[str, Any], shapes: Mapping[str, tuple[int, ..
                           first_k_dense_replace=get("leading_dense_block_count", 0),
                           routed_scaling_factor=get("expert_weights_scale", 1.0),
                           n_group=get("expert_group_count", 1), topk_group=get("expert_group_used_count", 1))
-    _family_metadata(family, get, config, shapes)
+    family_metadata(family, get, config, shapes)
+    if extra:
+        config.pop("rope_theta")  # Gemma 4's is per layer kind, in rope_parameters
+        config.update(extra)
     if family in hybrid.FAMILIES:
         config.update(hybrid.gguf_config(get, config["head_dim"], config["hidden_size"], config["num_attention_heads"]))
     sliding = None
@@ -185,69 +192,6 @@ def config_from_gguf(meta: Mapping[str, Any], shapes: Mapping[str, tuple[int, ..
         cfg.query_pre_attn_scalar = cfg.hidden_size // cfg.num_attention_heads if wide else cfg.head_dim
         cfg.sliding_window = sliding
     return cfg
-
-
-def _latent_metadata(get, config: dict[str, Any]) -> None:
-    """DeepSeek-V2/V3 as llama.cpp's converter writes them (``deepseek2``): latent attention stored as
-    one-head MQA (key_length = kv_lora_rank + rope dims) with the per-head sizes under ``*_mla``; sigmoid
-    gating means V3's routing; the YaRN multiplier written as 0.1 x mscale_all_dim (HF's mscale equals it
-    in every DeepSeek release)."""
-    rope = get("rope.dimension_count")
-    config.update(num_key_value_heads=None, head_dim=get("attention.key_length_mla"),
-                  kv_lora_rank=get("attention.kv_lora_rank"), q_lora_rank=get("attention.q_lora_rank", None),
-                  qk_rope_head_dim=rope, qk_nope_head_dim=get("attention.key_length_mla") - rope,
-                  v_head_dim=get("attention.value_length_mla"))
-    sigmoid = get("expert_gating_func", 1) == 2
-    config["model_type"] = "deepseek_v3" if sigmoid else "deepseek_v2"
-    groups = config.get("n_group", 1) > 1
-    config["topk_method"] = "noaux_tc" if sigmoid else "group_limited_greedy" if groups else "greedy"
-    if "rope_scaling" in config and get("rope.scaling.yarn_log_multiplier", None) is not None:
-        config["rope_scaling"]["mscale"] = config["rope_scaling"]["mscale_all_dim"] = get(
-            "rope.scaling.yarn_log_multiplier") / 0.1
-
-
-def _llama4_metadata(get, config: dict[str, Any]) -> None:
-    """Llama 4 as llama.cpp reads it: Hugging Face's names for the widths (``feed_forward_length`` is the
-    dense layers', the experts' and shared expert's is ``expert_feed_forward_length``), chunks of 8192 on
-    3 of every 4 layers unless the file sets a window of 0 (then every layer takes RoPE, attends fully),
-    and the q/k norms on every model but the 128-expert one (Maverick), as llama.cpp decides."""
-    if config.get("num_experts"):
-        config.update(num_local_experts=config.pop("num_experts"), intermediate_size_mlp=config["intermediate_size"],
-                      intermediate_size=get("expert_feed_forward_length"),
-                      interleave_moe_layer_step=get("interleave_moe_layer_step", 1))
-    config["use_qk_norm"] = config.get("num_local_experts") != 128
-    if get("attention.sliding_window", None) == 0:
-        config["no_rope_layers"] = [1] * config["num_hidden_layers"]
-    else:
-        config["attention_chunk_size"] = 8192
-
-
-def _family_metadata(family: str, get, config: dict[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> None:
-    """Metadata only some architectures carry: GLM-4.5's q/k norms (present or not) and multi-token-
-    prediction layers (counted in block_count, not part of the decoder), Phi-3's window (0: none), Ministral 3's query scale and YaRN
-    multiplier (llama.cpp keeps one: HF's mscale and mscale_all_dim alike)."""
-    if family == "deepseek_v2":
-        _latent_metadata(get, config)
-    if family == "llama4_text":
-        _llama4_metadata(get, config)
-    if family == "glm4_moe":
-        config["use_qk_norm"] = "blk.0.attn_q_norm.weight" in shapes
-    if family == "glm4_moe" and get("nextn_predict_layers", 0):
-        config["num_nextn_predict_layers"] = get("nextn_predict_layers")
-        config["num_hidden_layers"] -= config["num_nextn_predict_layers"]
-    elif family == "gpt_oss":  # llama.cpp alternates window and full layers itself; HF's YaRN is untruncated
-        config["sliding_window"] = get("attention.sliding_window")
-        if "rope_scaling" in config:
-            config["rope_scaling"]["truncate"] = False
-    elif family == "phi3":
-        window = get("attention.sliding_window", 0)
-        config["sliding_window"] = window or None
-    elif family == "ministral3" and get("attention.temperature_scale", None) is not None:
-        config["query_scale_beta"] = get("attention.temperature_scale")
-        config["query_scale_length"] = get("rope.scaling.original_context_length", 8192)
-        if "rope_scaling" in config and get("rope.scaling.yarn_log_multiplier", None) is not None:
-            config["rope_scaling"]["mscale"] = config["rope_scaling"]["mscale_all_dim"] = get(
-                "rope.scaling.yarn_log_multiplier")
 
 
 def _unpermute_qk(rows: np.ndarray, n_heads: int) -> np.ndarray:
@@ -304,9 +248,14 @@ class GGUFSource:
         for t in [t for t in by_name.values() if t.name.startswith("blk.")]:
             if int(t.name.split(".")[1]) >= self.config.num_hidden_layers:  # GLM-4.5's multi-token prediction
                 del by_name[t.name]
+            elif self.config.model_type == "gemma4_text" and gemma4.unused(t.name, self.config):
+                del by_name[t.name]
         factors = {name: self._rope_factors(by_name.pop(f"{name}.weight")) for name in
                    ("rope_freqs", "rope_factors_long", "rope_factors_short") if f"{name}.weight" in by_name}
-        if "rope_freqs" in factors:  # Llama 3.x long-context RoPE, stored as computed divisors
+        if "rope_freqs" in factors and self.config.model_type == "gemma4_text":
+            self.config.rope_scaling = gemma4.proportional_rope(factors["rope_freqs"], self.config) or {
+                "rope_type": "freq_factors", "factors": factors["rope_freqs"]}
+        elif "rope_freqs" in factors:  # Llama 3.x long-context RoPE, stored as computed divisors
             self.config.rope_scaling = {"rope_type": "freq_factors", "factors": factors["rope_freqs"]}
         elif "rope_factors_long" in factors:  # Phi-3's LongRoPE
             self.config.rope_scaling = {
@@ -318,12 +267,12 @@ class GGUFSource:
         self._tensors = list(by_name.values())
         self.requant_errors: dict[str, list[float]] = {}  # block type -> relative RMS error per tensor
         # 16-bit type of the 'native' path: Gemma 3's residual stream overflows float16.
-        self.native_dtype = mx.bfloat16 if self.config.model_type == "gemma3_text" else mx.float16
+        self.native_dtype = mx.bfloat16 if self.config.model_type in ("gemma3_text", "gemma4_text") else mx.float16
 
     def _rope_factors(self, t: GGUFTensor) -> list[float]:
         with np.errstate(all="ignore"):
             factors = self._floats(t, self.raw(t)).reshape(-1)
-        dims = self.config.rope_dims
+        dims = int((self.config.global_head_dim or self.config.head_dim) * self.config.partial_rotary_factor)
         if factors.size != dims // 2 or not np.all(np.isfinite(factors) & (factors > 0)):
             raise UserError(f"{self.path.name}: tensor '{t.name}' holds {factors.size} values, not "
                             f"{dims // 2} positive finite RoPE frequency factors")
@@ -364,6 +313,8 @@ class GGUFSource:
                 yield from fold_latent_maps(held, name, self.config, target, self.native_dtype)
             elif family == "qwen3_next":  # attn_qkv + attn_gate -> in_proj_qkvz
                 yield from hybrid.merge_qkvz(held, name, value, self.config)
+            elif family == "gemma4_text":
+                yield from gemma4.split_gate_up(name, value)
             else:
                 yield name, value
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import hybrid
+from . import gemma4, hybrid
 
 # DeepSeek-V3-style routing (sigmoid scores, groups, scaled weights, leading dense layers, shared_experts).
 DEEPSEEK_ROUTED = ("dots1", "glm4_moe", "deepseek_v2", "deepseek_v3")
@@ -81,11 +81,15 @@ _LLAMA4_LAYER_NAMES = {
 def hf_name(name: str, family: str) -> str:
     """GGUF tensor name -> our (Hugging Face) parameter name; unknown names pass through unchanged."""
     parts = name.split(".")
-    if parts[0] in _TOP_NAMES:
-        return ".".join([_TOP_NAMES[parts[0]], *parts[1:]])
-    table = {"gemma3_text": _GEMMA_LAYER_NAMES, "gpt_oss": _GPT_OSS_LAYER_NAMES}.get(family, _LAYER_NAMES)
-    if family == "llama4_text":
-        table = _LLAMA4_LAYER_NAMES
+    top = {**_TOP_NAMES, **gemma4.TOP_NAMES} if family == "gemma4_text" else _TOP_NAMES
+    if parts[0] in top:
+        return ".".join([top[parts[0]], *parts[1:]])
+    if family == "gemma4_text" and parts[0] == "blk" and len(parts) >= 4:
+        ours = gemma4.layer_name(parts[1], parts[2], parts[3:])
+        if ours is not None:
+            return ours
+    table = {"gemma3_text": _GEMMA_LAYER_NAMES, "gemma4_text": _GEMMA_LAYER_NAMES, "gpt_oss": _GPT_OSS_LAYER_NAMES,
+             "llama4_text": _LLAMA4_LAYER_NAMES}.get(family, _LAYER_NAMES)
     if family == "gpt_oss" and parts[0] == "blk" and parts[2:] == ["attn_sinks", "weight"]:
         return f"model.layers.{parts[1]}.self_attn.sinks"
     if family in hybrid.FAMILIES and parts[0] == "blk" and len(parts) >= 3:

@@ -29,7 +29,10 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U3
                 "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
 # Checkpoint parts the text decoder does not use (multimodal towers, buffers some exporters save).
 _UNUSED_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.",
-                    "vision_model.", "model.vision_model.", *hybrid.UNUSED_PREFIXES)
+                    "vision_model.", "model.vision_model.", "model.audio_tower.", "model.embed_audio.",
+                    "model.embed_vision.", "model.vision_embedder.", *hybrid.UNUSED_PREFIXES)
+# Gemma 4 checkpoints keep key/value maps in the layers that share another layer's (unused, as in transformers).
+_SHARED_KV = (".self_attn.k_proj.", ".self_attn.v_proj.", ".self_attn.k_norm.", ".self_attn.v_norm.")
 _UNUSED_SUFFIXES = ("rotary_emb.inv_freq",)
 # Multimodal wrappers (e.g. Gemma3ForConditionalGeneration) nest the text model.
 _RENAMES = (("language_model.model.", "model."), ("model.language_model.", "model."), ("language_model.", ""))
@@ -54,17 +57,19 @@ def expert_stacks(names: list[str], stack: str = "switch_mlp") -> dict[str, list
     return {stacked: [members[e] for e in range(len(members))] for stacked, members in groups.items()}
 
 
-# gpt-oss and Llama 4 keep each layer's experts as two stacks, gate|up and down. gpt-oss interleaves gate
-# and up (gate rows even, up rows odd); OpenAI's release holds MXFP4 blocks + e8m0 scales ([experts, out,
+# gpt-oss, Llama 4 and Gemma 4 keep each layer's experts as two stacks, gate|up and down. gpt-oss interleaves
+# gate and up (gate rows even, up rows odd); OpenAI's release holds MXFP4 blocks + e8m0 scales ([experts, out,
 # in/32, 16] bytes), dequantized exports float maps [experts, in, out]. Llama 4: float maps [experts, in,
-# out], gate then up.
+# out], gate then up. Gemma 4: float maps [experts, out, in], gate then up, beside the MLP (``switch_glu``).
 _FUSED_EXPERTS = re.compile(r"^(.+\.experts)\.(gate_up_proj|down_proj)(_blocks|_scales|_bias)?$")
 
 
 def _fused_experts(prefix: str, proj: str, part: Callable[[str], mx.array | None],
-                   interleaved: bool) -> Iterator[tuple[str, Tensor]]:
+                   family: str) -> Iterator[tuple[str, Tensor]]:
     """One fused expert stack (``part(suffix)`` reads it) as the decoder's stacked gate/up/down maps:
-    MXFP4 stays MXFP4 (MLX's mxfp4 packs the same nibbles and scales), float maps are transposed."""
+    MXFP4 stays MXFP4 (MLX's mxfp4 packs the same nibbles and scales), float maps are transposed
+    unless already [experts, out, in] (Gemma 4)."""
+    interleaved = family == "gpt_oss"
     blocks, bias = part("_blocks"), part("_bias")
     if blocks is not None:
         packed, scales = blocks.view(mx.uint32).flatten(-2), part("_scales")
@@ -72,7 +77,7 @@ def _fused_experts(prefix: str, proj: str, part: Callable[[str], mx.array | None
         def rows(r: slice) -> Tensor:
             return Quantized(mx.contiguous(packed[..., r, :]), mx.contiguous(scales[..., r, :]), None, 32, 4, "mxfp4")
     else:
-        dense = part("").swapaxes(-1, -2)
+        dense = part("") if family == "gemma4_text" else part("").swapaxes(-1, -2)
 
         def rows(r: slice) -> Tensor:
             return mx.contiguous(dense[..., r, :])
@@ -84,6 +89,8 @@ def _fused_experts(prefix: str, proj: str, part: Callable[[str], mx.array | None
     else:
         half = (blocks if blocks is not None else dense).shape[1] // 2
         maps = [("gate_proj", slice(0, half)), ("up_proj", slice(half, None))]
+    if family == "gemma4_text":
+        prefix += ".switch_glu"
     for name, r in maps:
         yield f"{prefix}.{name}.weight", rows(r)
         if bias is not None:
@@ -221,12 +228,16 @@ class HFSource:
                 continue
             if mtp_layers and (layer_index(ours) or 0) >= self.config.num_hidden_layers:
                 continue  # DeepSeek-V3's multi-token-prediction layers (speculative heads, not the decoder)
+            layer = layer_index(ours)
+            if layer is not None and layer < self.config.num_hidden_layers and any(p in ours for p in _SHARED_KV) and (
+                    self.config.kv_source(layer) is not None):
+                continue
             self.index[ours] = entry
         self.quant = self._quantized_modules(raw)
         self.stacks = expert_stacks(list(self.index), self.config.expert_stack_name)
         self.hybrid = self.config.model_type in hybrid.FAMILIES
         self.original = self.hybrid and hybrid.original_layout({n: tuple(e[2]["shape"]) for n, e in self.index.items()})
-        self.fused_experts = self.config.model_type in ("gpt_oss", "llama4_text")
+        self.fused_experts = self.config.model_type in ("gpt_oss", "llama4_text", "gemma4_text")
 
     def _quantized_modules(self, raw: dict[str, Any]) -> dict[str, tuple[int, int, str]]:
         """Module path -> (group_size, bits, mode) for every module stored with ``.scales``."""
@@ -314,7 +325,7 @@ class HFSource:
         for prefix, proj in sorted(fused):
             yield from ((n, finish(t, target, self.native_dtype)) for n, t in _fused_experts(
                 prefix, proj, lambda suffix: array(f"{prefix}.{proj}{suffix}") if f"{prefix}.{proj}{suffix}" in self.index
-                else None, self.config.model_type == "gpt_oss"))
+                else None, self.config.model_type))
         latent_maps: dict[str, Tensor] = {}
         for name in [n for n in self.index if n not in in_stacks and not (self.fused_experts and _FUSED_EXPERTS.match(n))
                      ] + list(self.stacks):

@@ -195,7 +195,33 @@ def _specifics(cfg: ModelConfig, specs: list, total: int) -> dict[str, Any]:
     fused = [name for name, on in (("qkv_proj", cfg.fused_qkv), ("gate_up_proj", cfg.fused_gate_up)) if on]
     if fused:
         out["fused_projections"] = fused
+    _gemma4_specifics(cfg, out)
     return out
+
+
+def _gemma4_specifics(cfg: ModelConfig, out: dict[str, Any]) -> None:
+    """Gemma 4's, added to ``out``: head sizes per layer kind, keys as values, KV-sharing layers and their
+    sources, the proportional RoPE's share, per-layer inputs, experts beside the MLP, logit soft-capping."""
+    full = [i for i in range(cfg.num_hidden_layers) if not cfg.is_sliding(i)]
+    if cfg.global_head_dim and full and cfg.global_head_dim != cfg.head_dim:
+        out["head_dim"] = f"{cfg.head_dim}, {cfg.global_head_dim} on full-attention layers"
+    if cfg.attention_k_eq_v and full:
+        out["keys_as_values"] = f"on full-attention layers ({cfg.layer_kv_heads(full[0])} key/value heads)"
+    if cfg.num_kv_shared_layers:
+        sources = {i: cfg.kv_source(i) for i in range(cfg.num_hidden_layers) if cfg.kv_source(i) is not None}
+        out["kv_shared_layers"] = (f"{len(sources)} (layer <- the layer whose keys and values it attends over: "
+                                   + ", ".join(f"{i} <- {j}" for i, j in sources.items()) + ")")
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("rope_type") == "proportional" and full:
+        dims = cfg.layer_head_dim(full[0])
+        out["rope_features_per_head"] = (f"{int(dims * scaling.get('partial_rotary_factor', 1.0))} of {dims} on "
+                                         "full-attention layers")
+    if cfg.hidden_size_per_layer_input:
+        out["per_layer_inputs"] = f"{cfg.hidden_size_per_layer_input} features per layer and token"
+    if cfg.enable_moe_block:
+        out["experts"] += " beside each layer's dense MLP"
+    if cfg.final_logit_softcapping is not None:
+        out["final_logit_softcapping"] = cfg.final_logit_softcapping
 
 
 def describe_model(path: str | Path | None = None, *, kquant: str = "q8") -> dict[str, Any]:

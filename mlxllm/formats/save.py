@@ -31,7 +31,8 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", 
                   "deepseek_v3": "DeepseekV3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "phi3": "Phi3ForCausalLM",
                   "glm4_moe": "Glm4MoeForCausalLM", "ministral3": "Ministral3ForCausalLM", "gpt_oss": "GptOssForCausalLM",
                   "llama4_text": "Llama4ForCausalLM", "mistral4": "Mistral4ForCausalLM", "qwen3_next": "Qwen3NextForCausalLM",
-                  "qwen3_5": "Qwen3_5ForCausalLM", "qwen3_5_moe": "Qwen3_5MoeForCausalLM"}
+                  "qwen3_5": "Qwen3_5ForCausalLM", "qwen3_5_moe": "Qwen3_5MoeForCausalLM",
+                  "gemma4_text": "Gemma4ForCausalLM"}
 _MOE = ("num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size", "norm_topk_prob",
         "decoder_sparse_step", "mlp_only_layers")
 _LINEAR = ("layer_types", "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
@@ -84,7 +85,7 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
         out.update({k: getattr(cfg, k) for k in _MOE})
         out["num_local_experts" if cfg.model_type in ("mixtral", "gpt_oss") else "num_experts"] = cfg.num_experts
     _family_fields(cfg, out)
-    return {k: v for k, v in out.items() if v is not None or k in ("q_lora_rank", "rope_scaling")}
+    return {k: v for k, v in out.items() if v is not None or k in ("q_lora_rank", "rope_scaling", "final_logit_softcapping")}
 
 
 def _family_fields(cfg: ModelConfig, out: dict[str, Any]) -> None:
@@ -115,6 +116,8 @@ def _family_fields(cfg: ModelConfig, out: dict[str, Any]) -> None:
                     floor_scale=cfg.query_scale_length, attn_scale=cfg.query_scale_beta or 0.1)
         out.clear()
         out.update(architectures=["Llama4ForConditionalGeneration"], model_type="llama4", text_config=text)
+    elif cfg.model_type == "gemma4_text":
+        _gemma4_fields(cfg, out)
     elif cfg.model_type in ("ministral3", "mistral4"):
         params = {"rope_type": "default", **scaling, "rope_theta": out.pop("rope_theta")}
         if cfg.query_scale_beta is not None:
@@ -123,6 +126,27 @@ def _family_fields(cfg: ModelConfig, out: dict[str, Any]) -> None:
         out.pop("rope_scaling")
         out.update(rope_parameters=params, **({} if cfg.kv_lora_rank else {"layer_types": cfg.layer_types}))
         out.pop("use_sliding_window", None)
+
+
+def _gemma4_fields(cfg: ModelConfig, out: dict[str, Any]) -> None:
+    """Gemma 4's names: RoPE per layer kind in ``rope_parameters``, experts beside the MLP as
+    ``enable_moe_block`` / ``top_k_experts``, and every field whose default differs between transformers
+    and mlx-lm stated (soft-capping, KV sharing, double-wide MLPs, per-layer inputs)."""
+    for key in ("rope_theta", "rope_scaling", "use_sliding_window", *_MOE):
+        out.pop(key, None)
+    out.update(
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_base_freq},
+                         "full_attention": {"rope_type": "default", **(cfg.rope_scaling or {}),
+                                            "rope_theta": cfg.rope_theta}},
+        layer_types=cfg.layer_types, sliding_window=cfg.sliding_window, hidden_activation="gelu_pytorch_tanh",
+        global_head_dim=cfg.global_head_dim, attention_k_eq_v=cfg.attention_k_eq_v,
+        num_global_key_value_heads=cfg.num_global_key_value_heads, num_kv_shared_layers=cfg.num_kv_shared_layers,
+        use_double_wide_mlp=cfg.use_double_wide_mlp, hidden_size_per_layer_input=cfg.hidden_size_per_layer_input,
+        vocab_size_per_layer_input=cfg.vocab_size_per_layer_input, final_logit_softcapping=cfg.final_logit_softcapping,
+        enable_moe_block=cfg.enable_moe_block)
+    if cfg.enable_moe_block:
+        out.update(num_experts=cfg.num_experts, top_k_experts=cfg.num_experts_per_tok,
+                   moe_intermediate_size=cfg.moe_intermediate_size)
 
 
 SHARD_BYTES = 5 * 2**30

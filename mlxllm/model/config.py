@@ -74,13 +74,18 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "qwen3_next": {"qk_norm": True, "attn_output_gate": True, "partial_rotary_factor": 0.25, "norm_topk_prob": True},
     "qwen3_5": {"qk_norm": True, "attn_output_gate": True, "partial_rotary_factor": 0.25},
     "qwen3_5_moe": {"qk_norm": True, "attn_output_gate": True, "partial_rotary_factor": 0.25, "norm_topk_prob": True},
+    # Gemma 4: Gemma 3's sandwich norms stored as w (not 1 + w), attention scale 1 over RMS-normed queries,
+    # keys and (weightless) values; see ``_gemma4`` for its layer kinds, KV sharing and per-layer inputs.
+    "gemma4_text": {"qk_norm": True, "v_norm": True, "sandwich_norm": True, "activation": "gelu_tanh",
+                    "scale_embeddings": True, "tie_word_embeddings": True, "query_pre_attn_scalar": 1.0,
+                    "layer_scalar": True, "router": "topk_softmax"},
 }
 # Names under which the same families appear elsewhere (HF multimodal wrappers, GGUF).
 ALIASES = {"gemma3": "gemma3_text", "smollm2": "llama", "smollm": "llama", "qwen2moe": "qwen2_moe",
            "glm4moe": "glm4_moe", "mistral3": "ministral3", "gpt-oss": "gpt_oss", "llama4": "llama4_text",
            "deepseek2": "deepseek_v2",
            "qwen3moe": "qwen3_moe", "qwen3_5_text": "qwen3_5", "qwen3_5_moe_text": "qwen3_5_moe",
-           "qwen3next": "qwen3_next", "qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe"}
+           "qwen3next": "qwen3_next", "qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe", "gemma4": "gemma4_text"}
 
 
 class UnsupportedArchitecture(UserError):
@@ -185,6 +190,21 @@ class ModelConfig:
     linear_value_head_dim: int = 0
     linear_conv_kernel_dim: int = 4
     attn_output_gate: bool = False  # q_proj also yields a sigmoid gate per output feature (Qwen3-Next)
+    # Gemma 4: full-attention layers with their own head size (and, when keys double as values, their own
+    # key/value head count); the last num_kv_shared_layers layers attend over the keys and values of the
+    # last earlier layer of their kind (and have a double-wide MLP when use_double_wide_mlp); per-layer
+    # input embeddings hidden_size_per_layer_input wide; routed experts beside the dense MLP.
+    global_head_dim: int | None = None
+    num_global_key_value_heads: int | None = None
+    attention_k_eq_v: bool = False  # full-attention layers have no v_proj: values are the raw keys
+    v_norm: bool = False  # values RMS-normed without a weight
+    num_kv_shared_layers: int = 0
+    use_double_wide_mlp: bool = False
+    hidden_size_per_layer_input: int = 0
+    vocab_size_per_layer_input: int | None = None
+    enable_moe_block: bool = False
+    layer_scalar: bool = False  # each layer's output times a learned scalar
+    final_logit_softcapping: float | None = None  # logits -> cap * tanh(logits / cap)
     # mlx-community quantization block ({"group_size", "bits", per-layer overrides}).
     quantization: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -240,8 +260,47 @@ class ModelConfig:
             raise UserError("linear_attention layers need linear_num_key_heads, linear_key_head_dim, "
                             "linear_value_head_dim, linear_num_value_heads (a multiple of the key heads) and "
                             "linear_conv_kernel_dim > 1")
+        self._check_kv_sharing()
         if self.kv_lora_rank and not (self.qk_rope_head_dim and self.qk_nope_head_dim and self.v_head_dim):
             raise UserError("latent attention needs qk_nope_head_dim, qk_rope_head_dim and v_head_dim")
+
+    def _check_kv_sharing(self) -> None:
+        shared = self.num_kv_shared_layers
+        if not 0 <= shared < self.num_hidden_layers:
+            raise UserError(f"num_kv_shared_layers is {shared}; it must leave at least one of the "
+                            f"{self.num_hidden_layers} layers with keys and values of its own")
+        owners = set(self.layer_types[: self.num_hidden_layers - shared])
+        missing = sorted(set(self.layer_types[self.num_hidden_layers - shared :]) - owners)
+        if missing:
+            raise UserError(f"num_kv_shared_layers is {shared} but no earlier layer of kind {missing[0]} "
+                            "has keys and values to share")
+        if self.enable_moe_block and not (self.num_experts and self.num_experts_per_tok and self.moe_intermediate_size):
+            raise UserError("enable_moe_block needs num_experts, top_k_experts and moe_intermediate_size")
+
+    def layer_head_dim(self, layer: int) -> int:
+        """Features per head of ``layer`` (Gemma 4's full-attention layers have their own)."""
+        return self.global_head_dim if self.global_head_dim and not self.is_sliding(layer) else self.head_dim
+
+    def layer_kv_heads(self, layer: int) -> int:
+        """Key/value heads of ``layer`` (Gemma 4's full-attention layers where keys double as values)."""
+        if self.shares_k_as_v(layer) and self.num_global_key_value_heads:
+            return self.num_global_key_value_heads
+        return self.num_key_value_heads
+
+    def shares_k_as_v(self, layer: int) -> bool:
+        return self.attention_k_eq_v and not self.is_sliding(layer)
+
+    def kv_source(self, layer: int) -> int | None:
+        """The layer whose keys and values ``layer`` attends over (None: its own)."""
+        first_shared = self.num_hidden_layers - self.num_kv_shared_layers
+        if layer < first_shared:
+            return None
+        return max(i for i in range(first_shared) if self.layer_types[i] == self.layer_types[layer])
+
+    @property
+    def kv_layers(self) -> list[int]:
+        """The layers that hold a cache, in order (all but the KV-shared ones)."""
+        return list(range(self.num_hidden_layers - self.num_kv_shared_layers))
 
     @property
     def attention_scale(self) -> float:
@@ -252,12 +311,11 @@ class ModelConfig:
         """Features of each head that RoPE turns (all but the tail when partial_rotary_factor < 1)."""
         return int(self.head_dim * self.partial_rotary_factor)
 
-    @property
-    def kv_cache_width(self) -> tuple[int, int]:
-        """(heads, features) cached per token and layer for keys plus values."""
+    def kv_cache_width(self, layer: int) -> int:
+        """Numbers cached per token by ``layer`` for its keys plus values."""
         if self.kv_lora_rank:
-            return 1, self.kv_lora_rank + self.qk_rope_head_dim
-        return self.num_key_value_heads, 2 * self.head_dim
+            return self.kv_lora_rank + self.qk_rope_head_dim
+        return self.layer_kv_heads(layer) * 2 * self.layer_head_dim(layer)
 
     def uses_rope(self, layer: int) -> bool:
         return self.no_rope_layers is None or bool(self.no_rope_layers[layer])
@@ -277,7 +335,8 @@ class ModelConfig:
         return not any(self.is_sliding(i) or self.is_linear(i) for i in range(self.num_hidden_layers))
 
     def is_moe(self, layer: int) -> bool:
-        return (self.num_experts > 0 and layer not in self.mlp_only_layers
+        """Whether ``layer``'s feed-forward is routed experts (not Gemma 4's, whose experts sit beside its MLP)."""
+        return (self.num_experts > 0 and not self.enable_moe_block and layer not in self.mlp_only_layers
                 and (layer + 1) % self.decoder_sparse_step == 0)
 
     @classmethod
@@ -350,6 +409,8 @@ class ModelConfig:
                                      for i in range(values.get("num_hidden_layers", 0))]
         if family == "gemma3_text":
             _gemma3_layers(values, config)
+        elif family == "gemma4_text":
+            _gemma4(values, config)
         elif family.startswith(("qwen3_next", "qwen3_5")):
             _linear_layers(values, config, where)
         elif config.get("sliding_window") and family in ("mistral", "mixtral", "phi3"):
@@ -455,6 +516,35 @@ def _gemma3_layers(values: dict[str, Any], config: dict[str, Any]) -> None:
         ]
 
 
+def _gemma4(values: dict[str, Any], config: dict[str, Any]) -> None:
+    """Gemma 4 as transformers reads it: five sliding layers to one full unless ``layer_types`` says
+    (the last layer always full), the sliding layers' RoPE from ``rope_parameters`` and the full ones'
+    "proportional" RoPE over their global head, routed experts named ``top_k_experts``; the attention
+    scale is 1 and RoPE covers whole heads whatever else the config states."""
+    values.setdefault("sliding_window", 512)
+    if "layer_types" not in config:
+        pattern = 6
+        values["layer_types"] = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                                 for i in range(values.get("num_hidden_layers", 0))]
+    if values.get("layer_types"):
+        values["layer_types"] = values["layer_types"][:-1] + ["full_attention"]
+    if "rope_parameters" not in config:
+        values.update(rope_local_base_freq=10000.0, rope_theta=1e6, rope_scaling={
+            "rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6})
+    values["rope_local_base_freq"] = values.get("rope_local_base_freq") or 10000.0
+    values.update(query_pre_attn_scalar=1.0, partial_rotary_factor=1.0)
+    for key, default in (("global_head_dim", 512), ("hidden_size_per_layer_input", 256)):
+        if key not in config:  # transformers' defaults (a null turns them off)
+            values[key] = default
+    if values["hidden_size_per_layer_input"]:
+        values.setdefault("vocab_size_per_layer_input", 262144)
+    if not values.get("attention_k_eq_v"):
+        values["num_global_key_value_heads"] = None
+    if config.get("top_k_experts") is not None:
+        values["num_experts_per_tok"] = config["top_k_experts"]
+    values["num_experts"] = (config.get("num_experts") or 0) if config.get("enable_moe_block") else 0
+
+
 # --- validation ----------------------------------------------------------------------------------
 # Every integer size a config may state, under our names and the aliases ``from_hf`` reads: (least,
 # most). The caps are generous (DeepSeek-V3: 61 layers, 7168 wide, 256 experts, 129280 tokens; Llama 3.1
@@ -473,11 +563,13 @@ _SIZES = {
     "v_head_dim": (0, 2**16), "query_scale_length": (1, 2**26), "attention_chunk_size": (1, 2**26),
     "interleave_moe_layer_step": (1, 2**20), "intermediate_size_mlp": (1, 2**24), "query_scale_shift": (0, 1),
     "linear_num_key_heads": (0, 2**16), "linear_num_value_heads": (0, 2**16), "linear_key_head_dim": (0, 2**16),
-    "linear_value_head_dim": (0, 2**16), "linear_conv_kernel_dim": (1, 2**10),
+    "linear_value_head_dim": (0, 2**16), "linear_conv_kernel_dim": (1, 2**10), "global_head_dim": (1, 2**16),
+    "num_global_key_value_heads": (1, 2**16), "num_kv_shared_layers": (0, 2**20),
+    "hidden_size_per_layer_input": (0, 2**16), "vocab_size_per_layer_input": (1, 2**27), "top_k_experts": (0, 2**16),
 }  # fmt: skip
 # Floats that must be finite and above a bound (a RoPE base of 1 or less has no wavelengths).
 _ABOVE = {"rms_norm_eps": 0, "rope_theta": 1, "rope_local_base_freq": 1, "query_pre_attn_scalar": 0,
-          "routed_scaling_factor": 0, "partial_rotary_factor": 0, "query_scale_beta": 0}  # fmt: skip
+          "routed_scaling_factor": 0, "partial_rotary_factor": 0, "query_scale_beta": 0, "final_logit_softcapping": 0}  # fmt: skip
 _BOOLS = {f.name for f in fields(ModelConfig) if f.type == "bool"}
 # What MLX loads, per quantization mode: (group sizes, bits); ``quantize.MODES`` is what convert offers of it.
 QUANT_MODES = {"affine": ((32, 64, 128), (1, 2, 3, 4, 5, 6, 8)), "mxfp4": ((32,), (4,)), "mxfp8": ((32,), (8,)),
@@ -630,10 +722,11 @@ def check_weights(cfg: ModelConfig, shapes: Mapping[str, tuple[int, ...]], where
                    (f"{n('num_attention_heads')} x ({n('qk_nope_head_dim')} + {n('qk_rope_head_dim')})", q_rows,
                     a + ("q_b_proj.weight" if cfg.q_lora_rank else "q_proj.weight"), 0)]
     else:
+        head = cfg.layer_head_dim(0)
         if cfg.qk_norm and cfg.qk_norm_per_head:
-            checks.append((n("head_dim"), cfg.head_dim, a + "q_norm.weight", 0))
-        kv = cfg.num_key_value_heads * cfg.head_dim
-        q_rows = cfg.num_attention_heads * cfg.head_dim
+            checks.append((n("head_dim"), head, a + "q_norm.weight", 0))
+        kv = cfg.layer_kv_heads(0) * head
+        q_rows = cfg.num_attention_heads * head
         checks += [(n("num_attention_heads", "head_dim"), q_rows, a + "q_proj.weight", 0),
                    (n("num_key_value_heads", "head_dim"), kv, a + "k_proj.weight", 0),
                    (n("num_key_value_heads", "head_dim"), kv, a + "v_proj.weight", 0)]

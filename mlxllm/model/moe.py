@@ -219,3 +219,33 @@ class MoE(nn.Module):
             shared = self[self.shared_name](x)
             y = y + (mx.sigmoid(self.shared_expert_gate(x)) * shared if "shared_expert_gate" in self else shared)
         return y
+
+
+class ScaledRouter(nn.Module):
+    """Gemma 4's router: the RMS-normed input times a learned scale over sqrt(hidden), projected to
+    expert logits, top-k softmax (``route``), each weight times its expert's learned scale."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.proj = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.scale = mx.ones((cfg.hidden_size,))
+        self.per_expert_scale = mx.ones((cfg.num_experts,))
+
+    def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        x = mx.fast.rms_norm(x, self.scale * self.cfg.hidden_size**-0.5, self.cfg.rms_norm_eps)
+        weights, experts = route(self.proj(x), self.cfg)
+        experts = mx.stop_gradient(experts)
+        return weights * self.per_expert_scale[experts], experts
+
+
+class SideExperts(nn.Module):
+    """Gemma 4's routed experts, run beside the dense MLP on the weights ``ScaledRouter`` gives."""
+
+    def __init__(self, cfg: ModelConfig, act):
+        super().__init__()
+        self.switch_glu = ExpertMLPs(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts,
+                                     cfg.num_experts_per_tok, act)
+
+    def __call__(self, x: mx.array, weights: mx.array, experts: mx.array) -> mx.array:
+        return (self.switch_glu(x, experts) * weights[..., None]).sum(axis=-2).astype(x.dtype)

@@ -112,6 +112,10 @@ def make_rope(dims: int, base: float, scaling: dict[str, Any] | None, traditiona
         kw = {"freqs": yarn_freqs(dims, base, scaling), "mscale": mscale}
     elif kind == "freq_factors":  # GGUF's rope_freqs tensor: per-frequency divisors, already computed
         kw = {"freqs": _scaled_periods(dims, base, scaling["factors"], "rope_freqs")}
+    elif kind == "proportional":  # Gemma 4's full layers: the first pairs turn at whole-head rates, the rest not
+        turned = int(dims * scaling.get("partial_rotary_factor", 1.0)) // 2
+        periods = [scaling.get("factor", 1.0) * base ** (i / dims) for i in range(0, 2 * turned, 2)]
+        kw = {"freqs": mx.array(periods + [math.inf] * (dims // 2 - turned), dtype=mx.float32)}
     elif kind in ("longrope", "su"):  # Phi-3: long factors at every length, as mlx-lm does
         original = scaling.get("original_max_position_embeddings") or 4096
         factor = (scaling.get("max_position_embeddings") or original) / original
@@ -119,7 +123,7 @@ def make_rope(dims: int, base: float, scaling: dict[str, Any] | None, traditiona
             math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0)
         kw = {"freqs": _scaled_periods(dims, base, scaling["long_factor"], "rope_scaling.long_factor"), "mscale": mscale}
     else:
-        raise UserError(f"unsupported rope_scaling type '{kind}' (supported: default, linear, llama3, yarn, longrope, freq_factors)")
+        raise UserError(f"unsupported rope_scaling type '{kind}' (supported: default, linear, llama3, yarn, longrope, proportional, freq_factors)")
     return RoPE(dims, base, traditional=traditional, **kw)
 
 

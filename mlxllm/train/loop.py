@@ -27,6 +27,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from .. import backend
 from ..errors import UserError
 from ..files import write_atomic
+from ..model.cache import SharedKV
 from ..model.moe import ExpertMLPs
 from .data import Batch
 
@@ -114,12 +115,16 @@ def checkpointed_blocks(model: nn.Module) -> Iterator[None]:
     cls = type(model.layers[0])
     plain = cls.__call__
 
-    def call(block: nn.Module, x: mx.array, mask: Any, cache: Any) -> mx.array:
-        def inner(params: Any, x: mx.array) -> mx.array:
-            block.update(params)
-            return plain(block, x, mask, cache)
+    def call(block: nn.Module, x: mx.array, mask: Any, cache: Any, per_layer: mx.array | None = None,
+             keep: list | None = None) -> mx.array:
+        if keep is not None or isinstance(cache, SharedKV):  # keys and values handed between layers (Gemma 4)
+            return plain(block, x, mask, cache, per_layer, keep)
 
-        return mx.checkpoint(inner)(block.trainable_parameters(), x)
+        def inner(params: Any, x: mx.array, *extra: mx.array) -> mx.array:
+            block.update(params)
+            return plain(block, x, mask, cache, *extra)
+
+        return mx.checkpoint(inner)(block.trainable_parameters(), x, *([] if per_layer is None else [per_layer]))
 
     cls.__call__ = call
     try:

@@ -297,10 +297,11 @@ class FusedStep:
 
     def split(self, tensors: tuple[mx.array, ...], attend) -> mx.array:
         """``attend(*parts, mask, cache)`` on the decode part of ``tensors`` (each ``[1, heads, rows +
-        chunk, dims]``, moved to ``[rows, heads, 1, dims]``) and on the chunk part; outputs rejoined."""
+        chunk, dims]``, moved to ``[rows, heads, 1, dims]``; None stays None) and on the chunk part; outputs
+        rejoined."""
         n = self.rows
-        decode = [t[:, :, :n].transpose(2, 1, 0, 3) for t in tensors]
-        chunk = [t[:, :, n:] for t in tensors]
+        decode = [None if t is None else t[:, :, :n].transpose(2, 1, 0, 3) for t in tensors]
+        chunk = [None if t is None else t[:, :, n:] for t in tensors]
         out_decode = attend(*decode, self.batch.mask(1), self.batch)
         out_chunk = attend(*chunk, self.chunk.mask(chunk[0].shape[2]), self.chunk)
         return mx.concatenate([out_decode.transpose(2, 1, 0, 3), out_chunk], axis=2)

@@ -21,16 +21,15 @@ def kv_bytes(model: Any, context: int, batch: int = 1, dtype: mx.Dtype | None = 
     layers hold their window in ``dtype``, default the model's activation dtype; with a quantized
     ``kv`` the global layers hold packed values plus a scale and bias per group, past the float
     prefix; everything is float until ``kv.start`` is crossed; a linear-attention layer's recurrent
-    state has one size whatever the context)."""
+    state has one size whatever the context; KV-sharing layers hold none)."""
     kv = kv or KVSettings()
     cfg = model.config
     dtype = dtype or activation_dtype(model)
-    heads, width = cfg.kv_cache_width
-    numbers = heads * width  # per token and layer
-    per_token = numbers * dtype.size
-    quantized = numbers * kv.bits // 8 + 2 * (numbers // kv.group_size) * dtype.size if kv.quantized else per_token
     total = 0
-    for i in range(cfg.num_hidden_layers):
+    for i in cfg.kv_layers:  # KV-sharing layers hold nothing
+        numbers = cfg.kv_cache_width(i)  # per token
+        per_token = numbers * dtype.size
+        quantized = numbers * kv.bits // 8 + 2 * (numbers // kv.group_size) * dtype.size if kv.quantized else per_token
         if cfg.is_linear(i):
             total += recurrent_bytes(cfg, dtype)
         elif cfg.is_sliding(i):

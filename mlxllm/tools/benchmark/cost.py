@@ -68,11 +68,12 @@ def prefill_flops(model: nn.Module, tokens: int) -> float:
     head = model.model.embed_tokens if cfg.tie_word_embeddings else model.lm_head
     head_macs = _macs_per_token(head)
     # QK^T and PV per head and visible key (latent attention expands to its own key and value widths)
-    per_key = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim if cfg.kv_lora_rank else 2 * cfg.head_dim
     attn_macs = 0
     for i in range(cfg.num_hidden_layers):
         if cfg.is_linear(i):  # a recurrent state, not keys: its few state FLOPs per token are not counted
             continue
+        latent = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim
+        per_key = latent if cfg.kv_lora_rank else 2 * cfg.layer_head_dim(i)
         window = cfg.sliding_window if cfg.is_sliding(i) else None
         attn_macs += cfg.num_attention_heads * per_key * _keys_seen(tokens, window)
     return 2.0 * (layer_macs * tokens + head_macs + attn_macs)
