@@ -116,6 +116,9 @@ def _converted(family: str, cfg: dict, name: str, w: np.ndarray):
         qkv = np.concatenate([t.reshape(-1, w.shape[-1]) for t in (q, k, v)])
         return [(blk + "attn_qkv.weight", qkv, None), (blk + "attn_gate.weight", z.reshape(-1, w.shape[-1]), None)]
     stored, inverse = w, (lambda x: x)
+    if rest == "linear_attn.in_proj_ba.weight":  # Qwen3-Next: b, a per key head -> all b, then all a
+        stored = w.reshape(nk, 2, per, -1).swapaxes(0, 1).reshape(w.shape)
+        inverse = lambda x: x.reshape(2, nk, per, -1).swapaxes(0, 1).reshape(x.shape)  # noqa: E731
     if tiled and rest in ("linear_attn.in_proj_qkv.weight", "linear_attn.conv1d.weight"):
         stored = np.concatenate([w[:key], _tiled(w[key:], 0, per, nk)])
         inverse = lambda x: np.concatenate([x[:key], _grouped(x[key:], 0, per, nk)])  # noqa: E731
@@ -195,10 +198,10 @@ def test_gguf_in_llama_cpp_layout_round_trips(family, tmp_path):
     assert f"RoPE on {model.config.rope_dims} of 16 features" in facts["full_attention"]
 
 
-@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe"])
+@pytest.mark.parametrize("family", list(ARCH))
 def test_gguf_files_agree_with_llama_cpp(family, tmp_path):
-    """llama.cpp reads these files as the loader does (its qwen35 layout assumes value heads as wide as key
-    heads, as every release has). Qwen3-Next's files disagree with it (relative error ~0.1): left open."""
+    """llama.cpp reads these files as the loader does (its layout assumes value heads as wide as key heads,
+    as every release has; Qwen3-Next's ssm_ba holds all betas, then all alphas)."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     cfg = dict(FAMILIES[family], num_hidden_layers=4, mlp_only_layers=[], linear_value_head_dim=16)
     path = tmp_path / f"{family}.gguf"

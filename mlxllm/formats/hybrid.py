@@ -14,7 +14,8 @@ llama.cpp's converter (``convert_hf_to_gguf.py``, Qwen3NextModel and its Qwen3.5
     the norms with the 1 already added (so, as we hold them);
   * Qwen3-Next's ``in_proj_qkvz`` (grouped by key head: ``[q, k, v, z]`` per head) regrouped into
     ``attn_qkv`` (all q, all k, all v) and ``attn_gate`` (z); older files keep it whole as ``ssm_in``;
-    ``in_proj_ba`` as it is (``ssm_ba``);
+    ``in_proj_ba`` as ``ssm_ba`` with every head's beta first, then every head's alpha (llama.cpp reads
+    it so: a file written per key head, as the checkpoint holds it, disagrees with llama.cpp's logits);
   * Qwen3.5 (``qwen35`` / ``qwen35moe``): ``attn_qkv``, ``attn_gate``, ``ssm_beta``, ``ssm_alpha``, and
     when there are more value heads than key heads, every value-head axis reordered from grouped
     (by key head) to tiled order (``_LinearAttentionVReorderBase``), which we undo;
@@ -131,6 +132,8 @@ def fix_gguf(kind: str, value: Tensor, cfg: ModelConfig, arch: str) -> Tensor:
             if isinstance(value, Quantized) and cfg.linear_value_head_dim % value.group_size:
                 value = value.dequantize()
             value = _each(value, lambda x: _grouped(x, x.ndim - 1, per, nk))
+    if arch == "qwen3next" and kind == "ssm_ba":  # stored all b, then all a; held b then a per key head
+        value = _each(value, lambda x: x.reshape(2, nk, per, *x.shape[1:]).swapaxes(0, 1).reshape(x.shape))
     if kind == "ssm_conv1d":
         value = value[..., None]
     return value
