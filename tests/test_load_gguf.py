@@ -543,8 +543,8 @@ def write_gemma4_gguf(path, text: dict, weights: dict[str, np.ndarray]) -> dict[
     exact = {}
     stored = dict(weights)
     for i in range(n - shared, n):  # transformers checkpoints keep them; the converter maps them too
-        stored[f"model.layers.{i}.self_attn.k_proj.weight"] = np.zeros((text["num_key_value_heads"] * dims, 64),
-                                                                       np.float32)
+        rows = text["num_key_value_heads"] * (dims if swa[i] else full_dims)
+        stored[f"model.layers.{i}.self_attn.k_proj.weight"] = np.zeros((rows, text["hidden_size"]), np.float32)
     for i, (name, value) in enumerate(stored.items()):
         if ".switch_glu.up_proj." in name:
             continue
@@ -579,3 +579,20 @@ def test_gemma4_file_in_llama_cpp_layout_matches_the_hf_weights(family, tmp_path
     assert cfg.rope_scaling == {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6}
     assert (cfg.rope_local_base_freq, cfg.global_head_dim, cfg.head_dim) == (10000.0, 32, 16)
     np.testing.assert_allclose(np.array(model(mx.array(TOKENS))), reference_logits(text, exact), atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gemma4", "gemma4-moe"])
+def test_gemma4_files_agree_with_llama_cpp(family, tmp_path):
+    """llama.cpp reads our Gemma 4 files as the loader does. Two facts of llama.cpp shape the test models:
+    its sharing layers reuse the last KV layer (full) and the one before (sliding), so the E2B-like model
+    puts its kinds that way (real E2B/E4B do); and its 8-bit activations flip near-tied routing, so the
+    router's input scale is 1 (random scales near 0 make every expert tie)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    from test_parity_mlx_lm import FAMILIES as PARITY
+
+    text = dict(PARITY[family].get("text_config", PARITY[family]), model_type="gemma4_text")
+    if text.get("num_kv_shared_layers"):
+        text["layer_types"] = ["sliding_attention"] * 3 + ["full_attention", "sliding_attention", "full_attention"]
+    weights = {k: (np.ones_like(v) if k.endswith("router.scale") else v) for k, v in random_weights(text).items()}
+    write_gemma4_gguf(tmp_path / "g4.gguf", text, weights)
+    assert_agrees_with_llama_cpp(llama_cpp, tmp_path / "g4.gguf")
