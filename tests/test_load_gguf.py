@@ -101,6 +101,15 @@ FAMILIES = {
                     use_qk_norm=True, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                                                         high_freq_factor=4.0, original_max_position_embeddings=16)),
                "llama4"),
+    # Mistral 4 on llama.cpp's deepseek2 loader: the same latent layout, the query scale as temperature keys,
+    # the experts' gate and up fused in one ffn_gate_up_exps as its HF checkpoints hold them.
+    "mistral4": (dict({k: v for k, v in BASE.items() if k != "rope_theta"}, model_type="mistral4", num_key_value_heads=4,
+                      n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                      first_k_dense_replace=1, routed_scaling_factor=1.5, n_group=4, topk_group=2, norm_topk_prob=True,
+                      kv_lora_rank=64, q_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
+                      rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0, original_max_position_embeddings=4,
+                                           beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0,
+                                           llama_4_scaling_beta=0.1)), "mistral4"),
     "dots1": (dict(BASE, model_type="dots1", head_dim=32, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
                    moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1, norm_topk_prob=True,
                    routed_scaling_factor=2.0), "dots1"),
@@ -170,7 +179,10 @@ def _latent_metadata(w: GGUFWriter, cfg: dict) -> None:
     w.add_rope_dimension_count(rope)
     w.add_expert_group_count(cfg.get("n_group", 1))
     w.add_expert_group_used_count(cfg.get("topk_group", 1))
-    s = cfg["rope_scaling"]
+    s = cfg.get("rope_scaling") or cfg["rope_parameters"]
+    if "llama_4_scaling_beta" in s:
+        w.add_attn_temperature_scale(s["llama_4_scaling_beta"])
+        w.add_attn_temperature_length(s["original_max_position_embeddings"])
     w.add_rope_scaling_type(RopeScalingType.YARN)
     w.add_rope_scaling_factor(s["factor"])
     w.add_rope_scaling_orig_ctx_len(s["original_max_position_embeddings"])
@@ -236,7 +248,7 @@ def write_gguf(path, cfg: dict, arch: str, weights: dict[str, np.ndarray]) -> di
     w.add_embedding_length(cfg["hidden_size"])
     w.add_feed_forward_length(cfg.get("intermediate_size_mlp", cfg["intermediate_size"]))
     w.add_head_count(heads)
-    if arch == "deepseek2":
+    if arch in ("deepseek2", "mistral4"):
         _latent_metadata(w, cfg)
     else:
         w.add_head_count_kv(kv_heads)
@@ -256,12 +268,12 @@ def write_gguf(path, cfg: dict, arch: str, weights: dict[str, np.ndarray]) -> di
             w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
         if "shared_expert_intermediate_size" in cfg:
             w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
-        if arch in ("dots1", "glm4moe", "deepseek2"):  # DeepSeek-V3-style metadata
+        if arch in ("dots1", "glm4moe", "deepseek2", "mistral4"):  # DeepSeek-V3-style metadata
             w.add_expert_shared_count(cfg["n_shared_experts"])
             w.add_leading_dense_block_count(cfg["first_k_dense_replace"])
             w.add_expert_weights_scale(cfg["routed_scaling_factor"])
             w.add_expert_weights_norm(cfg.get("norm_topk_prob", False))
-            softmax = cfg["model_type"] == "deepseek_v2"
+            softmax = cfg["model_type"] in ("deepseek_v2", "mistral4")
             w.add_expert_gating_func(ExpertGatingFuncType.SOFTMAX if softmax else ExpertGatingFuncType.SIGMOID)
     scaling = cfg.get("rope_scaling") or {}
     if scaling.get("rope_type") == "linear":
@@ -302,7 +314,7 @@ def write_gguf(path, cfg: dict, arch: str, weights: dict[str, np.ndarray]) -> di
         for norm in ("enorm", "hnorm", "shared_head_norm"):
             w.add_tensor(f"{extra}nextn.{norm}.weight", np.ones(hidden, np.float32))
     exact = {}
-    if arch == "deepseek2":
+    if arch in ("deepseek2", "mistral4"):
         weights = _split_kv_b(weights, cfg)
     for i, (name, value) in enumerate(weights.items()):
         stored = value + 1 if arch == "gemma3" and "norm" in name else value  # Gemma: norms stored +1
@@ -310,6 +322,15 @@ def write_gguf(path, cfg: dict, arch: str, weights: dict[str, np.ndarray]) -> di
         qtype = TYPES[i % len(TYPES)] if quantizable else T.F32
         if arch == "gpt-oss" and ".mlp.experts." in name and value.ndim == 3:
             qtype = T.MXFP4  # as the converter writes OpenAI's blocks
+        if arch == "mistral4" and ".switch_mlp.up_proj." in name:
+            continue  # written with its gate_proj
+        if arch == "mistral4" and ".switch_mlp.gate_proj." in name:  # one ffn_gate_up_exps: gate rows, then up
+            up = name.replace(".gate_proj.", ".up_proj.")
+            data = quantize(np.concatenate([value, weights[up]], axis=1), qtype)
+            back = dequantize(data, qtype).reshape(value.shape[0], -1, value.shape[2])
+            exact[name], exact[up] = back[:, : value.shape[1]], back[:, value.shape[1]:]
+            w.add_tensor(f"blk.{name.split('.')[2]}.ffn_gate_up_exps.weight", data, raw_dtype=None if qtype == T.F32 else qtype)
+            continue
         data = quantize(stored, qtype)
         exact[name] = dequantize(data, qtype).reshape(value.shape) - (stored - value)
         if arch in ("llama", "smollm3", "mistral3") and (".q_proj." in name or ".k_proj." in name):  # LlamaModel
@@ -321,7 +342,7 @@ def write_gguf(path, cfg: dict, arch: str, weights: dict[str, np.ndarray]) -> di
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return _join_kv_b(exact) if arch == "deepseek2" else exact
+    return _join_kv_b(exact) if arch in ("deepseek2", "mistral4") else exact
 
 
 def random_weights(cfg: dict) -> dict[str, np.ndarray]:

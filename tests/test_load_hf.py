@@ -339,3 +339,27 @@ def test_gemma4_checkpoint_as_transformers_writes_it(family, tmp_path):
         assert facts["keys_as_values"] == "on full-attention layers (1 key/value heads)"
         assert facts["experts"] == "4 (2 active per token) beside each layer's dense MLP"
         assert 0 < facts["active_parameters"] < facts["parameters"]
+
+
+def test_mistral4_checkpoint_with_fused_experts(tmp_path):
+    """Mistral 4's experts as one ``experts.gate_up_proj [E, 2I, H]`` (gate rows, then up) and
+    ``experts.down_proj [E, H, I]`` per layer, inside Mistral 3's wrapper: the same logits in mlxllm and mlx-lm."""
+    from test_parity_mlx_lm import FAMILIES
+
+    config = FAMILIES["mistral4"]
+    model = random_model(config, mx.float32)
+    weights = {}
+    for name, value in tree_flatten(model.parameters()):
+        if ".switch_mlp." not in name:
+            weights[f"language_model.{name}"] = value
+    for i, layer in enumerate(model.layers):
+        if "switch_mlp" in layer.mlp:
+            e, p = layer.mlp.switch_mlp, f"language_model.model.layers.{i}.mlp.experts."
+            weights[p + "gate_up_proj"] = mx.concatenate([e.gate_proj.weight, e.up_proj.weight], axis=1)
+            weights[p + "down_proj"] = e.down_proj.weight
+    path = write_dir(tmp_path / "mistral4", config, weights)
+    want = model(TOKENS)
+    assert mx.allclose(load_model(path, compute="float32")(TOKENS), want, atol=1e-4).item()
+    mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
+    theirs, _ = mlx_lm_utils.load_model(path)
+    assert mx.allclose(theirs(TOKENS), want, atol=1e-4).item()

@@ -12,13 +12,10 @@ from __future__ import annotations
 
 from collections import ChainMap
 from collections.abc import Mapping
-from typing import Any, Iterator
-
-import mlx.core as mx
+from typing import Any
 
 from ..errors import UserError
 from ..model.config import ModelConfig
-from .weights import Quantized, Tensor
 
 # llama.cpp's per-layer names -> ours (beside Gemma's sandwich norms).
 LAYER_NAMES = {"pre_ffw_norm_2": "pre_feedforward_layernorm_2", "post_ffw_norm_1": "post_feedforward_layernorm_1",
@@ -115,16 +112,3 @@ def unused(name: str, cfg: ModelConfig) -> bool:
     return parts[0] == "blk" and parts[2] in _SHARED_KV and cfg.kv_source(int(parts[1])) is not None
 
 
-def split_gate_up(name: str, value: Tensor) -> Iterator[tuple[str, Tensor]]:
-    """``experts.switch_glu.gate_up_proj`` (rows: gate, then up) as the two stacks the decoder holds."""
-    if not name.endswith(".gate_up_proj.weight"):
-        yield name, value
-        return
-    prefix = name[: -len(".gate_up_proj.weight")]
-    arrays = value.arrays if isinstance(value, Quantized) else {"weight": value}
-    half = arrays["weight"].shape[1] // 2
-    for proj, rows in (("gate_proj", slice(0, half)), ("up_proj", slice(half, None))):
-        part = {k: mx.contiguous(a[:, rows]) for k, a in arrays.items()}
-        yield f"{prefix}.{proj}.weight", (Quantized(part["weight"], part["scales"], part.get("biases"),
-                                                    value.group_size, value.bits, value.mode)
-                                          if isinstance(value, Quantized) else part["weight"])

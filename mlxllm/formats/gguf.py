@@ -60,7 +60,7 @@ from ..model.config import ModelConfig, family_of
 from . import gemma4, hybrid
 from .gguf_families import family_metadata
 from .gguf_names import DEEPSEEK_ROUTED, hf_name
-from .weights import Quantized, REQUANT_GROUP, Tensor, TensorSpec, finish, fold_latent_maps
+from .weights import Quantized, REQUANT_GROUP, Tensor, TensorSpec, finish, fold_latent_maps, split_gate_up
 
 T = GGMLQuantizationType
 _FLOAT_BITS = {T.F32: 32, T.F16: 16, T.BF16: 16}
@@ -72,7 +72,8 @@ _PERMUTED_ARCHS = {"llama", "smollm3", "mistral3"}
 # llama.cpp's default renormalisation of the top-k expert weights per architecture (norm_w in its
 # graph); a file may say otherwise with `<arch>.expert_weights_norm`.
 _MOE_NORM = {"llama": True, "qwen2moe": False, "qwen3moe": True, "olmoe": False, "dots1": False, "glm4moe": True,
-             "gpt-oss": False, "qwen3next": True, "qwen35moe": True, "deepseek2": False, "llama4": False}
+             "gpt-oss": False, "qwen3next": True, "qwen35moe": True, "deepseek2": False, "llama4": False,
+             "mistral4": False}
 
 
 # Our (Hugging Face) field -> the GGUF metadata key it is read from (under ``<arch>.``), so a wrong value
@@ -313,8 +314,8 @@ class GGUFSource:
                 yield from fold_latent_maps(held, name, self.config, target, self.native_dtype)
             elif family == "qwen3_next":  # attn_qkv + attn_gate -> in_proj_qkvz
                 yield from hybrid.merge_qkvz(held, name, value, self.config)
-            elif family == "gemma4_text":
-                yield from gemma4.split_gate_up(name, value)
+            elif name.endswith(".gate_up_proj.weight") and len(t.shape) == 3:  # ffn_gate_up_exps: gate, then up
+                yield from split_gate_up(name, value)
             else:
                 yield name, value
 

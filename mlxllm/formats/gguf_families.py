@@ -7,20 +7,25 @@ from collections.abc import Mapping
 from typing import Any
 
 
-def _latent_metadata(get, config: dict[str, Any]) -> None:
-    """DeepSeek-V2/V3 as llama.cpp's converter writes them (``deepseek2``): latent attention stored as
-    one-head MQA (key_length = kv_lora_rank + rope dims) with the per-head sizes under ``*_mla``; sigmoid
-    gating means V3's routing; the YaRN multiplier written as 0.1 x mscale_all_dim (HF's mscale equals it
-    in every DeepSeek release)."""
+def _latent_metadata(get, config: dict[str, Any], family: str) -> None:
+    """DeepSeek-V2/V3 as llama.cpp's converter writes them (``deepseek2``, and Mistral 4 on the same loader):
+    latent attention stored as one-head MQA (key_length = kv_lora_rank + rope dims) with the per-head sizes
+    under ``*_mla``; sigmoid gating means V3's routing; the YaRN multiplier written as 0.1 x mscale_all_dim
+    (HF's mscale equals it in every DeepSeek release)."""
     rope = get("rope.dimension_count")
     config.update(num_key_value_heads=None, head_dim=get("attention.key_length_mla"),
                   kv_lora_rank=get("attention.kv_lora_rank"), q_lora_rank=get("attention.q_lora_rank", None),
                   qk_rope_head_dim=rope, qk_nope_head_dim=get("attention.key_length_mla") - rope,
                   v_head_dim=get("attention.value_length_mla"))
-    sigmoid = get("expert_gating_func", 1) == 2
-    config["model_type"] = "deepseek_v3" if sigmoid else "deepseek_v2"
-    groups = config.get("n_group", 1) > 1
-    config["topk_method"] = "noaux_tc" if sigmoid else "group_limited_greedy" if groups else "greedy"
+    if family == "mistral4":  # its own routing; Llama 4's query scale as the temperature keys
+        if get("attention.temperature_scale", None) is not None:
+            config["query_scale_beta"] = get("attention.temperature_scale")
+            config["query_scale_length"] = get("attention.temperature_length", 8192)
+    else:
+        sigmoid = get("expert_gating_func", 1) == 2
+        config["model_type"] = "deepseek_v3" if sigmoid else "deepseek_v2"
+        groups = config.get("n_group", 1) > 1
+        config["topk_method"] = "noaux_tc" if sigmoid else "group_limited_greedy" if groups else "greedy"
     if "rope_scaling" in config and get("rope.scaling.yarn_log_multiplier", None) is not None:
         config["rope_scaling"]["mscale"] = config["rope_scaling"]["mscale_all_dim"] = get(
             "rope.scaling.yarn_log_multiplier") / 0.1
@@ -46,8 +51,8 @@ def family_metadata(family: str, get, config: dict[str, Any], shapes: Mapping[st
     """Metadata only some architectures carry: GLM-4.5's q/k norms (present or not) and multi-token-
     prediction layers (counted in block_count, not part of the decoder), Phi-3's window (0: none), Ministral 3's query scale and YaRN
     multiplier (llama.cpp keeps one: HF's mscale and mscale_all_dim alike)."""
-    if family == "deepseek_v2":
-        _latent_metadata(get, config)
+    if family in ("deepseek_v2", "mistral4"):
+        _latent_metadata(get, config, family)
     if family == "llama4_text":
         _llama4_metadata(get, config)
     if family == "glm4_moe":

@@ -5,7 +5,7 @@ from __future__ import annotations
 from . import gemma4, hybrid
 
 # DeepSeek-V3-style routing (sigmoid scores, groups, scaled weights, leading dense layers, shared_experts).
-DEEPSEEK_ROUTED = ("dots1", "glm4_moe", "deepseek_v2", "deepseek_v3")
+DEEPSEEK_ROUTED = ("dots1", "glm4_moe", "deepseek_v2", "deepseek_v3", "mistral4")
 
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER_NAMES = {
@@ -36,6 +36,7 @@ _LAYER_NAMES = {
     "ffn_gate_exps": "mlp.switch_mlp.gate_proj",
     "ffn_up_exps": "mlp.switch_mlp.up_proj",
     "ffn_down_exps": "mlp.switch_mlp.down_proj",
+    "ffn_gate_up_exps": "mlp.switch_mlp.gate_up_proj",  # gate and up stacked (split at load)
     "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
     "ffn_up_shexp": "mlp.shared_expert.up_proj",
     "ffn_down_shexp": "mlp.shared_expert.down_proj",

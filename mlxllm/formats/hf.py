@@ -23,7 +23,7 @@ import mlx.core as mx
 from ..errors import UserError
 from ..model.config import ModelConfig, check_quantization_block, layer_index
 from . import hybrid
-from .weights import Quantized, Tensor, TensorSpec, finish, fold_latent_maps
+from .weights import Quantized, Tensor, TensorSpec, finish, fold_latent_maps, unfuse_experts
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
                 "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
@@ -345,5 +345,5 @@ class HFSource:
                 latent_maps[name] = value
                 yield from fold_latent_maps(latent_maps, name, self.config, target, self.native_dtype)
                 continue
-            for ours, v in hybrid.from_hf(name, value, self.original) if self.hybrid else [(name, value)]:
+            for ours, v in hybrid.from_hf(name, value, self.original) if self.hybrid else unfuse_experts(name, value):
                 yield ours, finish(v, target, self.native_dtype)

@@ -32,7 +32,7 @@ import mlx.core as mx
 
 from ..errors import UserError
 from ..model.config import ModelConfig
-from .weights import Quantized, Tensor
+from .weights import Quantized, Tensor, unfuse_experts
 
 FAMILIES = ("qwen3_next", "qwen3_5", "qwen3_5_moe")
 UNUSED_PREFIXES = ("mtp.", "model.visual.", "visual.")
@@ -72,13 +72,8 @@ def original_layout(shapes: dict[str, tuple[int, ...]]) -> bool:
 
 def from_hf(name: str, value: Tensor, original: bool) -> Iterator[tuple[str, Tensor]]:
     """One checkpoint tensor -> the decoder's tensor(s) under their names."""
-    if name.endswith(".mlp.experts.gate_up_proj"):
-        half = value.shape[-2] // 2
-        stack = name[: -len("experts.gate_up_proj")] + "switch_mlp."
-        yield stack + "gate_proj.weight", value[..., :half, :]
-        yield stack + "up_proj.weight", value[..., half:, :]
-    elif name.endswith(".mlp.experts.down_proj"):
-        yield name[: -len("experts.down_proj")] + "switch_mlp.down_proj.weight", value
+    if name.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")):
+        yield from unfuse_experts(name, value)
     elif original and name.endswith("conv1d.weight"):
         yield name, value.moveaxis(2, 1)
     elif original and name.endswith(_PLUS_ONE):

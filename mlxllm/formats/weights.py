@@ -244,3 +244,31 @@ def fold_latent_maps(held: dict[str, Tensor], name: str, cfg: ModelConfig, targe
     w = mx.concatenate([dense(k).swapaxes(-1, -2), dense(v)], axis=1).reshape(-1, cfg.kv_lora_rank)
     value: Tensor = Quantized.of(w, v.group_size, v.bits, v.mode) if isinstance(v, Quantized) else w.astype(v.dtype)
     yield f"{prefix}.kv_b_proj.weight", finish(value, target, dtype)
+
+
+def split_gate_up(name: str, value: Tensor) -> Iterator[tuple[str, Tensor]]:
+    """A fused expert stack ``...gate_up_proj.weight`` ``[experts, 2 x width, in]`` (rows: gate, then up;
+    Gemma 4, Mistral 4, llama.cpp's ``ffn_gate_up_exps``) as the two stacks the decoder holds."""
+    if not name.endswith(".gate_up_proj.weight"):
+        yield name, value
+        return
+    prefix = name[: -len(".gate_up_proj.weight")]
+    arrays = value.arrays if isinstance(value, Quantized) else {"weight": value}
+    half = arrays["weight"].shape[1] // 2
+    for proj, rows in (("gate_proj", slice(0, half)), ("up_proj", slice(half, None))):
+        part = {k: mx.contiguous(a[:, rows]) for k, a in arrays.items()}
+        yield f"{prefix}.{proj}.weight", (Quantized(part["weight"], part["scales"], part.get("biases"),
+                                                    value.group_size, value.bits, value.mode)
+                                          if isinstance(value, Quantized) else part["weight"])
+
+
+def unfuse_experts(name: str, value: Tensor) -> Iterator[tuple[str, Tensor]]:
+    """Hugging Face's fused expert stacks ``mlp.experts.gate_up_proj [E, 2I, in]`` and
+    ``mlp.experts.down_proj [E, out, I]`` (Qwen3.5-MoE, Mistral 4) under the decoder's ``switch_mlp``
+    names; any other tensor passes through."""
+    if name.endswith(".mlp.experts.gate_up_proj"):
+        yield from split_gate_up(name[: -len("experts.gate_up_proj")] + "switch_mlp.gate_up_proj.weight", value)
+    elif name.endswith(".mlp.experts.down_proj"):
+        yield name[: -len("experts.down_proj")] + "switch_mlp.down_proj.weight", value
+    else:
+        yield name, value
