@@ -5,6 +5,7 @@ that many tokens."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,45 @@ def test_harmony_channels_split_and_the_budget_closes_the_analysis(smollm2_path)
     for i in range(0, len(reply), 3):
         parts.append(splitter.push(reply[i:i + 3], last=i + 3 >= len(reply)))
     assert "".join(p[0] for p in parts) == " two plus two" and "".join(p[1] for p in parts) == "Four."
+    from mlxllm.errors import UserError
+    from mlxllm.server.tools import plan_tools
+
+    tools = [{"name": "f", "parameters": {"type": "object"}}]
+    assert plan_tools(tok, tools, "auto", None) is not None
+    with pytest.raises(UserError, match="harmony-format"):
+        plan_tools(tok, tools, "required", None)
     think = Tokenizer.from_gguf(smollm2_path)
     think.set_chat_template((Path(__file__).parent / "fixtures" / "think.jinja").read_text(), "think.jinja")
     assert reasoning_for(think, "x", None).end == "</think>"
+
+
+def test_harmony_channels_carry_thought_answer_and_calls():
+    """A harmony reply streamed in small pieces: the analysis channel is the thought, a commentary
+    message to a function is a call (whose arguments must be a JSON object, else it is text), the final
+    channel the answer; a reply with no header is text as written."""
+    from mlxllm.engine.harmony import HarmonyParser
+    from mlxllm.engine.reasoning import HARMONY
+    from mlxllm.engine.tool_calls import ToolCallParser
+    from mlxllm.server.replies import ReplySplitter
+
+    def run(reply: str, inside: bool, tools: bool = True) -> tuple[str, str, list]:
+        split = ReplySplitter(Reasoning((1,), (2,), inside, None, *HARMONY), ToolCallParser("json") if tools else None)
+        parts = [split.push(reply[i:i + 3], last=i + 3 >= len(reply)) for i in range(0, len(reply), 3)]
+        return "".join(p[0] for p in parts), "".join(p[1] for p in parts), [c for p in parts for c in p[2]]
+
+    call = ("need the weather<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather "
+            '<|constrain|>json<|message|>{"city": "Paris"}')  # generation stops at <|call|>
+    thought, answer, calls = run(call, inside=True)
+    assert (thought, answer) == ("need the weather", "")
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"})]
+    assert run(call, inside=True, tools=False)[1:] == ('{"city": "Paris"}', [])  # no tools asked: text
+    thought, answer, calls = run("<|channel|>analysis<|message|>hmm<|end|><|start|>assistant<|channel|>final"
+                                 "<|message|>It is sunny.<|return|>", inside=False)
+    assert (thought, answer, calls) == ("hmm", "It is sunny.", [])
+    _, answer, calls = run('x<|end|><|start|>assistant<|channel|>commentary to=functions.f<|message|>not json',
+                           inside=True)
+    assert (answer, calls) == ("not json", [])
+    assert run("plain text", inside=False) == ("", "plain text", [])
+    parser = HarmonyParser(inside=True)
+    parser.push("a<|en")
+    assert parser.push("d|>")[0] == "" and parser.finish() == ("", "", [])

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..engine.grammar import Grammar
+from ..engine.reasoning import HARMONY, markers_of
 from ..engine.requests import SamplingParams
 from ..engine.tool_calls import (MARKERS, ToolCallParser, call_grammar, check_tools, fallback_instructions,
                                  template_tools, tool_format)
@@ -60,6 +61,8 @@ def plan_tools(tokenizer: Any, tools: list[dict[str, Any]] | None, choice: str, 
             raise UserError("tool_choice asks for a tool call, but the request has no tools")
         return None
     native = renders_tools(tokenizer)
+    if markers_of(tokenizer.chat_template or "") == HARMONY and choice not in ("auto", "none"):
+        raise UserError("tool_choice cannot force a call from a harmony-format model (gpt-oss) yet: use auto")
     fmt = override or (tool_format(tokenizer.chat_template) if native else "json")
     marker = tokenizer.encode(MARKERS[fmt], add_special_tokens=False) if fmt in MARKERS else []
     marker_id = marker[0] if len(marker) == 1 and marker[0] in tokenizer.control_token_ids else None
