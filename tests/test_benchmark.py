@@ -326,7 +326,7 @@ def test_bench_kv_bits(tiny_dir, tmp_path, capsys, monkeypatch):
     assert_one_line_error(code, err, "--kv-bits takes 2, 3, 4, 5, 6 or 8, not 7")
 
 
-@pytest.mark.parametrize("family", ["phi3", "gpt_oss", "llama4", "glm4_moe", "qwen3_5"])
+@pytest.mark.parametrize("family", ["phi3", "gpt_oss", "llama4", "glm4_moe", "qwen3_5", "mistral4"])
 def test_bench_runs_on_the_newer_families(family, tmp_path):
     """``bench`` loads, times and prices (bytes per decode step, FLOPs per prefill) each family's tiny model."""
     pytest.importorskip("mlx_lm")

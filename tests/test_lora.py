@@ -371,8 +371,8 @@ def test_non_finite_settings_and_loss_save_nothing(tiny_dir, data_dir, tmp_path,
     assert all(mx.isfinite(v).all().item() for v in saved.values())  # only good checkpoints were written
 
 
-@pytest.mark.parametrize("family", ["phi3", "ministral3", "gpt_oss", "glm4_moe", "llama4", "qwen3_5", "mixtral",
-                                    "deepseek_v3"])
+@pytest.mark.parametrize("family", ["phi3", "ministral3", "mistral4", "gpt_oss", "glm4_moe", "llama4", "qwen3_5",
+                                    "mixtral", "deepseek_v3"])
 def test_lora_trains_and_fuses_across_families(family):
     """Every target kind finds its maps (Phi-3's fused qkv_proj / gate_up_proj included), the loss falls
     over a few steps (MoE layers too: routing indices carry no gradient, and on the CPU the step runs
