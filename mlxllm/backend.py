@@ -117,3 +117,9 @@ def memory_limit(fraction: float = 0.9) -> int:
     except (AttributeError, KeyError, RuntimeError):
         pass
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * fraction)
+
+
+def rank_group() -> mx.distributed.Group | None:
+    """The ``mx.distributed`` group this process runs in (more than one rank under ``mlx.launch``), or None
+    where MLX was built without distributed support."""
+    return mx.distributed.init() if mx.distributed.is_available() else None

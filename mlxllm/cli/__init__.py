@@ -8,11 +8,13 @@ and ``training``; the options they share are declared once in ``options``.
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 
 import click
 
+from .. import backend
 from ..errors import UserError
 from .generation import chat_command, generate_command
 from .measure import bench_command, perplexity_command
@@ -41,6 +43,9 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning every failure into one line unless --verbose."""
     args = sys.argv[1:] if argv is None else argv
     verbose = "--verbose" in args or "-v" in args
+    group = backend.rank_group()
+    if group is not None and group.rank() > 0:  # under mlx.launch every rank runs the command; rank 0 speaks
+        sys.stdout = open(os.devnull, "w")
     try:
         code = cli.main(args=args, prog_name="mlxllm", standalone_mode=False)
     except click.exceptions.Abort:

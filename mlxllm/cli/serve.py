@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from .. import backend
 from ..errors import UserError
 from .options import adapter_option, compute_option, draft_options, kv_options, model_option, verbose_option
 
@@ -89,6 +90,9 @@ def serve_command(model_spec, compute, adapter_path, host, port, model_name, max
         ChatTemplate(*template)  # one that does not compile stops here, before the model loads
     if api_key == "":
         raise UserError("--api-key must not be empty")
+    group = backend.rank_group()
+    if group is not None and group.size() > 1:
+        raise UserError(f"serve runs on one rank for now (this is {group.size()}): use generate or bench under mlx.launch")
     served = []
     for spec in adapters:
         name, sep, folder = spec.partition("=")

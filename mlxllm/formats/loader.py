@@ -20,6 +20,7 @@ from .. import backend
 from ..errors import UserError
 from ..model.config import ModelConfig
 from ..model.decoder import Model
+from ..model.shard import shard_model
 from .gguf import GGUFSource
 from .hf import HFSource
 from .hub import default_model_path, resolve
@@ -108,6 +109,10 @@ def _load_model(path: str | Path | Source | None, compute: str, kquant: str, laz
         notes.append(f"block types MLX lacks re-quantized to MLX {kquant[1:]}-bit")
     if (source.config.rope_scaling or {}).get("rope_type") == "freq_factors":
         notes.append("RoPE frequency factors from rope_freqs")
+    group = backend.rank_group()
+    if group is not None and group.size() > 1:  # under mlx.launch: this rank's share (model/shard.py)
+        shard_model(model, group)
+        notes.append(f"tensor parallel: rank {group.rank()} of {group.size()}")
     if not lazy or target != "native":
         # A converted weight left lazy would be re-converted by every forward pass: materialize it once.
         mx.eval(model.parameters())

@@ -200,6 +200,7 @@ class MoE(nn.Module):
         self.stack_name = cfg.expert_stack_name
         setattr(self, self.stack_name, ExpertMLPs(cfg.hidden_size, hidden, cfg.num_experts, cfg.num_experts_per_tok, act,
                                                   cfg.expert_bias))
+        self.reduce_group = None  # set by shard.py
         self.shared_name = None
         if cfg.shared_expert_intermediate_size:
             self.shared_name = cfg.shared_expert_name or ("shared_expert" if cfg.shared_expert_gate else "shared_experts")
@@ -215,6 +216,8 @@ class MoE(nn.Module):
             y = self[self.stack_name](x * weights, experts).sum(axis=-2)
         else:
             y = (self[self.stack_name](x, experts) * weights[..., None]).sum(axis=-2).astype(x.dtype)
+        if self.reduce_group is not None:  # tensor parallel: each rank holds a slice of every expert
+            y = mx.distributed.all_sum(y, group=self.reduce_group)
         if self.shared_name:
             shared = self[self.shared_name](x)
             y = y + (mx.sigmoid(self.shared_expert_gate(x)) * shared if "shared_expert_gate" in self else shared)
