@@ -1,10 +1,12 @@
 """Run by ``mlx.launch`` from tests/test_distributed.py: on every rank, each listed family's tiny random
 model is built (the same on every rank: one seed), its logits and a greedy generation are taken alone,
-then it is sharded over the group and both are taken again; rank 0 writes what it saw as JSON."""
+then it is sharded over the group and both are taken again; rank 0 writes what it saw as JSON. With
+``die``, rank 1 exits in the middle of a generation instead."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import mlxllm  # noqa: F401  (BLAS preload before mlx.core)
@@ -49,6 +51,16 @@ def main() -> None:
     from test_parity_mlx_lm import FAMILIES
 
     group = mx.distributed.init()
+    if sys.argv[3] == "die":  # rank 1 dies mid-generation; the launch must end anyway
+        model = _model(FAMILIES["llama"], False)
+        shard_model(model, group)
+        cache, token = model.make_cache(), mx.array([TOKENS])
+        for step in range(10_000):
+            if group.rank() == 1 and step == 3:
+                os._exit(3)
+            token = mx.argmax(model(token, cache)[:, -1:], axis=-1)
+            mx.eval(token)
+        return
     out = {}
     for spec in sys.argv[3].split(","):
         family, _, quant = spec.partition(":")

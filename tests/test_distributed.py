@@ -65,3 +65,38 @@ def test_generate_under_mlx_launch_prints_what_one_process_does(tiny_dir, tmp_pa
     serve = subprocess.run([str(launcher), "--backend", "ring", "-n", "2", "--", str(mlxllm), "serve", "-m", str(tiny_dir)],
                            capture_output=True, text=True, timeout=300)
     assert "serve runs on one rank" in serve.stderr  # (mlx.launch reports the ranks' exit codes, returns 0)
+
+
+def test_a_rank_that_dies_mid_generation_ends_the_launch(tmp_path):
+    """The other ranks do not hang: the launcher ends them and says which rank exited."""
+    import time
+
+    launcher = Path(sys.executable).parent / "mlx.launch"
+    start = time.monotonic()
+    done = subprocess.run([str(launcher), "--backend", "ring", "-n", "2", sys.executable, str(HERE / "dist_worker.py"),
+                           str(tmp_path / "x.json"), str(HERE), "die"], capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - start < 100
+    assert "rank 1 exited with code 3" in done.stderr, done.stderr[-1000:]
+
+
+def test_info_gives_the_memory_per_rank_and_refuses_uneven_splits(tiny_dir):
+    from mlxllm.errors import UserError
+    from mlxllm.formats.loader import describe_model
+
+    one, two = describe_model(tiny_dir), describe_model(tiny_dir, ranks=2)
+    for target, need in two["memory_needed_per_rank_bytes"].items():
+        assert need < one["memory_needed_bytes"][target]
+    with pytest.raises(UserError, match=r"num_key_value_heads is 2: 3 ranks can neither split nor replicate"):
+        describe_model(tiny_dir, ranks=3)
+
+
+def test_smollm2_on_three_ranks_writes_what_one_process_writes(smollm2_path):
+    """The real SmolLM2-135M (9 heads, 3 key/value heads) split over 3 ranks: the same greedy text."""
+    mlxllm = Path(sys.executable).parent / "mlxllm"
+    args = ["generate", "-m", str(smollm2_path), "-p", "The capital of France is", "-n", "16", "--temp", "0"]
+    alone = subprocess.run([str(mlxllm), *args], capture_output=True, text=True, timeout=200)
+    launcher = Path(sys.executable).parent / "mlx.launch"
+    three = subprocess.run([str(launcher), "--backend", "ring", "-n", "3", "--", str(mlxllm), *args],
+                           capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 0 and alone.stdout.strip()
+    assert three.stdout.strip() == alone.stdout.strip(), three.stderr[-1000:]

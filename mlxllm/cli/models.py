@@ -15,14 +15,16 @@ from .options import (adapter_path_option, force_option, json_option, model_opti
 
 @click.command("info")
 @click.argument("model_spec", required=False)
+@click.option("--ranks", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Also show the memory each of N tensor-parallel ranks (mlx.launch -n N) needs.")
 @json_option("Print JSON.")
 @verbose_option()
-def info_command(model_spec, as_json, verbose) -> None:
+def info_command(model_spec, ranks, as_json, verbose) -> None:
     """Architecture, parameter count, quantization, context length and memory needed."""
     from ..formats.loader import describe_model
     from ..formats.hub import resolve
 
-    facts = describe_model(resolve(model_spec))
+    facts = describe_model(resolve(model_spec), ranks=ranks)
     if as_json:
         click.echo(json.dumps(facts, indent=2, default=str))
         return

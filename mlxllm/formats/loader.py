@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any, TYPE_CHECKING
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from .. import backend
 from ..errors import UserError
 from ..model.config import ModelConfig
 from ..model.decoder import Model
-from ..model.shard import shard_model
+from ..model.shard import check_shardable, replicated, shard_model
 from .gguf import GGUFSource
 from .hf import HFSource
 from .hub import default_model_path, resolve
@@ -113,6 +114,8 @@ def _load_model(path: str | Path | Source | None, compute: str, kquant: str, laz
     if group is not None and group.size() > 1:  # under mlx.launch: this rank's share (model/shard.py)
         shard_model(model, group)
         notes.append(f"tensor parallel: rank {group.rank()} of {group.size()}")
+        for _, share in tree_flatten(model.parameters()):  # one lazy full tensor at a time, cut to its share
+            mx.eval(share)
     if not lazy or target != "native":
         # A converted weight left lazy would be re-converted by every forward pass: materialize it once.
         mx.eval(model.parameters())
@@ -229,10 +232,13 @@ def _gemma4_specifics(cfg: ModelConfig, out: dict[str, Any]) -> None:
         out["final_logit_softcapping"] = cfg.final_logit_softcapping
 
 
-def describe_model(path: str | Path | None = None, *, kquant: str = "q8") -> dict[str, Any]:
-    """Facts about a model from its header/index alone (no tensor data read), for ``mlxllm info``."""
+def describe_model(path: str | Path | None = None, *, kquant: str = "q8", ranks: int = 1) -> dict[str, Any]:
+    """Facts about a model from its header/index alone (no tensor data read), for ``mlxllm info``;
+    ``ranks``: also the memory each of that many tensor-parallel ranks needs."""
     source = open_source(path)
     specs, cfg = source.specs, source.config
+    if ranks > 1:
+        check_shardable(cfg, ranks)
     types: dict[str, dict[str, int]] = {}
     for s in specs:
         entry = types.setdefault(s.file_type, {"tensors": 0, "parameters": 0})
@@ -260,6 +266,10 @@ def describe_model(path: str | Path | None = None, *, kquant: str = "q8") -> dic
         "memory_needed_bytes": {
             t: needed_bytes(model_bytes(specs, t, kquant)) for t in ("float32", "native", "quantized")
         },
+        **({"memory_needed_per_rank_bytes": {
+            t: needed_bytes(model_bytes([s for s in specs if replicated(s.name)], t, kquant)
+                            + model_bytes([s for s in specs if not replicated(s.name)], t, kquant) // ranks)
+            for t in ("float32", "native", "quantized")}, "ranks": ranks} if ranks > 1 else {}),
         "memory_available_bytes": backend.device_memory(),
         "compute_auto": auto,
     }

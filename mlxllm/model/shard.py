@@ -28,7 +28,7 @@ def shard_model(model: nn.Module, group: mx.distributed.Group) -> None:
     n, cfg = group.size(), model.config
     if n == 1:
         return
-    _check(cfg, n)
+    check_shardable(cfg, n)
     for block in model.layers:
         _shard_attention(block.self_attn, n, group)
         ffn = block[cfg.ffn_name]
@@ -43,7 +43,14 @@ def _divisors(count: int) -> str:
     return ", ".join(str(d) for d in range(1, count + 1) if count % d == 0)
 
 
-def _check(cfg, n: int) -> None:
+def replicated(name: str) -> bool:
+    """Whether every rank keeps the whole of this parameter (embeddings, norms, routers, the head)."""
+    return any(part in name for part in ("embed_tokens", "norm", "lm_head", ".gate.", ".router.", "sinks",
+                                         "shared_expert_gate"))
+
+
+def check_shardable(cfg, n: int) -> None:
+    """Refuse, in one line naming the dimension and the rank counts that work, a model ``n`` ranks cannot split."""
     refused = [(cfg.kv_lora_rank, "latent attention (DeepSeek, Mistral 4)"),
                (any(cfg.is_linear(i) for i in range(cfg.num_hidden_layers)), "linear-attention layers (Qwen3.5)"),
                (getattr(cfg, "num_kv_shared_layers", 0), "KV-sharing layers (Gemma 4)"),
