@@ -1,6 +1,7 @@
 """Run by ``mlx.launch`` from tests/test_distributed.py: on every rank, each listed family's tiny random
 model is built (the same on every rank: one seed), its logits and a greedy generation are taken alone,
-then it is sharded over the group and both are taken again; rank 0 writes what it saw as JSON. With
+then it is sharded over the group (tensor parallel, or ``family:pipe`` pipeline parallel; ``family:q4``
+4-bit, tensor parallel) and both are taken again; rank 0 writes what it saw as JSON. With
 ``die``, rank 1 exits in the middle of a generation instead."""
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlxllm.errors import UserError
 from mlxllm.model.config import ModelConfig
 from mlxllm.model.decoder import Model
-from mlxllm.model.shard import shard_model
+from mlxllm.model.shard import pipeline_model, shard_model
 
 TOKENS = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43]
 
@@ -63,12 +64,12 @@ def main() -> None:
         return
     out = {}
     for spec in sys.argv[3].split(","):
-        family, _, quant = spec.partition(":")
+        family, _, mode = spec.partition(":")
         config = FAMILIES[family]
-        model = _model(config, quant == "q4")
+        model = _model(config, mode == "q4")
         alone, alone_ids, before = model(mx.array([TOKENS])), _greedy(model), _bytes(model)
         try:
-            shard_model(model, group)
+            (pipeline_model if mode == "pipe" else shard_model)(model, group)
         except UserError as e:
             out[spec] = {"error": str(e)}
             continue

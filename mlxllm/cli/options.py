@@ -132,6 +132,10 @@ def model_options(f):
     )(f)
     f = model_option(default=None,
                      help="GGUF file, HF/mlx-community directory, or Hub repo id (default: bundled SmolLM2).")(f)
+    f = click.option("--pipeline", is_flag=True, expose_value=False,
+                     callback=lambda ctx, _, value: ctx.meta.__setitem__("mlxllm.pipeline", value),
+                     help="Under mlx.launch: split the model into runs of layers per rank (default: tensor "
+                     "parallel, heads and hidden columns per rank).")(f)
     return verbose_option(help="Timings on stderr; tracebacks on errors.")(f)
 
 
@@ -267,7 +271,9 @@ def load_for_command(model_spec: str | None, compute: str, verbose: bool, adapte
     """Load a model and its tokenizer; with ``--verbose`` say which backend and weights it runs on."""
     from ..formats.loader import load
 
-    model, tokenizer = load(model_spec, compute=compute, adapter_path=adapter_path)
+    ctx = click.get_current_context(silent=True)
+    parallel = "pipeline" if ctx is not None and ctx.meta.get("mlxllm.pipeline") else "tensor"
+    model, tokenizer = load(model_spec, compute=compute, adapter_path=adapter_path, parallel=parallel)
     if verbose:
         facts = backend.describe()
         path = getattr(model, "compute_path", compute)

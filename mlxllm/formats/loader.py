@@ -21,7 +21,7 @@ from .. import backend
 from ..errors import UserError
 from ..model.config import ModelConfig
 from ..model.decoder import Model
-from ..model.shard import check_shardable, replicated, shard_model
+from ..model.shard import check_shardable, pipeline_model, replicated, shard_model
 from .gguf import GGUFSource
 from .hf import HFSource
 from .hub import default_model_path, resolve
@@ -92,13 +92,15 @@ def _type_summary(specs) -> str:
 
 
 def load_model(
-    path: str | Path | Source | None = None, *, compute: str = "auto", kquant: str = "q8", lazy: bool = True
+    path: str | Path | Source | None = None, *, compute: str = "auto", kquant: str = "q8", lazy: bool = True,
+    parallel: str = "tensor",
 ) -> Model:
     """Load only the model (None: the default SmolLM2 GGUF). See ``load`` for the options."""
-    return _load_model(path, compute, kquant, lazy)[0]
+    return _load_model(path, compute, kquant, lazy, parallel)[0]
 
 
-def _load_model(path: str | Path | Source | None, compute: str, kquant: str, lazy: bool) -> tuple[Model, Source]:
+def _load_model(path: str | Path | Source | None, compute: str, kquant: str, lazy: bool,
+                parallel: str = "tensor") -> tuple[Model, Source]:
     """``load_model``, also returning the opened source (``load`` takes a GGUF file's parsed header from it)."""
     start = time.perf_counter()
     source = open_source(path)
@@ -111,9 +113,11 @@ def _load_model(path: str | Path | Source | None, compute: str, kquant: str, laz
     if (source.config.rope_scaling or {}).get("rope_type") == "freq_factors":
         notes.append("RoPE frequency factors from rope_freqs")
     group = backend.rank_group()
+    if parallel not in ("tensor", "pipeline"):
+        raise UserError(f"parallel is {parallel!r}: 'tensor' or 'pipeline'")
     if group is not None and group.size() > 1:  # under mlx.launch: this rank's share (model/shard.py)
-        shard_model(model, group)
-        notes.append(f"tensor parallel: rank {group.rank()} of {group.size()}")
+        (pipeline_model if parallel == "pipeline" else shard_model)(model, group)
+        notes.append(f"{parallel} parallel: rank {group.rank()} of {group.size()}")
         for _, share in tree_flatten(model.parameters()):  # one lazy full tensor at a time, cut to its share
             mx.eval(share)
     if not lazy or target != "native":
@@ -134,7 +138,7 @@ def _load_model(path: str | Path | Source | None, compute: str, kquant: str, laz
 
 def load(
     path_or_repo: str | Path | None = None, *, compute: str = "auto", kquant: str = "q8", lazy: bool = True,
-    adapter_path: str | Path | None = None,
+    adapter_path: str | Path | None = None, parallel: str = "tensor",
 ) -> tuple[Model, Tokenizer]:
     """Load a model and its tokenizer: ``(model, tokenizer)``, like ``mlx_lm.load``.
 
@@ -147,10 +151,12 @@ def load(
     lazy: safetensors weights kept in their own representation ('native') are read on first use
         unless False; converted weights and GGUF tensors are materialized at load.
     adapter_path: a folder of LoRA/DoRA adapters (``mlxllm lora`` or ``mlx_lm.lora`` output) to apply.
+    parallel: under ``mlx.launch``, how the ranks split the model: 'tensor' (heads and hidden columns) or
+        'pipeline' (runs of layers).
     """
     from ..tokenize import Tokenizer
 
-    model, source = _load_model(path_or_repo, compute, kquant, lazy)
+    model, source = _load_model(path_or_repo, compute, kquant, lazy, parallel)
     if adapter_path is not None:
         from ..model.adapters import load_adapters
 

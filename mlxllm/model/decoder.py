@@ -255,6 +255,7 @@ class Model(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.pipeline = None  # set by shard.pipeline_model
         self.config = cfg
         self.model = DecoderBody(cfg)
         if not cfg.tie_word_embeddings:
@@ -301,7 +302,14 @@ class Model(nn.Module):
         cfg, masks, kept = self.config, {}, {}
         caches = cache if cache is not None else [None] * len(cfg.kv_layers)
         per_layer = self.model.per_layer_inputs(inputs, h, cfg) if cfg.hidden_size_per_layer_input else None
+        stage = self.pipeline  # this rank's layers when they are split over ranks (shard.Stage)
+        if stage is not None and stage.rank > 0:
+            h = mx.distributed.recv_like(h, stage.rank - 1, group=stage.group)
         for i, layer in enumerate(self.layers):
+            if stage is not None and not stage.first <= i < stage.end:  # another rank's layer: count positions only
+                if caches[i] is not None:
+                    caches[i].offset += L
+                continue
             kind, source = cfg.layer_types[i], cfg.kv_source(i)
             if source is None:
                 c, keep = caches[i], kept.setdefault(i, []) if i in self._sources else None
@@ -312,7 +320,7 @@ class Model(nn.Module):
                                     cfg.attention_chunk_size if cfg.is_chunked(i) else None)
             mask = masks[kind] if source is None else c.mask(L)
             h = layer(h, mask, c, None if per_layer is None else per_layer[:, :, i], keep)
-        return self.model.norm(h)
+        return self.model.norm(h if stage is None else _pass_on(h, stage))
 
     def head(self, h: mx.array) -> mx.array:
         logits = self.model.embed_tokens.as_linear(h) if self.config.tie_word_embeddings else self.lm_head(h)
@@ -321,6 +329,14 @@ class Model(nn.Module):
 
     def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
         return self.head(self.hidden(inputs, cache))
+
+
+def _pass_on(h: mx.array, stage) -> mx.array:
+    """Pipeline parallel: hand this stage's hidden states to the next rank, and give every rank the
+    last stage's (an all-reduce where only the last rank contributes)."""
+    if stage.rank < stage.group.size() - 1:
+        h = mx.depends(mx.zeros_like(h), mx.distributed.send(h, stage.rank + 1, group=stage.group))
+    return mx.distributed.all_sum(h, group=stage.group)
 
 
 def _mask(cache, n_queries: int, window: int | None, chunk: int | None):

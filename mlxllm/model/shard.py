@@ -43,6 +43,33 @@ def _divisors(count: int) -> str:
     return ", ".join(str(d) for d in range(1, count + 1) if count % d == 0)
 
 
+class Stage:
+    """One rank's part of a pipeline: layers ``[first, end)`` of the model, in ``group``."""
+
+    def __init__(self, first: int, end: int, group: mx.distributed.Group) -> None:
+        self.first, self.end, self.group, self.rank = first, end, group, group.rank()
+
+
+def pipeline_model(model: nn.Module, group: mx.distributed.Group) -> None:
+    """Pipeline parallel, in place: each rank keeps a contiguous run of layers (as even as the count
+    allows) and drops the others' weights; hidden states go rank to rank, and every rank gets the last
+    stage's to apply the (replicated) head. Layers that pass state sideways are refused."""
+    n, cfg = group.size(), model.config
+    if n == 1:
+        return
+    layers = cfg.num_hidden_layers
+    if layers < n:
+        raise UserError(f"{n} pipeline ranks need at least {n} layers; the model has {layers}")
+    if getattr(cfg, "num_kv_shared_layers", 0):
+        raise UserError("pipeline parallelism does not cover KV-sharing layers (Gemma 4) yet: run it on one rank")
+    bounds = [i * layers // n for i in range(n + 1)]
+    first, end = bounds[group.rank()], bounds[group.rank() + 1]
+    for i in range(layers):
+        if not first <= i < end:
+            model.model.layers[i] = nn.Module()  # another rank's: nothing held here
+    model.pipeline = Stage(first, end, group)
+
+
 def replicated(name: str) -> bool:
     """Whether every rank keeps the whole of this parameter (embeddings, norms, routers, the head)."""
     return any(part in name for part in ("embed_tokens", "norm", "lm_head", ".gate.", ".router.", "sinks",
