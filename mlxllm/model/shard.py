@@ -1,5 +1,6 @@
-"""Tensor-parallel sharding of the one decoder over an ``mx.distributed`` group, written once for every
-family built from its attention, MLP and MoE blocks.
+"""Splitting the one decoder over the ranks of an ``mx.distributed`` group, written once for every family:
+tensor parallel (``shard_model``: heads and hidden columns per rank) or pipeline parallel
+(``pipeline_model``: runs of layers per rank, hidden states passed on by ``decoder.Model.hidden``).
 
 Each rank keeps ``1/N`` of the attention heads and of the MLP and expert hidden columns: q/k/v and
 gate/up are split by output rows (column-parallel; fused ``qkv_proj`` / ``gate_up_proj`` part by part),
@@ -36,7 +37,6 @@ def shard_model(model: nn.Module, group: mx.distributed.Group) -> None:
             _shard_moe(ffn, n, group)
         else:
             _shard_mlp(ffn, group)
-    model.shard_group = group
 
 
 def _divisors(count: int) -> str:
@@ -60,7 +60,7 @@ def pipeline_model(model: nn.Module, group: mx.distributed.Group) -> None:
     layers = cfg.num_hidden_layers
     if layers < n:
         raise UserError(f"{n} pipeline ranks need at least {n} layers; the model has {layers}")
-    if getattr(cfg, "num_kv_shared_layers", 0):
+    if cfg.num_kv_shared_layers:
         raise UserError("pipeline parallelism does not cover KV-sharing layers (Gemma 4) yet: run it on one rank")
     bounds = [i * layers // n for i in range(n + 1)]
     first, end = bounds[group.rank()], bounds[group.rank() + 1]
@@ -80,7 +80,7 @@ def check_shardable(cfg, n: int) -> None:
     """Refuse, in one line naming the dimension and the rank counts that work, a model ``n`` ranks cannot split."""
     refused = [(cfg.kv_lora_rank, "latent attention (DeepSeek, Mistral 4)"),
                (any(cfg.is_linear(i) for i in range(cfg.num_hidden_layers)), "linear-attention layers (Qwen3.5)"),
-               (getattr(cfg, "num_kv_shared_layers", 0), "KV-sharing layers (Gemma 4)"),
+               (cfg.num_kv_shared_layers, "KV-sharing layers (Gemma 4)"),
                (cfg.qk_norm and not cfg.qk_norm_per_head, "q/k norms over all heads (OLMoE)")]
     for present, what in refused:
         if present:
