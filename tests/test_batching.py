@@ -303,37 +303,17 @@ def test_prefix_cache_keeps_to_its_byte_budget_lru_first():
     assert pc.release(one) >= one and len(pc) == 1
 
 
-@pytest.mark.parametrize("family", ["gemma3_text", "gemma4"])
-def test_a_wrapped_sliding_window_is_reused_only_from_an_exact_boundary(family, tokenizer):
-    """Gemma-style layers with a window of 5 (Gemma 4's with KV-sharing layers, which hold no cache):
-    an entry that would need trimming past the window is not usable, a boundary snapshot is; the engine
-    snapshots at message boundaries for such models, so a second turn reuses the first turn's prefix
-    and produces what it produces uncached."""
+@pytest.mark.parametrize("family", ["gemma3_text", "gemma4", "qwen3_5"])
+def test_an_untrimmable_cache_is_reused_only_from_an_exact_boundary(family, tokenizer):
+    """Caches that cannot forget their last positions: Gemma-style layers with a window of 5 (Gemma 4's
+    with KV-sharing layers, which hold no cache) and Qwen3.5's linear-attention states. An entry that
+    would need trimming is not usable, a boundary snapshot is: the engine snapshots at message
+    boundaries for such models, so a second turn resumes from the first turn's prefix with the logits
+    of a cold prefill and produces what it produces uncached."""
     model = _random_model(FAMILIES[family], vocab=tokenizer.vocab_size)
     pc = PrefixCache(1 << 30)
     pc.insert(list(range(1, 21)), _filled(model, list(range(1, 21))))
-    assert pc.lookup(list(range(1, 15)) + [99]) == (None, 0)  # 20 -> 14 would need the overwritten slots
-    first_turn = tokenizer.encode("System: be kind. User: hi there, how are you today?")
-    boundary = len(first_turn)
-    second = first_turn + tokenizer.encode(" Assistant: fine. User: and now?")
-    engine = BatchEngine(model, tokenizer, prefix_cache=pc, max_step_tokens=64)
-    assert not engine.trims
-    _run(engine, [Request(first_turn + [7, 8], SamplingParams(max_tokens=3, ignore_eos=True), (boundary,))])
-    r = Request(second, SamplingParams(max_tokens=6, ignore_eos=True), (boundary,))
-    events = _run(engine, [r])[r.id]
-    assert events[0].cached_tokens == boundary
-    plain = _run(BatchEngine(model, tokenizer), [Request(second, r.params)])
-    assert _tokens(events) == _tokens(next(iter(plain.values())))
-
-
-def test_recurrent_state_is_reused_only_from_an_exact_boundary(tokenizer):
-    """Linear-attention layers cannot trim: a longer entry does not serve a shorter prefix, the engine
-    snapshots at message boundaries, and the second turn resumed from one produces what it does cold,
-    with the same logits as a cold prefill of its prompt."""
-    model = _random_model(FAMILIES["qwen3_5"], vocab=tokenizer.vocab_size)
-    pc = PrefixCache(1 << 30)
-    pc.insert(list(range(1, 21)), _filled(model, list(range(1, 21))))
-    assert pc.lookup(list(range(1, 15)) + [99]) == (None, 0)
+    assert pc.lookup(list(range(1, 15)) + [99]) == (None, 0)  # 20 -> 14 would need trimming
     first_turn = tokenizer.encode("System: be kind. User: hi there, how are you today?")
     boundary = len(first_turn)
     second = first_turn + tokenizer.encode(" Assistant: fine. User: and now?")

@@ -274,6 +274,21 @@ def test_gpt_oss_checkpoints_as_openai_ships_them(mxfp4, tmp_path):
         assert mx.allclose(theirs(TOKENS), want, atol=1e-3).item()
 
 
+def _wrapped_with_fused_experts(model: Model, ffn: str, stack: str, in_major: bool) -> dict[str, mx.array]:
+    """The model's tensors as a multimodal wrapper holds them (under ``language_model.``), each layer's
+    experts as one gate|up stack (gate rows first) and a down stack; ``in_major``: stored ``[experts, in,
+    out]`` (Llama 4) rather than ``[experts, out, in]`` (Mistral 4)."""
+    weights = {f"language_model.{n}": v for n, v in tree_flatten(model.parameters()) if f".{ffn}.{stack}." not in n}
+    for i, layer in enumerate(model.layers):
+        if stack in layer[ffn]:
+            e, p = layer[ffn][stack], f"language_model.model.layers.{i}.{ffn}.experts."
+            gate_up, down = mx.concatenate([e.gate_proj.weight, e.up_proj.weight], axis=1), e.down_proj.weight
+            if in_major:
+                gate_up, down = gate_up.swapaxes(1, 2), down.swapaxes(1, 2)
+            weights[p + "gate_up_proj"], weights[p + "down_proj"] = gate_up, down
+    return weights
+
+
 def test_llama4_checkpoint_as_meta_ships_it(tmp_path):
     """Llama 4's layout: the text model under language_model (beside a vision tower that is skipped), experts
     as two float stacks ``[experts, in, out]``, gate and up side by side in one."""
@@ -281,15 +296,7 @@ def test_llama4_checkpoint_as_meta_ships_it(tmp_path):
 
     config = FAMILIES["llama4"]
     model = random_model(config["text_config"], mx.float32)
-    weights = {}
-    for name, value in tree_flatten(model.parameters()):
-        if ".feed_forward.experts." not in name:
-            weights[f"language_model.{name}"] = value
-    for i, layer in enumerate(model.layers):
-        if "experts" in layer.feed_forward:
-            e, p = layer.feed_forward.experts, f"language_model.model.layers.{i}.feed_forward.experts."
-            weights[p + "gate_up_proj"] = mx.concatenate([e.gate_proj.weight, e.up_proj.weight], axis=1).swapaxes(1, 2)
-            weights[p + "down_proj"] = e.down_proj.weight.swapaxes(1, 2)
+    weights = _wrapped_with_fused_experts(model, "feed_forward", "experts", in_major=True)
     weights["vision_model.patch_embedding.weight"] = mx.zeros((4, 4))
     path = write_dir(tmp_path / "llama4", config, weights)
     loaded = load_model(path, compute="float32")
@@ -348,15 +355,7 @@ def test_mistral4_checkpoint_with_fused_experts(tmp_path):
 
     config = FAMILIES["mistral4"]
     model = random_model(config, mx.float32)
-    weights = {}
-    for name, value in tree_flatten(model.parameters()):
-        if ".switch_mlp." not in name:
-            weights[f"language_model.{name}"] = value
-    for i, layer in enumerate(model.layers):
-        if "switch_mlp" in layer.mlp:
-            e, p = layer.mlp.switch_mlp, f"language_model.model.layers.{i}.mlp.experts."
-            weights[p + "gate_up_proj"] = mx.concatenate([e.gate_proj.weight, e.up_proj.weight], axis=1)
-            weights[p + "down_proj"] = e.down_proj.weight
+    weights = _wrapped_with_fused_experts(model, "mlp", "switch_mlp", in_major=False)
     path = write_dir(tmp_path / "mistral4", config, weights)
     want = model(TOKENS)
     assert mx.allclose(load_model(path, compute="float32")(TOKENS), want, atol=1e-4).item()

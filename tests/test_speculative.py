@@ -97,13 +97,7 @@ def test_greedy_with_recurrent_target_and_draft(k):
     target = _random_model(FAMILIES["qwen3_5"])
     draft = _random_model(dict(FAMILIES["qwen3_5"], num_hidden_layers=2))
     draft.update({"model": {"embed_tokens": {"weight": target.model.embed_tokens.weight}}})
-    prompt = mx.array(list(range(1, 80)), dtype=mx.int32)
-    alone = [t for t, _ in generate_step(prompt, target, max_tokens=20, prefill_step_size=32)]
-    stats = {}
-    out = list(speculative_generate_step(prompt, target, draft, num_draft_tokens=k, max_tokens=20,
-                                         prefill_step_size=32, stats=stats))
-    assert [t for t, _, _ in out] == alone
-    assert 0 < stats["accepted"] < stats["proposed"]
+    _assert_greedy_with_kept_and_rejected_drafts(mx.array(list(range(1, 80)), dtype=mx.int32), target, draft, k, 32)
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -121,11 +115,15 @@ def test_greedy_with_a_kv_sharing_target(k):
                                  for k, v in tree_flatten(draft.parameters())]))  # agrees often, not always
     for m in (target, draft):  # sharper than random logits, so greedy paths have clear winners
         m.update({"model": {"embed_tokens": {"weight": m.model.embed_tokens.weight * 4}}})
-    prompt = mx.array(list(range(1, 30)), dtype=mx.int32)
-    alone = [t for t, _ in generate_step(prompt, target, max_tokens=20, prefill_step_size=8)]
+    _assert_greedy_with_kept_and_rejected_drafts(mx.array(list(range(1, 30)), dtype=mx.int32), target, draft, k, 8)
+
+
+def _assert_greedy_with_kept_and_rejected_drafts(prompt: mx.array, target, draft, k: int, prefill_step: int) -> None:
+    """20 speculative tokens equal the target's own greedy ones, with drafts both kept and rejected."""
+    alone = [t for t, _ in generate_step(prompt, target, max_tokens=20, prefill_step_size=prefill_step)]
     stats = {}
     out = list(speculative_generate_step(prompt, target, draft, num_draft_tokens=k, max_tokens=20,
-                                         prefill_step_size=8, stats=stats))
+                                         prefill_step_size=prefill_step, stats=stats))
     assert [t for t, _, _ in out] == alone
     assert 0 < stats["accepted"] < stats["proposed"]
 
